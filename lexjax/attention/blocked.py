@@ -1,0 +1,103 @@
+"""Blocked attention in plain XLA: computes only the (query block, key block) pairs a mask needs.
+
+Local masks (window / chunk / blockwise) cut the sequence into aligned blocks; query block i
+attends to key blocks i-before .. i+after (`MaskSpec.key_blocks_around`), all blocks at once, so
+memory and time are O(N * span). Full masks take a memory-lean path: a sequential map over query
+blocks, each against all keys, rematerialized in the backward pass (O(block * N) live memory).
+The relative bias is evaluated per block from positions; no `[N, N]` array exists.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+from lexjax.attention.common import RelativeBias, group_query_heads, masked_softmax_attention
+from lexjax.attention.masks import MaskSpec
+
+FULL_MASK_QUERY_BLOCK = 512
+
+
+def default_block_size(mask: MaskSpec) -> int:
+    """The block that makes a local mask's key span tight: its window, chunk or BCA block."""
+    if mask.window is not None:
+        return min(mask.window, 512)
+    if mask.chunk is not None:
+        return mask.chunk
+    if mask.blockwise is not None:
+        return mask.blockwise
+    return FULL_MASK_QUERY_BLOCK
+
+
+def _round_up(x: int, multiple: int) -> int:
+    return -(-x // multiple) * multiple
+
+
+def _pad_length(x: jnp.ndarray, length: int) -> jnp.ndarray:
+    return jnp.pad(x, [(0, 0), (0, length - x.shape[1])] + [(0, 0)] * (x.ndim - 2))
+
+
+def blocked_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, *, mask: MaskSpec,
+                      bias: Optional[RelativeBias] = None,
+                      block_size: Optional[int] = None) -> jnp.ndarray:
+    """Self-attention computing only the blocks `mask` needs; same contract as `attend`.
+
+    Args:
+      q: `[batch, length, heads, head_dim]`; k, v: `[batch, length, kv_heads, head_dim]`.
+      block_size: query/key block length; default `default_block_size(mask)`, clipped to the
+        sequence length.
+    """
+    if q.shape[1] != k.shape[1]:
+        raise ValueError(f"blocked attention is self-attention: query length {q.shape[1]} != "
+                         f"key length {k.shape[1]}; use impl='reference' for cross-attention")
+    n = q.shape[1]
+    block = min(block_size or default_block_size(mask), _round_up(n, 8))
+    if mask.is_local:
+        return _local_attention(q, k, v, mask=mask, bias=bias, block=block)
+    return _full_attention(q, k, v, mask=mask, bias=bias, block=block)
+
+
+def _local_attention(q, k, v, *, mask, bias, block):
+    b, n, h, d = q.shape
+    kv_heads = k.shape[2]
+    num_blocks = -(-n // block)
+    n_pad = num_blocks * block
+    before, after = mask.key_blocks_around(block)
+    span = before + 1 + after
+
+    q_blocks = group_query_heads(_pad_length(q, n_pad), kv_heads).reshape(
+        b, num_blocks, block, kv_heads, h // kv_heads, d)
+
+    def key_spans(x):  # [b, n, kv, d] -> [b, blocks, span * block, kv, d]
+        xb = _pad_length(x, n_pad).reshape(b, num_blocks, block, kv_heads, x.shape[-1])
+        xb = jnp.pad(xb, [(0, 0), (before, after)] + [(0, 0)] * 3)
+        spans = jnp.stack([xb[:, j:j + num_blocks] for j in range(span)], axis=2)
+        return spans.reshape(b, num_blocks, span * block, kv_heads, x.shape[-1])
+
+    q_pos = jnp.arange(n_pad, dtype=jnp.int32).reshape(num_blocks, block)
+    first_key = (jnp.arange(num_blocks, dtype=jnp.int32) - before) * block
+    k_pos = first_key[:, None] + jnp.arange(span * block, dtype=jnp.int32)[None, :]
+    k_valid = (k_pos >= 0) & (k_pos < n)
+    out = masked_softmax_attention(q_blocks, key_spans(k), key_spans(v), q_pos, k_pos,
+                                   mask=mask, bias=bias, k_valid=k_valid)
+    return out.reshape(b, n_pad, h, v.shape[-1])[:, :n]
+
+
+def _full_attention(q, k, v, *, mask, bias, block):
+    b, n, h, d = q.shape
+    kv_heads = k.shape[2]
+    num_blocks = -(-n // block)
+    n_pad = num_blocks * block
+    q_blocks = group_query_heads(_pad_length(q, n_pad), kv_heads).reshape(
+        b, num_blocks, block, kv_heads, h // kv_heads, d)
+    q_pos = jnp.arange(n_pad, dtype=jnp.int32).reshape(num_blocks, block)
+    k_pos = jnp.arange(n, dtype=jnp.int32)
+
+    @jax.checkpoint
+    def one_block(args):
+        q_block, q_block_pos = args
+        return masked_softmax_attention(q_block, k, v, q_block_pos, k_pos, mask=mask, bias=bias)
+
+    out = jax.lax.map(one_block, (jnp.moveaxis(q_blocks, 1, 0), q_pos))  # [blocks, b, ...]
+    return jnp.moveaxis(out, 0, 1).reshape(b, n_pad, h, v.shape[-1])[:, :n]

@@ -1,0 +1,61 @@
+"""Pieces shared by the attention implementations: the relative-bias type, grouped-query
+reshapes, and the masked softmax over one span of keys."""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+
+from lexjax.attention.masks import MaskSpec
+
+# Maps relative distance `q_pos - k_pos` (int32, any shape S) to additive logits `[heads, *S]`.
+RelativeBias = Callable[[jnp.ndarray], jnp.ndarray]
+
+# Finite "minus infinity": keeps fully masked rows (padding) free of NaNs.
+NEG_INF = -1e30
+
+
+def group_query_heads(q: jnp.ndarray, kv_heads: int) -> jnp.ndarray:
+    """`[b, n, heads, d]` -> `[b, n, kv_heads, heads // kv_heads, d]` (grouped-query attention)."""
+    b, n, h, d = q.shape
+    if h % kv_heads:
+        raise ValueError(f"query heads ({h}) must be a multiple of key/value heads ({kv_heads})")
+    return q.reshape(b, n, kv_heads, h // kv_heads, d)
+
+
+def grouped_bias(bias: RelativeBias, rel: jnp.ndarray, kv_heads: int) -> jnp.ndarray:
+    """Evaluates `bias(rel)` -> `[heads, *S]` and splits heads into `[kv_heads, group, *S]`."""
+    values = bias(rel).astype(jnp.float32)
+    return values.reshape((kv_heads, values.shape[0] // kv_heads) + rel.shape)
+
+
+def masked_softmax_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray,
+                             q_pos: jnp.ndarray, k_pos: jnp.ndarray, *, mask: MaskSpec,
+                             bias: Optional[RelativeBias], k_valid: Optional[jnp.ndarray] = None
+                             ) -> jnp.ndarray:
+    """Softmax attention of grouped queries over one span of keys, logits in float32.
+
+    Args:
+      q: `[..., q_len, kv_heads, group, d]` grouped queries.
+      k, v: `[..., k_len, kv_heads, d]`.
+      q_pos: `[..., q_len]` int32 positions; k_pos: `[..., k_len]`.
+      k_valid: optional `[..., k_len]` bool, False for padding keys.
+    Returns:
+      `[..., q_len, kv_heads, group, d]`.
+    """
+    scale = q.shape[-1] ** -0.5
+    logits = jnp.einsum("...qhgd,...khd->...hgqk", q, k,
+                        preferred_element_type=jnp.float32) * scale
+    rel = q_pos[..., :, None] - k_pos[..., None, :]  # [..., q, k]
+    if bias is not None:
+        b = grouped_bias(bias, rel, k.shape[-2])  # [h, g, ..., q, k]
+        logits = logits + jnp.moveaxis(b, (0, 1), (-4, -3))
+    visible = mask.allows(q_pos[..., :, None], k_pos[..., None, :])
+    if k_valid is not None:
+        visible = visible & k_valid[..., None, :]
+    logits = jnp.where(visible[..., None, None, :, :], logits, NEG_INF)
+    probs = jax.nn.softmax(logits, axis=-1)
+    out = jnp.einsum("...hgqk,...khd->...qhgd", probs.astype(v.dtype), v,
+                     preferred_element_type=jnp.float32)
+    return out.astype(v.dtype)

@@ -1,0 +1,91 @@
+"""The mask language shared by every attention implementation.
+
+`MaskSpec` describes which keys a query may see, as a pure function of the two positions
+(`allows`), plus, for the blocked implementations, how far back (and ahead) of a query block the
+visible keys can reach (`key_blocks_around`). Kinds (at most one of window / chunk / blockwise):
+
+- full:       causal: key <= query;  bidirectional: everything.
+- window=w:   causal: query-w < key <= query;  bidirectional: |query-key| < w.
+- chunk=c:    disjoint chunks of c tokens (Xiong et al. 2022's local attention), causal inside a
+              chunk unless `causal=False`.
+- blockwise=b: blockwise causal attention (BCA) of the LeX paper: a query in block j = q // b sees
+              the keys of blocks j-1 and j that are not in its future. Causal only.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Optional
+
+import gin
+import jax.numpy as jnp
+
+
+@gin.configurable(module="lexjax.attention")
+@dataclasses.dataclass(frozen=True)
+class MaskSpec:
+    """Which keys each query sees. Immutable and hashable (usable as a static jit argument)."""
+
+    causal: bool = True
+    window: Optional[int] = None
+    chunk: Optional[int] = None
+    blockwise: Optional[int] = None
+
+    def __post_init__(self):
+        local = {k: v for k, v in (("window", self.window), ("chunk", self.chunk),
+                                   ("blockwise", self.blockwise)) if v is not None}
+        if len(local) > 1:
+            raise ValueError(f"MaskSpec takes at most one of window/chunk/blockwise, got {local}")
+        for name, size in local.items():
+            if not isinstance(size, int) or size < 1:
+                raise ValueError(f"MaskSpec.{name} must be a positive int, got {size!r}")
+        if self.blockwise is not None and not self.causal:
+            raise ValueError("MaskSpec(blockwise=...) is blockwise *causal* attention: "
+                             "it needs causal=True")
+
+    @property
+    def kind(self) -> str:
+        """One of "full", "window", "chunk", "blockwise"."""
+        for name in ("window", "chunk", "blockwise"):
+            if getattr(self, name) is not None:
+                return name
+        return "full"
+
+    @property
+    def is_local(self) -> bool:
+        """True when each query sees a bounded number of keys (cost O(N * span))."""
+        return self.kind != "full"
+
+    def allows(self, q_pos: jnp.ndarray, k_pos: jnp.ndarray) -> jnp.ndarray:
+        """Boolean visibility for broadcastable int32 query and key positions."""
+        rel = q_pos - k_pos
+        ok = rel >= 0 if self.causal else jnp.ones_like(rel, dtype=bool)
+        if self.window is not None:
+            ok = ok & (jnp.abs(rel) < self.window)
+        elif self.chunk is not None:
+            ok = ok & (q_pos // self.chunk == k_pos // self.chunk)
+        elif self.blockwise is not None:
+            ok = ok & (k_pos // self.blockwise >= q_pos // self.blockwise - 1)
+        return ok
+
+    def key_blocks_around(self, block: int) -> tuple[int, int]:
+        """How many key blocks before and after a query block can hold visible keys.
+
+        Query and key sequences are cut into aligned blocks of `block` tokens. Returns
+        `(before, after)`: query block i needs key blocks i-before .. i+after and no others.
+        Only defined for local masks.
+        """
+        if self.kind == "full":
+            raise ValueError("a full mask has no bounded key span; use the full-causal path")
+        if self.window is not None:
+            reach = self.window - 1  # from a block's first query back to its earliest key
+        elif self.chunk is not None:
+            reach = self.chunk - math.gcd(block, self.chunk)  # largest (start mod chunk)
+        else:
+            b = self.blockwise
+            reach = b + b - math.gcd(block, b)
+        before = -(-reach // block)
+        if self.causal:
+            return before, 0
+        # Bidirectional masks are symmetric: the reach from a block's last query forward is the same.
+        return before, before

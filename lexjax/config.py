@@ -1,0 +1,100 @@
+"""Gin configuration: parsing with clear errors, and building the configured model.
+
+Gin binds the objects handed to the top-level entry points (the model, its position scheme, its
+masks) at the moment they are constructed; no internal module reads gin at apply time, so a model
+returned by `build_model` does not change when gin's global config changes later.
+
+Gin files are looked up relative to the working directory first, then relative to the repository
+root (the folder that holds `configs/`), so `configs/models/transformer.gin` works from anywhere.
+"""
+from __future__ import annotations
+
+import os
+from typing import Iterable, Sequence
+
+import flax.linen as nn
+import gin
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# Every model gin sets the macro MODEL; the entry points read it through `configured_model`.
+MODEL_BINDING = "lexjax.configured_model.model = %MODEL"
+
+
+class ConfigError(ValueError):
+    """A gin file or binding that cannot be used; the message names it and the fix."""
+
+
+@gin.configurable(module="lexjax")
+def configured_model(model: nn.Module = gin.REQUIRED) -> nn.Module:
+    """The model bound to `%MODEL` by a `configs/models/*.gin` file."""
+    return model
+
+
+def _resolve_gin_file(path: str) -> str:
+    for candidate in (path, os.path.join(REPO_ROOT, path)):
+        if os.path.isfile(candidate):
+            return candidate
+    raise ConfigError(
+        f"gin file not found: {path!r} (looked in {os.getcwd()!r} and {REPO_ROOT!r}); "
+        "pass an existing file with --gin_file, e.g. configs/models/transformer.gin")
+
+
+def _import_configurables() -> None:
+    """Registers every gin configurable of the package (models, positions, masks, ...)."""
+    import lexjax.attention  # noqa: F401
+    import lexjax.models  # noqa: F401
+    import lexjax.positions  # noqa: F401
+
+
+def parse_gin(gin_files: Sequence[str] = (), bindings: Iterable[str] = (),
+              *, clear: bool = True) -> None:
+    """Parses gin files then bindings (later ones win), raising `ConfigError` on any problem.
+
+    Args:
+      gin_files: paths of gin files, applied in order.
+      bindings: gin binding strings such as `"NUM_LAYERS=2"` or `"Transformer.dropout_rate=0.1"`.
+      clear: start from an empty gin config (default), so earlier calls leave nothing behind.
+    """
+    _import_configurables()
+    if clear:
+        gin.clear_config()
+    gin.add_config_file_search_path(REPO_ROOT)
+    files = [_resolve_gin_file(f) for f in gin_files]
+    try:
+        gin.parse_config_files_and_bindings(files, [MODEL_BINDING, *bindings],
+                                            finalize_config=False)
+    except (ValueError, KeyError, SyntaxError, ImportError, IOError) as e:
+        gin.clear_config()
+        raise ConfigError(f"bad gin config: {_first_line(e)}; check the names against "
+                          "configs/ and the gin files you passed (see WORKSPACE.md)") from None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0]
+
+
+def build_configured_model() -> nn.Module:
+    """Constructs `%MODEL` from the gin config that is currently parsed."""
+    try:
+        return configured_model()
+    except (ValueError, TypeError, RuntimeError) as e:
+        raise ConfigError(f"cannot build the model: {_first_line(e)}; a model gin file "
+                          "(configs/models/<name>.gin) must set MODEL and its size macros") from None
+
+
+def build_model(gin_files: Sequence[str] = (), bindings: Iterable[str] = ()) -> nn.Module:
+    """Returns the language model described by gin files and bindings.
+
+    Example: `build_model(["configs/models/transformer.gin", "configs/positions/alibi.gin"],
+    ["NUM_LAYERS=2"])`. Gin's global config is cleared before and after, so successive calls are
+    independent. Every model maps int32 tokens `[batch, length]` to logits
+    `[batch, length, vocab]` and is causal.
+    """
+    parse_gin(gin_files, bindings)
+    try:
+        return build_configured_model()
+    finally:
+        gin.clear_config()

@@ -1,0 +1,50 @@
+"""The one interface every position scheme implements: three hooks, each optional.
+
+(a) `embed(positions, features)`: an additive embedding of absolute positions (sinusoidal,
+    learned), added to the token embeddings once at the bottom of the model;
+(b) `rotate(q, k, q_positions, k_positions)`: a transform of queries and keys (RoPE, xPos);
+(c) `relative_bias(num_heads, head_dim)`: a callable mapping relative distance
+    `q_pos - k_pos` (int32, any shape S) to additive attention logits `[num_heads, *S]`
+    (ALiBi, Sandwich, KERPLE, T5). It is a function, not a matrix, so blocked attention and
+    kernels evaluate it block by block.
+
+The model calls the embedding hook on one instance at the bottom of the stack and the attention
+hooks on a separate instance in each attention layer, so learned relative-bias parameters are
+per layer. Positions are int32 `[length]` (shared by the batch) or `[batch, length]`.
+A scheme with none of the hooks is NoPE. Position arithmetic runs in float32 (PAPERS.md App. A).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from lexjax.attention import RelativeBias
+
+
+class PositionScheme(nn.Module):
+    """Base class; every hook defaults to "no position information"."""
+
+    def embed(self, positions: jnp.ndarray, features: int) -> Optional[jnp.ndarray]:
+        """`positions [..., length]` -> float32 `[..., length, features]`, or None."""
+        return None
+
+    def rotate(self, q: jnp.ndarray, k: jnp.ndarray, q_positions: jnp.ndarray,
+               k_positions: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+        """`q [batch, q_len, heads, head_dim]`, `k [batch, k_len, kv_heads, head_dim]` -> same."""
+        return q, k
+
+    def relative_bias(self, num_heads: int, head_dim: int) -> Optional[RelativeBias]:
+        """A callable `rel [*S] int32 -> [num_heads, *S] float32`, or None."""
+        return None
+
+
+def heads_first(values: jnp.ndarray) -> jnp.ndarray:
+    """`[*S, heads]` -> `[heads, *S]`."""
+    return jnp.moveaxis(values, -1, 0)
+
+
+def per_head(values: jnp.ndarray, rel: jnp.ndarray) -> jnp.ndarray:
+    """Reshapes per-head parameters `[heads]` to broadcast against `rel [*S]`: `[heads, 1, ...]`."""
+    return values.reshape(values.shape + (1,) * rel.ndim)

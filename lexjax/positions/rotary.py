@@ -1,0 +1,89 @@
+"""Rotary schemes: RoPE (Su et al. 2021) and xPos (Sun et al. 2023).
+
+Pairing convention: **interleaved** pairs (x[2i], x[2i+1]) are rotated by angle p * theta_i,
+theta_i = base^(-2i/d), as in RoFormer, GPT-J and the xPos reference code (torchscale). This is not
+the half-split layout of GPT-NeoX/LLaMA; weights are not interchangeable between the two.
+"""
+from __future__ import annotations
+
+import gin
+import jax.numpy as jnp
+import numpy as np
+
+from lexjax.positions.base import PositionScheme
+
+
+def rotary_angles(positions: jnp.ndarray, head_dim: int, base: float) -> jnp.ndarray:
+    """`positions [..., length]` -> float32 angles `[..., length, 1, head_dim // 2]`
+    (the singleton broadcasts over heads)."""
+    if head_dim % 2:
+        raise ValueError(f"rotary embeddings need an even head_dim, got {head_dim}")
+    inv_freq = base ** (-np.arange(0, head_dim, 2, dtype=np.float32) / head_dim)
+    return (positions.astype(jnp.float32)[..., None] * inv_freq)[..., None, :]
+
+
+def rotate_pairs(x: jnp.ndarray, angles: jnp.ndarray,
+                 scale: jnp.ndarray | None = None) -> jnp.ndarray:
+    """Rotates interleaved pairs of `x [batch, length, heads, head_dim]` by `angles`
+    (`[..., length, 1, head_dim // 2]`), optionally multiplying pair i by `scale[..., i]`.
+    Computed in float32, returned in x's dtype."""
+    pairs = x.astype(jnp.float32).reshape(x.shape[:-1] + (x.shape[-1] // 2, 2))
+    even, odd = pairs[..., 0], pairs[..., 1]
+    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    if scale is not None:
+        cos, sin = cos * scale, sin * scale
+    rotated = jnp.stack([even * cos - odd * sin, even * sin + odd * cos], axis=-1)
+    return rotated.reshape(x.shape).astype(x.dtype)
+
+
+@gin.configurable(module="lexjax.positions")
+class RoPE(PositionScheme):
+    """Rotary position embedding: q_n . k_m depends on n - m only."""
+
+    base: float = 10000.0
+
+    def rotate(self, q, k, q_positions, k_positions):
+        d = q.shape[-1]
+        return (rotate_pairs(q, rotary_angles(q_positions, d, self.base)),
+                rotate_pairs(k, rotary_angles(k_positions, d, self.base)))
+
+
+def xpos_decay_base(head_dim: int, gamma: float) -> np.ndarray:
+    """zeta_i = (2i + gamma * d) / ((1 + gamma) * d), i = 0 .. d/2 - 1 (LeX eq. 9)."""
+    return (np.arange(0, head_dim, 2, dtype=np.float32) + gamma * head_dim) / (
+        (1 + gamma) * head_dim)
+
+
+@gin.configurable(module="lexjax.positions")
+class XPos(PositionScheme):
+    """xPos: RoPE whose pair i is scaled by zeta_i^(n/B) on the query at n and zeta_i^(-m/B) on the
+    key at m (B = `scale_base` = 512, gamma = 0.4), so q_n . k_m carries zeta^((n-m)/B): a decay
+    with distance on top of the rotation, still a function of n - m only.
+
+    Numerics: exponents are taken relative to the centre c of the key positions (as the
+    reference code centres them), zeta^((n-c)/B) and zeta^(-(m-c)/B), computed as
+    exp(x * log zeta) in float32: the product is unchanged, and the largest exponent is halved.
+    At 64K tokens the largest factor is 0.2857^(-64) ~ 1e35, inside the float32/bfloat16 range.
+    Causal use only: for m > n the factor grows with distance. With blockwise causal attention
+    (MaskSpec(blockwise=...)) the same absolute positions give the LeX paper's per-block result,
+    since scores depend on n - m only.
+    """
+
+    base: float = 10000.0
+    scale_base: float = 512.0
+    gamma: float = 0.4
+
+    def scales(self, positions: jnp.ndarray, centre: jnp.ndarray, head_dim: int,
+               sign: float) -> jnp.ndarray:
+        """zeta^(sign * (p - centre)/B): `[..., length]` -> float32 `[..., length, 1, d // 2]`."""
+        log_zeta = np.log(xpos_decay_base(head_dim, self.gamma))
+        power = sign * (positions - centre).astype(jnp.float32)[..., None] / self.scale_base
+        return jnp.exp(power * log_zeta)[..., None, :]
+
+    def rotate(self, q, k, q_positions, k_positions):
+        d = q.shape[-1]
+        centre = (k_positions[..., :1] + k_positions[..., -1:]) // 2
+        q_scale = self.scales(q_positions, centre, d, sign=1.0)
+        k_scale = self.scales(k_positions, centre, d, sign=-1.0)
+        return (rotate_pairs(q, rotary_angles(q_positions, d, self.base), q_scale),
+                rotate_pairs(k, rotary_angles(k_positions, d, self.base), k_scale))
