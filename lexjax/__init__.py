@@ -6,5 +6,14 @@ Entry points: `build_model(gin_files, bindings)` returns the configured flax mod
 """
 from lexjax.config import ConfigError, build_model
 
-__all__ = ["build_model", "ConfigError"]
+
+
+def load(model_dir: str, step: int | None = None, bindings: tuple[str, ...] = ()):
+    """`(model, variables)` of a trained run in `model_dir` (latest checkpoint unless `step`);
+    `bindings` adjust the rebuilt model, e.g. `("BCA_BLOCK=64",)` with a BCA config."""
+    from lexjax.training.checkpoints import load_run
+    return load_run(model_dir, step, tuple(bindings))
+
+
+__all__ = ["build_model", "load", "ConfigError"]
 __version__ = "0.1.0"

@@ -46,6 +46,7 @@ def _import_configurables() -> None:
     import lexjax.attention  # noqa: F401
     import lexjax.models  # noqa: F401
     import lexjax.positions  # noqa: F401
+    import lexjax.training  # noqa: F401
 
 
 def parse_gin(gin_files: Sequence[str] = (), bindings: Iterable[str] = (),

@@ -68,6 +68,19 @@ class MaskSpec:
             ok = ok & (k_pos // self.blockwise >= q_pos // self.blockwise - 1)
         return ok
 
+    def mean_keys_per_query(self, length: int) -> float:
+        """Mean number of keys a query sees at sequence `length` (for FLOP accounting)."""
+        if self.window is not None:
+            w = min(self.window, length)
+            return w - w * (w - 1) / (2 * length) if self.causal else min(2 * w - 1, length)
+        if self.chunk is not None:
+            c = min(self.chunk, length)
+            return (c + 1) / 2 if self.causal else c
+        if self.blockwise is not None:
+            b = min(self.blockwise, length)
+            return b + (b + 1) / 2 if length > b else (b + 1) / 2
+        return (length + 1) / 2 if self.causal else length
+
     def key_blocks_around(self, block: int) -> tuple[int, int]:
         """How many key blocks before and after a query block can hold visible keys.
 

@@ -28,6 +28,17 @@ class SelfAttention(nn.Module):
     block_size: Optional[int] = None
     dtype: Dtype = jnp.float32
 
+    def sow_attention_inputs(self, q, k, bias, length: int) -> None:
+        """Records the position-transformed q `[b, n, heads, d]`, k `[b, n, kv_heads, d]` and
+        the relative bias by distance `[heads, n]` in the "intermediates" collection (only when
+        it is mutable), for the attention-resolution metric (lexjax.evaluation.resolution)."""
+        if not self.is_mutable_collection("intermediates"):
+            return
+        distances = jnp.arange(length, dtype=jnp.int32)
+        by_distance = (bias(distances) if bias is not None
+                       else jnp.zeros((self.num_heads, length), jnp.float32))
+        self.sow("intermediates", "attention_inputs", {"q": q, "k": k, "bias": by_distance})
+
     @nn.compact
     def __call__(self, x: jnp.ndarray, positions: jnp.ndarray) -> jnp.ndarray:
         """`x [batch, length, embed]`, int32 `positions [length]` -> `[batch, length, embed]`."""
@@ -41,6 +52,7 @@ class SelfAttention(nn.Module):
         scheme = self.position.clone(parent=self, name="position")
         q, k = scheme.rotate(q, k, positions, positions)
         bias = scheme.relative_bias(self.num_heads, self.head_dim)
+        self.sow_attention_inputs(q, k, bias, x.shape[1])
         q = nn.with_logical_constraint(
             q, ("activation_batch", "activation_length", "activation_heads", "activation_kv"))
         out = attend(q, k, v, mask=self.mask, bias=bias, impl=self.impl,

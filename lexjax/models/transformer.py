@@ -93,6 +93,18 @@ class Transformer(nn.Module):
     scan_layers: bool = False
     remat_policy: str = "none"
 
+    @nn.nowrap
+    def flops_per_token(self, length: int) -> float:
+        """Forward matmul FLOPs per token at sequence `length` (2 per multiply-add; attention
+        over the keys the training mask allows)."""
+        head_dim = self.head_dim or self.embed_dim // self.num_heads
+        kv_heads = self.num_kv_heads or self.num_heads
+        projections = self.embed_dim * head_dim * 2 * (self.num_heads + kv_heads)
+        mlp = self.embed_dim * self.mlp_dim * (3 if self.mlp_activation == "swiglu" else 2)
+        attention = 2 * self.num_heads * head_dim * self.mask.mean_keys_per_query(length)
+        layer = projections + mlp + attention
+        return 2.0 * (self.num_layers * layer + self.embed_dim * self.vocab_size)
+
     @nn.compact
     def __call__(self, tokens: jnp.ndarray, *, deterministic: bool = True) -> jnp.ndarray:
         if tokens.ndim != 2:
@@ -123,7 +135,7 @@ class Transformer(nn.Module):
         if self.remat_policy != "none":
             layer_cls = nn.remat(layer_cls, policy=policy, prevent_cse=not self.scan_layers)
         if self.scan_layers:
-            stack = nn.scan(layer_cls, variable_axes={"params": 0},
+            stack = nn.scan(layer_cls, variable_axes={"params": 0, "intermediates": 0},
                             split_rngs={"params": True, "dropout": True},
                             in_axes=nn.broadcast, length=self.num_layers,
                             metadata_params={nn.PARTITION_NAME: "layers"})

@@ -1,0 +1,86 @@
+"""Evaluate a trained run at several lengths ("train short, test long"):
+`python -m lexjax.evaluate --model_dir=D --lengths=128,256,512,1024 [--bca] [--stride=S]
+[--mesh=M] [--gin_file=F] [--gin.NAME=VALUE]`.
+
+Prints a table (loss, perplexity, bits per byte, attention resolution per length) and writes
+`D/eval/<name>.{md,csv,json,png}` (name: extrapolation, or extrapolation_bca / _stride<S>).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from lexjax import cli
+
+
+def _lengths(text: str) -> list[int]:
+    try:
+        lengths = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--lengths takes integers like 128,256,512; got {text!r}")
+    if not lengths or min(lengths) < 1:
+        raise argparse.ArgumentTypeError(f"--lengths needs positive integers; got {text!r}")
+    return lengths
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lexjax.evaluate", description=__doc__)
+    cli.add_gin_flags(parser)
+    parser.add_argument("--model_dir", required=True)
+    parser.add_argument("--lengths", type=_lengths, required=True,
+                        help="comma-separated evaluation lengths")
+    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default latest)")
+    parser.add_argument("--task", default=None, help="seqio task (default: the training task)")
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--max_tokens", type=int, default=65536,
+                        help="tokens evaluated per length (windows = max_tokens // length)")
+    parser.add_argument("--batch_size", type=int, default=4)
+    parser.add_argument("--bca", action="store_true",
+                        help="blockwise causal attention at inference, blocks of TRAIN_LENGTH/2")
+    parser.add_argument("--stride", type=int, default=None,
+                        help="sliding-window protocol: score only the last STRIDE tokens")
+    parser.add_argument("--respect_documents", action="store_true",
+                        help="windows never cross a document boundary")
+    parser.add_argument("--mesh", default="", help="device mesh, e.g. data:2,tensor:4")
+    parser.add_argument("--name", default=None, help="output file stem under model_dir/eval")
+    args, bindings = cli.parse_args(parser, sys.argv[1:] if argv is None else argv)
+
+    import os
+
+    from lexjax import partitioning
+    from lexjax.evaluation import evaluate_lengths, write_report
+    from lexjax.training.checkpoints import Checkpointer, load_run
+
+    meta = Checkpointer(args.model_dir, read_only=True).meta(args.step)
+    train_length = meta.get("train_length")
+    gin_files = list(args.gin_file)
+    if args.bca:
+        gin_files.append("configs/features/bca.gin")
+        bindings.append(f"BCA_BLOCK = {max(1, (train_length or 2) // 2)}")
+    mesh = partitioning.make_mesh(args.mesh) if args.mesh else None
+    model, variables = load_run(args.model_dir, args.step, tuple(bindings), tuple(gin_files),
+                                mesh=mesh)
+    task = args.task or meta["task"]
+    name = args.name or ("extrapolation" + ("_bca" if args.bca else "")
+                         + (f"_stride{args.stride}" if args.stride else ""))
+    print(f"evaluating {type(model).__name__} (step {meta.get('step')}, trained at length "
+          f"{train_length}) on {task}:{args.split} at lengths {args.lengths}", file=sys.stderr)
+    results = evaluate_lengths(
+        model, variables, task, args.lengths, max_tokens=args.max_tokens,
+        batch_size=args.batch_size, split=args.split, respect_documents=args.respect_documents,
+        stride=args.stride,
+        progress=lambda r: print(f"  length {r.length}: loss {r.loss:.4f}, ppl "
+                                 f"{r.perplexity:.3f}", file=sys.stderr))
+    rows = [r.row(train_length) for r in results]
+    title = f"{os.path.basename(os.path.abspath(args.model_dir))}: {name}"
+    table = write_report(os.path.join(args.model_dir, "eval"), name, rows, title=title,
+                         train_length=train_length,
+                         extra={"task": task, "split": args.split, "step": meta.get("step"),
+                                "per_position_loss": {r.length: r.per_position_loss
+                                                      for r in results}})
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    cli.run_main(main)

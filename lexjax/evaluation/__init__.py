@@ -1,0 +1,7 @@
+"""Evaluation: length extrapolation ("train short, test long"), attention resolution, reports."""
+from lexjax.evaluation.extrapolation import LengthResult, evaluate_lengths, sliding_windows
+from lexjax.evaluation.report import markdown_table, plot_curves, write_report
+from lexjax.evaluation.resolution import attention_resolution, resolution
+
+__all__ = ["LengthResult", "evaluate_lengths", "sliding_windows", "attention_resolution",
+           "resolution", "markdown_table", "plot_curves", "write_report"]

@@ -1,0 +1,75 @@
+"""The attention-resolution metric of the LeX paper (Sun et al. 2023, eqs. 3 and 11).
+
+With s[n] the expected pre-softmax score at distance n, estimated as
+    s_hat[n] = 1/(N - n) * E[ sum_{i=n}^{N-1} e_{i, i-n} ]      (eq. 11)
+(averaged over layers, heads and texts; e = q.k / sqrt(d) + relative bias),
+    R(s) = sum_i e^{s[i]} (e^{s[i]} - e^{s[i+1]}) / (sum_i e^{s[i]})^2        (eq. 3)
+is high when scores fall off monotonically with distance and stay distinguishable. R is invariant
+to adding a constant to s; here i runs over 0 .. N-2 in the numerator and 0 .. N-1 below.
+The sums over i of q_i . k_{i-n} for all n at once are a cross-correlation, computed by FFT in
+O(N log N) per head instead of forming the [N, N] scores.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def mean_score_by_distance(q: jnp.ndarray, k: jnp.ndarray, bias: jnp.ndarray) -> np.ndarray:
+    """s_hat[n] for one layer: q `[b, N, heads, d]`, k `[b, N, kv_heads, d]`, bias `[heads, N]`
+    (by distance) -> float64 `[N]`, averaged over batch and heads."""
+    b, n, h, d = q.shape
+    k = jnp.repeat(k, h // k.shape[2], axis=2)
+    size = 2 * n
+    qf = jnp.fft.rfft(q.astype(jnp.float32), n=size, axis=1)
+    kf = jnp.fft.rfft(k.astype(jnp.float32), n=size, axis=1)
+    corr = jnp.fft.irfft(jnp.sum(qf * jnp.conj(kf), axis=-1), n=size, axis=1)[:, :n]  # [b, N, h]
+    counts = n - jnp.arange(n, dtype=jnp.float32)
+    scores = corr / counts[None, :, None] / np.sqrt(d) + jnp.transpose(bias)[None]
+    return np.asarray(jnp.mean(scores, axis=(0, 2)), np.float64)
+
+
+def resolution(scores: np.ndarray) -> float:
+    """R(s) of eq. 3 for expected scores by distance `[N]`."""
+    e = np.exp(np.asarray(scores, np.float64) - np.max(scores))
+    return float(np.sum(e[:-1] * (e[:-1] - e[1:])) / np.sum(e) ** 2)
+
+
+def collect_attention_inputs(intermediates: Any) -> list[dict]:
+    """The per-layer `{"q", "k", "bias"}` records sown by attention layers (scanned stacks are
+    split into layers)."""
+    found = []
+
+    def visit(node):
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key == "attention_inputs":
+                    found.extend(value)
+                else:
+                    visit(value)
+    visit(intermediates)
+    layers = []
+    for record in found:
+        if record["q"].ndim == 5:  # stacked by nn.scan: [layers, b, N, heads, d]
+            layers.extend({name: value[i] for name, value in record.items()}
+                          for i in range(record["q"].shape[0]))
+        else:
+            layers.append(record)
+    return layers
+
+
+def attention_resolution(model, variables, tokens: jnp.ndarray) -> tuple[float, np.ndarray]:
+    """`(R, s_hat [N])` of a model on `tokens [b, N]` (decoder inputs), averaged over layers.
+
+    Raises ValueError for a model whose attention layers record nothing.
+    """
+    _, state = model.apply(variables, tokens, mutable=["intermediates"])
+    layers = collect_attention_inputs(jax.device_get(state.get("intermediates", {})))
+    if not layers:
+        raise ValueError(f"{type(model).__name__} records no attention inputs; the resolution "
+                         "metric needs softmax attention layers (lexjax.layers.SelfAttention)")
+    scores = np.mean([mean_score_by_distance(l["q"], l["k"], l["bias"]) for l in layers], axis=0)
+    return resolution(scores), scores

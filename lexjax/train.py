@@ -1,0 +1,31 @@
+"""Train a model: `python -m lexjax.train --gin_file=configs/runs/quickstart.gin
+[--gin_file=...] [--gin.NAME=VALUE ...] --model_dir=DIR [--init_from=OTHER_DIR]`.
+
+Resumes from DIR's latest checkpoint; `--init_from` starts a fine-tune from another run's
+parameters. See configs/runs/quickstart.gin for the run macros.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from lexjax import cli
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lexjax.train", description=__doc__)
+    cli.add_gin_flags(parser)
+    parser.add_argument("--model_dir", required=True, help="run directory (created if needed)")
+    parser.add_argument("--init_from", default=None,
+                        help="model_dir of a trained run whose parameters start this one")
+    args, bindings = cli.parse_args(parser, sys.argv[1:] if argv is None else argv)
+
+    from lexjax.config import parse_gin
+    from lexjax.training import train
+    parse_gin(args.gin_file, bindings)
+    train(args.model_dir, args.init_from)
+    return 0
+
+
+if __name__ == "__main__":
+    cli.run_main(main)

@@ -1,0 +1,126 @@
+"""Checkpoints with orbax: parameters, optimizer state and a small JSON record per step.
+
+Orbax writes each step into a temporary directory and renames it when complete, so a process
+killed at any moment leaves the previous complete checkpoint as the latest one. Parameters are a
+separate item, so `lexjax.load` and fine-tuning (`--init_from`) read them without the optimizer.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+import jax
+import orbax.checkpoint as ocp
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, unreadable, or belongs to another model."""
+
+
+def checkpoint_dir(model_dir: str) -> str:
+    return os.path.join(os.path.abspath(model_dir), "checkpoints")
+
+
+class Checkpointer:
+    """Saves and restores `(params, opt_state, meta)` under `model_dir/checkpoints/<step>`."""
+
+    def __init__(self, model_dir: str, *, max_to_keep: int = 3, read_only: bool = False):
+        self.directory = checkpoint_dir(model_dir)
+        if read_only and not os.path.isdir(self.directory):
+            raise CheckpointError(f"no checkpoints in {model_dir!r} (expected "
+                                  f"{self.directory}); train there first with python -m lexjax.train")
+        self.manager = ocp.CheckpointManager(
+            self.directory, options=ocp.CheckpointManagerOptions(
+                max_to_keep=max_to_keep, create=not read_only, read_only=read_only))
+
+    def latest_step(self) -> Optional[int]:
+        return self.manager.latest_step()
+
+    def save(self, step: int, params: Any, opt_state: Any, meta: dict) -> None:
+        """Starts an asynchronous save; `wait()` before relying on it."""
+        self.manager.save(step, args=ocp.args.Composite(
+            params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
+            meta=ocp.args.JsonSave(meta)))
+
+    def _step(self, step: Optional[int]) -> int:
+        step = self.latest_step() if step is None else step
+        if step is None or step not in self.manager.all_steps():
+            raise CheckpointError(f"no checkpoint for step {step} in {self.directory} "
+                                  f"(have {list(self.manager.all_steps())})")
+        return step
+
+    def _restore(self, step: int, **items) -> Any:
+        try:
+            return self.manager.restore(step, args=ocp.args.Composite(**items))
+        except Exception as e:  # orbax raises many types for damaged or foreign data
+            raise CheckpointError(
+                f"cannot read checkpoint {os.path.join(self.directory, str(step))}: "
+                f"{type(e).__name__}: {str(e).splitlines()[0][:300]}. If it is damaged, delete "
+                "that step's directory to fall back to the previous one; if it belongs to another "
+                "model, use a fresh --model_dir") from None
+
+    def meta(self, step: Optional[int] = None) -> dict:
+        step = self._step(step)
+        return dict(self._restore(step, meta=ocp.args.JsonRestore())["meta"])
+
+    def restore_params(self, abstract_params: Any, step: Optional[int] = None) -> Any:
+        """Parameters only, shaped (and sharded) like `abstract_params` (ShapeDtypeStructs)."""
+        step = self._step(step)
+        return self._restore(step, params=ocp.args.StandardRestore(abstract_params))["params"]
+
+    def restore(self, abstract_params: Any, abstract_opt_state: Any,
+                step: Optional[int] = None) -> tuple[Any, Any, dict]:
+        step = self._step(step)
+        out = self._restore(step, params=ocp.args.StandardRestore(abstract_params),
+                            opt_state=ocp.args.StandardRestore(abstract_opt_state),
+                            meta=ocp.args.JsonRestore())
+        return out["params"], out["opt_state"], dict(out["meta"])
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def abstract_like(tree: Any) -> Any:
+    """ShapeDtypeStructs (with shardings where the arrays have them) for a pytree of arrays."""
+    def spec(x):
+        sharding = getattr(x, "sharding", None)
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+    return jax.tree_util.tree_map(spec, tree)
+
+
+def load_run(model_dir: str, step: Optional[int] = None, bindings: tuple[str, ...] = (),
+             gin_files: tuple[str, ...] = (), mesh=None):
+    """`(model, {"params": params})` of a trained run: the model rebuilt from
+    `model_dir/config.gin` (plus `gin_files` and `bindings`, e.g. configs/features/bca.gin),
+    parameters restored from
+    the checkpoint at `step` (default: latest), replicated on `mesh` (default: one device)."""
+    import flax.linen as nn
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from lexjax import partitioning
+    from lexjax.config import build_configured_model, parse_gin
+
+    config = os.path.join(model_dir, "config.gin")
+    if not os.path.isfile(config):
+        raise CheckpointError(f"{model_dir!r} has no config.gin: not a lexjax run directory "
+                              "(train one with python -m lexjax.train --model_dir=...)")
+    parse_gin([config, *gin_files], bindings)
+    try:
+        model = build_configured_model()
+    finally:
+        import gin
+        gin.clear_config()
+    mesh = mesh or partitioning.make_mesh("", jax.devices()[:1])
+    boxed = jax.eval_shape(model.init, jax.random.PRNGKey(0),
+                           jax.ShapeDtypeStruct((1, 8), jnp.int32))["params"]
+    shardings = partitioning.logical_shardings(nn.get_partition_spec(boxed), mesh)
+    abstract = jax.tree_util.tree_map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nn.unbox(boxed),
+        shardings)
+    params = Checkpointer(model_dir, read_only=True).restore_params(abstract, step)
+    return model, {"params": params}

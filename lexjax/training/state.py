@@ -1,0 +1,72 @@
+"""The train state and its creation: parameters (float32, unboxed), optimizer state, step.
+
+Every parameter must carry logical axis names (`nn.with_logical_partitioning`); state creation
+refuses a model with an unannotated parameter, as t5x does, so the sharding rules always apply.
+"""
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+
+@flax.struct.dataclass
+class TrainState:
+    """`step` int32 scalar, `params` and `opt_state` pytrees of arrays."""
+
+    step: jnp.ndarray
+    params: Any
+    opt_state: Any
+
+
+class UnannotatedParameterError(ValueError):
+    """A parameter without logical axis names."""
+
+
+def boxed_params(model: nn.Module, example_tokens: jax.ShapeDtypeStruct) -> Any:
+    """Abstract (shape-only) boxed parameters, with their `nn.Partitioned` axis metadata."""
+    variables = jax.eval_shape(model.init, jax.random.PRNGKey(0), example_tokens)
+    return variables["params"]
+
+
+def check_logical_axes(boxed: Any) -> None:
+    """Raises `UnannotatedParameterError` naming every parameter without logical axis names."""
+    leaves = jax.tree_util.tree_flatten_with_path(
+        boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))[0]
+    missing = [jax.tree_util.keystr(path) for path, leaf in leaves
+               if not isinstance(leaf, nn.Partitioned)]
+    if missing:
+        raise UnannotatedParameterError(
+            f"parameters without logical axis names: {missing[:5]}; create them with "
+            "nn.with_logical_partitioning(init, axes) so sharding rules can place them")
+
+
+def logical_axes(boxed: Any) -> Any:
+    """The tree of logical `PartitionSpec`s (axis names per dimension) of boxed parameters."""
+    return nn.get_partition_spec(boxed)
+
+
+def params_fingerprint(params: Any) -> str:
+    """A short hash of the parameter names and shapes: tells two models apart in a model_dir."""
+    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+    text = ";".join(f"{jax.tree_util.keystr(p)}:{tuple(x.shape)}" for p, x in leaves)
+    return hashlib.sha1(text.encode()).hexdigest()[:16]
+
+
+def init_params(model: nn.Module, rng: jax.Array, example_tokens: jnp.ndarray) -> Any:
+    """Initialised float32 parameters, unboxed."""
+    return nn.unbox(model.init(rng, example_tokens)["params"])
+
+
+def new_train_state(params: Any, optimizer: optax.GradientTransformation) -> TrainState:
+    return TrainState(step=jnp.asarray(0, jnp.int32), params=params,
+                      opt_state=optimizer.init(params))
+
+
+def parameter_count(params: Any) -> int:
+    return int(sum(x.size for x in jax.tree_util.tree_leaves(params)))
