@@ -4,6 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 GIN ?= configs/runs/quickstart.gin
 MODEL_DIR ?= runs/quickstart
+EVAL_LENGTHS ?= 128,256,512,1024
 
 .PHONY: install test train bench clean
 
@@ -18,8 +19,10 @@ test: install
 	XLA_FLAGS=--xla_force_host_platform_device_count=8 TF_CPP_MIN_LOG_LEVEL=3 \
 		$(PY) -m pytest -n 2 tests
 
+# Train the quickstart model on the embedded corpus, then evaluate it at 1x-8x its length.
 train: install
-	@echo "The training CLI arrives with the main-job issue (python -m lexjax.train)."
+	$(PY) -m lexjax.train --gin_file=$(GIN) --model_dir=$(MODEL_DIR) $(ARGS)
+	$(PY) -m lexjax.evaluate --model_dir=$(MODEL_DIR) --lengths=$(EVAL_LENGTHS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,6 @@
+"""The one exception type of `lexjax.data`."""
+from __future__ import annotations
+
+
+class DataError(ValueError):
+    """A task, split, corpus or vocabulary that cannot be used; the message names it and the fix."""

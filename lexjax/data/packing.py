@@ -1,0 +1,137 @@
+"""Pure numpy functions that cut token streams into training examples and evaluation windows.
+
+Training examples (fairseq's "token blocks", as used by the ALiBi paper): the split's documents,
+each followed by EOS, form one stream of N tokens, cut into M = N // L examples of L tokens; the
+last N % L tokens (the final partial example) are dropped. Epoch e visits the M examples in the
+order `epoch_order(M, seed, e)`, and the infinite sequence of examples of all epochs is cut into
+global batches of B rows, so global batch k holds sequence positions [k * B, (k + 1) * B) and may
+straddle two epochs. Everything is a function of (k, seed), which makes resuming at step k O(1).
+
+Evaluation windows are non-overlapping slices of L tokens, either of the whole stream or of each
+document separately (see `stream_windows` and `document_windows`).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Iterable, Iterator
+
+import numpy as np
+
+
+@functools.lru_cache(maxsize=4)
+def epoch_order(num_examples: int, seed: int, epoch: int, shuffle: bool = True) -> np.ndarray:
+    """`[num_examples]` int64: the order in which epoch `epoch` visits the examples (read-only).
+
+    A permutation drawn from numpy's PCG64 seeded with (seed, epoch); the identity when not
+    `shuffle`.
+    """
+    if shuffle:
+        order = np.random.default_rng([seed, epoch]).permutation(num_examples)
+    else:
+        order = np.arange(num_examples, dtype=np.int64)
+    order.setflags(write=False)
+    return order
+
+
+def example_ids(step: int, batch_size: int, num_examples: int, *, seed: int,
+                shuffle: bool = True, rows: slice = slice(None)) -> np.ndarray:
+    """Indices into the M = `num_examples` examples of global batch `step`'s `rows`.
+
+    Args:
+      step: the global batch index k >= 0.
+      batch_size: B, rows of a global batch.
+      num_examples: M, examples in one epoch.
+      seed: the shuffling seed.
+      shuffle: visit examples in a seeded random order each epoch (else in stream order).
+      rows: which rows of the global batch to compute (a host's share).
+
+    Returns:
+      `[len(range(B)[rows])]` int64 example indices in [0, M).
+    """
+    positions = step * batch_size + np.arange(batch_size, dtype=np.int64)[rows]
+    epochs, within = np.divmod(positions, num_examples)
+    ids = np.empty_like(positions)
+    for epoch in np.unique(epochs):
+        mask = epochs == epoch
+        ids[mask] = epoch_order(num_examples, seed, int(epoch), shuffle)[within[mask]]
+    return ids
+
+
+def slices(tokens: np.ndarray, starts: np.ndarray, length: int) -> np.ndarray:
+    """`[len(starts), length]` int32: row i is `tokens[starts[i]:starts[i] + length]`."""
+    offsets = np.asarray(starts, dtype=np.int64)[:, None] + np.arange(length, dtype=np.int64)
+    return np.asarray(tokens[offsets], dtype=np.int32).reshape(len(starts), length)
+
+
+def gather_examples(tokens: np.ndarray, ids: np.ndarray, length: int) -> np.ndarray:
+    """`[len(ids), length]` int32: example i is `tokens[ids[i] * length:(ids[i] + 1) * length]`."""
+    return slices(tokens, np.asarray(ids, dtype=np.int64) * length, length)
+
+
+def pack_documents(documents: Iterable[np.ndarray], length: int) -> Iterator[np.ndarray]:
+    """Concatenates a stream of documents and yields it cut into `[length]` int32 examples.
+
+    The streaming counterpart of cutting a flat array: the examples, concatenated, are exactly the
+    concatenated documents without their last `total % length` tokens.
+    """
+    pending: list[np.ndarray] = []
+    num_pending = 0
+    for document in documents:
+        pending.append(document)
+        num_pending += document.shape[0]
+        if num_pending < length:
+            continue
+        flat = np.concatenate(pending).astype(np.int32, copy=False)
+        num_full = num_pending // length
+        yield from flat[:num_full * length].reshape(num_full, length)
+        pending, num_pending = [flat[num_full * length:]], num_pending - num_full * length
+
+
+def shuffle_buffer(items: Iterable[np.ndarray], size: int, rng: np.random.Generator
+                   ) -> Iterator[np.ndarray]:
+    """Yields `items` in a random order, holding at most `size` of them at once.
+
+    Each new item replaces a uniformly chosen item of a full buffer, which is yielded; at the end
+    the rest are yielded in random order. Deterministic given `rng`'s state.
+    """
+    buffer: list[np.ndarray] = []
+    for item in items:
+        if len(buffer) < size:
+            buffer.append(item)
+            continue
+        i = int(rng.integers(size))
+        yield buffer[i]
+        buffer[i] = item
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+def stream_windows(tokens: np.ndarray, length: int, max_windows: int | None = None
+                   ) -> np.ndarray:
+    """`[n, length]` int32: the stream cut into consecutive non-overlapping windows.
+
+    n = len(tokens) // length, capped at `max_windows`; the partial tail is dropped.
+    """
+    n = tokens.shape[0] // length
+    if max_windows is not None:
+        n = min(n, max_windows)
+    return np.asarray(tokens[:n * length], dtype=np.int32).reshape(n, length)
+
+
+def document_windows(tokens: np.ndarray, doc_starts: np.ndarray, length: int,
+                     max_windows: int | None = None) -> np.ndarray:
+    """`[n, length]` int32: non-overlapping windows that never cross a document boundary.
+
+    Each document `tokens[doc_starts[i]:doc_starts[i + 1]]` (its EOS included) gives the windows
+    starting at its first token, `len // length` of them; its partial tail is dropped, so documents
+    shorter than `length` give none. Windows are in document order, capped at `max_windows`.
+    """
+    doc_starts = np.asarray(doc_starts, dtype=np.int64)
+    counts = np.diff(doc_starts) // length
+    first = np.cumsum(counts) - counts  # Index of each document's first window.
+    window_doc_start = np.repeat(doc_starts[:-1], counts)
+    window_rank = np.arange(int(counts.sum()), dtype=np.int64) - np.repeat(first, counts)
+    starts = window_doc_start + window_rank * length
+    if max_windows is not None:
+        starts = starts[:max_windows]
+    return slices(tokens, starts, length)

@@ -1,0 +1,208 @@
+"""The seqio tasks of lexjax: one per corpus, each yielding {"targets": int32 tokens + EOS}.
+
+Every task reads its corpus as examples with a "text" feature and then runs the same
+language-model preprocessing: "text" -> "targets", tokenize (keeping the text as
+"targets_pretokenized"), append EOS. One example is one document (a source file, a book, an
+article, a sentence for lm1b).
+
+    task                corpus                               text field     splits
+    lexjax.stdlib_code  the Python standard library (local)  file content   train/validation/test
+    lexjax.text_files   local files matching a gin glob      file content   train/validation/test
+    lexjax.pg19         tfds pg19:0.1.1                      book_text      train/validation/test
+    lexjax.wiki40b_en   tfds wiki40b/en:1.3.0                text           train/validation/test
+    lexjax.c4_en        tfds c4/en:3.1.0                     text           train/validation (*)
+    lexjax.arxiv        tfds scientific_papers/arxiv:1.1.1   article        train/validation/test
+    lexjax.lm1b         tfds lm1b:1.1.0                      text           train/test (*)
+
+(*) C4 publishes no test split and lm1b no validation split: "test" of lexjax.c4_en reads C4's
+validation split and "validation" of lexjax.lm1b reads lm1b's test split, so evaluation code can
+always ask for "test" (and monitoring for "validation"). wiki40b text keeps its structure markers
+(`_START_ARTICLE_`, `_START_PARAGRAPH_`, `_NEWLINE_`), as in the wiki40b paper's language models.
+
+The local tasks split files by path hash (see `corpora.py`); their text is made valid UTF-8
+(invalid bytes become U+FFFD, as `bytes.decode(errors="replace")` does) so every vocabulary sees
+the same text. TFDS tasks never download: prepare the dataset elsewhere (`tfds build pg19`) and
+point `TFDS_DATA_DIR` at it.
+
+Tasks are registered with the byte vocabulary. `get_task(name, vocabulary)` returns the same task
+with another vocabulary (an unregistered copy named "<name>.<vocabulary id>").
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Callable, Mapping, Sequence
+
+import seqio
+import tensorflow as tf
+
+from lexjax.data import corpora
+from lexjax.data.errors import DataError
+from lexjax.data.vocab import byte_vocabulary, resolve_vocabulary, vocabulary_id
+
+TASK_PREFIX = "lexjax."
+STDLIB_CODE = "lexjax.stdlib_code"
+TEXT_FILES = "lexjax.text_files"
+
+#: Preprocessing shared by every task, applied to examples with a "text" feature.
+LM_PREPROCESSORS: tuple[Callable[..., tf.data.Dataset], ...] = (
+    functools.partial(seqio.preprocessors.rekey, key_map={"targets": "text"}),
+    seqio.preprocessors.tokenize,
+    seqio.preprocessors.append_eos,
+)
+
+
+def output_features(vocabulary: seqio.Vocabulary) -> dict[str, seqio.Feature]:
+    """The single "targets" feature of every lexjax task: int32 tokens followed by EOS."""
+    return {"targets": seqio.Feature(vocabulary, add_eos=True, dtype=tf.int32)}
+
+
+# ----------------------------------------------------------------------------- local corpora
+
+
+def _read_text(path: tf.Tensor) -> dict[str, tf.Tensor]:
+    text = tf.strings.unicode_transcode(
+        tf.io.read_file(path), input_encoding="UTF-8", output_encoding="UTF-8", errors="replace")
+    return {"text": text}
+
+
+def local_dataset_fn(corpus_fn: Callable[[], corpora.Corpus]):
+    """A seqio dataset_fn reading the files of `corpus_fn()`'s split as {"text": tf.string}.
+
+    `corpus_fn` is called each time a dataset is built, so gin bindings made after import apply.
+    Files come in sorted relative-path order (shuffled by `seed` when `shuffle_files`).
+    """
+    def dataset_fn(split: str, shuffle_files: bool, seed: int | None = None) -> tf.data.Dataset:
+        files = corpus_fn().files(split)
+        ds = tf.data.Dataset.from_tensor_slices(tf.constant(files, dtype=tf.string))
+        if shuffle_files and files:
+            ds = ds.shuffle(len(files), seed=seed)
+        return ds.map(_read_text, num_parallel_calls=tf.data.AUTOTUNE)
+
+    return dataset_fn
+
+
+# ----------------------------------------------------------------------------- TFDS corpora
+
+
+@dataclasses.dataclass(frozen=True)
+class TfdsCorpus:
+    """A TFDS dataset seen as documents.
+
+    Attributes:
+      task_name: the seqio task's name.
+      tfds_name: "name[/config]:version" as `tfds.builder` takes it.
+      text_key: the feature holding a document's text.
+      splits: task split -> TFDS split (aliases where the dataset lacks one).
+    """
+    task_name: str
+    tfds_name: str
+    text_key: str
+    splits: Mapping[str, str]
+
+
+_TRAIN_VAL_TEST = {"train": "train", "validation": "validation", "test": "test"}
+TFDS_CORPORA: tuple[TfdsCorpus, ...] = (
+    TfdsCorpus("lexjax.pg19", "pg19:0.1.1", "book_text", _TRAIN_VAL_TEST),
+    TfdsCorpus("lexjax.wiki40b_en", "wiki40b/en:1.3.0", "text", _TRAIN_VAL_TEST),
+    TfdsCorpus("lexjax.c4_en", "c4/en:3.1.0", "text",
+               {"train": "train", "validation": "validation", "test": "validation"}),
+    TfdsCorpus("lexjax.arxiv", "scientific_papers/arxiv:1.1.1", "article", _TRAIN_VAL_TEST),
+    TfdsCorpus("lexjax.lm1b", "lm1b:1.1.0", "text",
+               {"train": "train", "validation": "test", "test": "test"}),
+)
+
+
+# ----------------------------------------------------------------------------- registry
+
+
+@dataclasses.dataclass(frozen=True)
+class _TaskSpec:
+    """How to build a task for any vocabulary."""
+    name: str
+    make_source: Callable[[], seqio.DataSource]
+    preprocessors: Sequence[Callable[..., tf.data.Dataset]]
+
+    def build(self, vocabulary: seqio.Vocabulary, name: str | None = None) -> seqio.Task:
+        return seqio.Task(
+            name or self.name, source=self.make_source(),
+            output_features=output_features(vocabulary), preprocessors=list(self.preprocessors))
+
+
+#: Task name -> its corpus, for the tasks whose corpus is local files (small enough to
+#: materialise in memory); every other task is streamed.
+LOCAL_CORPORA: dict[str, Callable[[], corpora.Corpus]] = {
+    STDLIB_CODE: corpora.stdlib_corpus,
+    TEXT_FILES: corpora.configured_text_files_corpus,
+}
+
+
+def _specs() -> list[_TaskSpec]:
+    specs = [
+        _TaskSpec(name, functools.partial(seqio.FunctionDataSource, local_dataset_fn(corpus_fn),
+                                          splits=corpora.SPLITS),
+                  LM_PREPROCESSORS)
+        for name, corpus_fn in LOCAL_CORPORA.items()]
+    for c in TFDS_CORPORA:
+        # read_only: a missing dataset raises instead of starting a download.
+        make_source = functools.partial(seqio.TfdsDataSource, tfds_name=c.tfds_name,
+                                        splits=dict(c.splits), read_only=True)
+        rename = functools.partial(seqio.preprocessors.rekey, key_map={"text": c.text_key})
+        specs.append(_TaskSpec(c.task_name, make_source, (rename, *LM_PREPROCESSORS)))
+    return specs
+
+
+_SPECS: dict[str, _TaskSpec] = {spec.name: spec for spec in _specs()}
+_DERIVED: dict[tuple[str, str], seqio.Task] = {}
+
+
+def register_tasks() -> None:
+    """Registers every lexjax task with the byte vocabulary; a no-op for those already there."""
+    registered = set(seqio.TaskRegistry.names())
+    for spec in _SPECS.values():
+        if spec.name not in registered:
+            seqio.TaskRegistry.add_provider(spec.name, spec.build(byte_vocabulary()))
+
+
+def task_names() -> list[str]:
+    """Sorted names of the registered `lexjax.*` tasks."""
+    return sorted(n for n in seqio.TaskRegistry.names() if n.startswith(TASK_PREFIX))
+
+
+def get_task(task_name: str, vocabulary: seqio.Vocabulary | None = None) -> seqio.Task:
+    """The task `task_name` tokenizing with `vocabulary` (default: the gin-configured one).
+
+    Raises:
+      DataError: listing the registered lexjax tasks, if `task_name` is not one of them.
+    """
+    if task_name not in seqio.TaskRegistry.names():
+        raise DataError(f"unknown task {task_name!r}; registered lexjax tasks: "
+                        f"{', '.join(task_names())}")
+    task = seqio.get_mixture_or_task(task_name)
+    vocabulary = resolve_vocabulary(vocabulary)
+    if task.output_features["targets"].vocabulary == vocabulary:
+        return task
+    if task_name not in _SPECS:
+        raise DataError(f"task {task_name!r} was not registered by lexjax.data, so it has no "
+                        "variant for another vocabulary; pass vocabulary=None")
+    key = (task_name, vocabulary_id(vocabulary))
+    if key not in _DERIVED:
+        _DERIVED[key] = _SPECS[task_name].build(vocabulary, name=".".join(key))
+    return _DERIVED[key]
+
+
+def check_split(task: seqio.Task, split: str) -> None:
+    """Raises a DataError naming the available splits if `task` has no split `split`."""
+    splits = list(task.source.splits)
+    if split not in splits:
+        raise DataError(f"task {task.name!r} has no split {split!r}; its splits: {splits}")
+
+
+def is_local(task_name: str) -> bool:
+    """Whether the task's corpus is local files, materialised in memory rather than streamed."""
+    return task_name in LOCAL_CORPORA
+
+
+def local_corpus(task_name: str) -> corpora.Corpus:
+    """The (gin-configured) corpus of a local task."""
+    return LOCAL_CORPORA[task_name]()
