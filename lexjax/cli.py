@@ -49,25 +49,21 @@ def add_gin_flags(parser: argparse.ArgumentParser) -> None:
                      "--gin.TRAIN_STEPS=100 --gin.DTYPE=bfloat16.")
 
 
+def user_message(error: BaseException) -> str:
+    """The error's own message, without the "In call to configurable ..." lines gin appends."""
+    return str(error).split("\n  In call to configurable")[0].strip()
+
+
 def run_main(main: Callable[[], int]) -> None:
     """Runs `main`, turning the errors a user can fix into one line on stderr and exit code 2."""
-    from lexjax.config import ConfigError
-    from lexjax.partitioning import MeshError
-    from lexjax.training.checkpoints import CheckpointError
-    from lexjax.training.loop import TrainingError
-    user_errors: tuple[type, ...] = (ConfigError, MeshError, CheckpointError, TrainingError,
-                                     FileNotFoundError)
-    try:
-        from lexjax.data import DataError
-        user_errors += (DataError,)
-    except ImportError:
-        pass
     from absl import logging as absl_logging
+
+    from lexjax.errors import UserError
     absl_logging.set_verbosity(absl_logging.ERROR)  # orbax's info/warnings are not for users
     try:
         sys.exit(main())
-    except user_errors as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (UserError, FileNotFoundError) as e:
+        print(f"error: {user_message(e)}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -15,6 +15,8 @@ from typing import Iterable, Sequence
 import flax.linen as nn
 import gin
 
+from lexjax.errors import UserError
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -22,7 +24,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL_BINDING = "lexjax.configured_model.model = %MODEL"
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A gin file or binding that cannot be used; the message names it and the fix."""
 
 

@@ -59,7 +59,7 @@ def main(argv=None) -> int:
         bindings.append(f"BCA_BLOCK = {max(1, (train_length or 2) // 2)}")
     mesh = partitioning.make_mesh(args.mesh) if args.mesh else None
     model, variables = load_run(args.model_dir, args.step, tuple(bindings), tuple(gin_files),
-                                mesh=mesh)
+                                mesh=mesh, keep_config=True)
     task = args.task or meta["task"]
     name = args.name or ("extrapolation" + ("_bca" if args.bca else "")
                          + (f"_stride{args.stride}" if args.stride else ""))

@@ -1,52 +1,72 @@
-"""Device meshes and logical-axis sharding rules.
+"""Device meshes, logical-axis sharding rules, and shardings of a model's state.
 
 A mesh string names sizes of the three mesh axes, e.g. `"data:2,fsdp:2,tensor:2"`; `-1` means
 "the remaining devices", missing axes have size 1, and `""` means `data:-1` (pure data parallel)
 over all devices, except on CPU, where it means one device (CPU "devices", real or faked with
 `--xla_force_host_platform_device_count`, share the same cores, so splitting only adds overhead).
-One rule set maps the logical names on parameters and activations to mesh axes; the mesh shape
-picks the strategy, and strategies combine by giving several axes a size > 1:
-- `data`:   data parallel: the batch is split, parameters replicated;
-- `fsdp`:   ZeRO-3 style: the batch is split *and* parameters/optimizer state are sharded on their
-            `embed` dimension, gathered per layer by XLA;
-- `tensor`: Megatron-style: attention heads, MLP hidden units and the vocabulary are split.
+
+Rules map the logical axis names on parameters and activations to mesh axes. Three presets, one
+per strategy, combine into the one rule set everything uses (`LOGICAL_AXIS_RULES`); the mesh
+shape then picks the strategy, since a mesh axis of size 1 splits nothing:
+- `DATA_PARALLEL` (`data`): the batch is split, parameters replicated;
+- `FSDP` (`fsdp`, ZeRO-3): the batch is split *and* parameters and optimizer state are sharded on
+  their `embed` dimension, gathered layer by layer by XLA;
+- `TENSOR_PARALLEL` (`tensor`, Megatron): attention heads, MLP hidden units and the vocabulary
+  are split, in the weights and in the activations between the two matmuls of each block.
 """
 from __future__ import annotations
 
+import logging
+import os
 from typing import Any, Optional, Sequence
 
+import flax.linen as nn
+
+from lexjax.errors import UserError
 import jax
 import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-import flax.linen as nn
-
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
-# (logical name, mesh axis or axes or None). Weights and activations carry different names.
-LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
-    ("activation_batch", BATCH_AXES),
-    ("activation_length", None),
-    ("activation_embed", None),
-    ("activation_heads", "tensor"),
-    ("activation_kv", None),
-    ("activation_mlp", "tensor"),
-    ("activation_vocab", "tensor"),
-    ("embed", "fsdp"),
-    ("mlp", "tensor"),
-    ("heads", "tensor"),
-    ("kv_heads", "tensor"),
-    ("kv", None),
-    ("vocab", "tensor"),
-    ("layers", None),
-    ("relpos_buckets", None),
-    ("abs_positions", None),
-)
+Rules = tuple[tuple[str, Any], ...]
+
+# Every logical name the models use: weights, then activations (kept apart, as in MaxText).
+WEIGHT_AXES = ("vocab", "embed", "mlp", "heads", "kv_heads", "kv", "layers", "relpos_buckets",
+               "abs_positions")
+ACTIVATION_AXES = ("activation_batch", "activation_length", "activation_embed",
+                   "activation_heads", "activation_kv", "activation_mlp", "activation_vocab")
+
+DATA_PARALLEL: Rules = (("activation_batch", "data"),)
+FSDP: Rules = (("activation_batch", "fsdp"), ("embed", "fsdp"))
+TENSOR_PARALLEL: Rules = (
+    ("activation_heads", "tensor"), ("activation_mlp", "tensor"), ("activation_vocab", "tensor"),
+    ("heads", "tensor"), ("kv_heads", "tensor"), ("mlp", "tensor"), ("vocab", "tensor"))
+RULE_PRESETS: dict[str, Rules] = {"data": DATA_PARALLEL, "fsdp": FSDP, "tensor": TENSOR_PARALLEL}
 
 
-class MeshError(ValueError):
+def combine_rules(*presets: Rules) -> Rules:
+    """One rule per logical name: the mesh axes the presets give it, in preset order (so
+    `activation_batch` becomes `("data", "fsdp")`), `None` (replicated) where none does."""
+    axes: dict[str, list[str]] = {name: [] for name in WEIGHT_AXES + ACTIVATION_AXES}
+    for preset in presets:
+        for name, mesh_axis in preset:
+            if name not in axes:
+                raise ValueError(f"unknown logical axis {name!r}; known: {sorted(axes)}")
+            if mesh_axis not in MESH_AXES:
+                raise ValueError(f"unknown mesh axis {mesh_axis!r}; use one of {MESH_AXES}")
+            if mesh_axis not in axes[name]:
+                axes[name].append(mesh_axis)
+    return tuple((name, None if not a else a[0] if len(a) == 1 else tuple(a))
+                 for name, a in axes.items())
+
+
+LOGICAL_AXIS_RULES: Rules = combine_rules(DATA_PARALLEL, FSDP, TENSOR_PARALLEL)
+
+
+class MeshError(UserError, ValueError):
     """A mesh string that does not fit the devices at hand."""
 
 
@@ -54,12 +74,16 @@ def parse_mesh(spec: str, num_devices: int) -> dict[str, int]:
     """`"data:2,tensor:-1"` -> `{"data": 2, "fsdp": 1, "tensor": num_devices // 2}`."""
     sizes = {axis: 1 for axis in MESH_AXES}
     items = [item.strip() for item in (spec or "data:-1").split(",") if item.strip()]
-    rest = None
+    rest, seen = None, set()
     for item in items:
         name, _, size = item.partition(":")
+        name, size = name.strip(), size.strip()
         if name not in MESH_AXES or not size.lstrip("-").isdigit():
             raise MeshError(f"bad mesh item {item!r} in {spec!r}: use axis:size with axes "
                             f"{MESH_AXES}, e.g. 'data:2,tensor:4' (-1 = the remaining devices)")
+        if name in seen:
+            raise MeshError(f"mesh {spec!r} names axis {name!r} twice")
+        seen.add(name)
         if int(size) == -1:
             if rest is not None:
                 raise MeshError(f"mesh {spec!r} has two axes of size -1; at most one may be")
@@ -80,9 +104,16 @@ def parse_mesh(spec: str, num_devices: int) -> dict[str, int]:
     return sizes
 
 
+def mesh_devices_needed(spec: str) -> int:
+    """The device count a mesh string fixes (product of its sizes, -1 counted as 1)."""
+    sizes = [item.partition(":")[2].strip() for item in spec.split(",") if item.strip()]
+    return int(np.prod([max(1, int(s)) for s in sizes if s.lstrip("-").isdigit()] or [1]))
+
+
 def make_mesh(spec: str = "", devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
     """A `Mesh` over `devices` (default: all) with axes `data, fsdp, tensor`, laid out by
-    `mesh_utils` so that, on TPU, the physical topology is respected."""
+    `mesh_utils` so that, on TPU, the physical topology is respected (the tensor axis, the most
+    talkative, gets the nearest neighbours)."""
     if devices is None:
         devices = jax.devices()
         if not spec and devices[0].platform == "cpu":
@@ -91,16 +122,72 @@ def make_mesh(spec: str = "", devices: Optional[Sequence[jax.Device]] = None) ->
     sizes = parse_mesh(spec, len(devices))
     shape = tuple(sizes[a] for a in MESH_AXES)
     try:
-        grid = mesh_utils.create_device_mesh(shape, devices)
+        grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
     except (ValueError, AssertionError, NotImplementedError):
         grid = np.asarray(devices).reshape(shape)
     return Mesh(grid, MESH_AXES)
 
 
-def logical_shardings(logical_specs: Any, mesh: Mesh,
-                      rules: Sequence[tuple[str, Any]] = LOGICAL_AXIS_RULES) -> Any:
-    """A tree of logical `PartitionSpec`s -> `NamedSharding`s on `mesh`."""
+def logical_shardings(logical_specs: Any, mesh: Mesh, rules: Rules = LOGICAL_AXIS_RULES) -> Any:
+    """A tree of logical `PartitionSpec`s -> `NamedSharding`s on `mesh` (no shape checks; see
+    `state_shardings` for boxed variables)."""
     return nn.logical_to_mesh_sharding(logical_specs, mesh, list(rules))
+
+
+def fit_spec(spec: PartitionSpec, shape: Sequence[int], mesh: Mesh
+             ) -> tuple[PartitionSpec, list[str]]:
+    """Drops the mesh axes of every dimension whose size they do not divide (that dimension is
+    then replicated); returns the spec and one note per dropped dimension."""
+    entries, notes = [], []
+    for dim, (size, entry) in enumerate(zip(shape, tuple(spec) + (None,) * len(shape))):
+        axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+        ways = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
+        if size % ways:
+            notes.append(f"dim {dim} (size {size}) not divisible by {'x'.join(axes)}={ways}")
+            entry = None
+        entries.append(entry)
+    return PartitionSpec(*entries), notes
+
+
+def state_shardings(boxed: Any, mesh: Mesh, rules: Rules = LOGICAL_AXIS_RULES) -> Any:
+    """`NamedSharding`s for a tree of boxed abstract variables (`jax.eval_shape` of an init that
+    returns `nn.Partitioned` leaves): each leaf's logical axes through `rules`, except that a
+    dimension its mesh axes do not divide is replicated (logged once, naming the leaves).
+    Unboxed leaves (e.g. a step counter) are replicated."""
+    logical = nn.get_partition_spec(boxed)
+    unboxed = nn.unbox(boxed)
+    paths, treedef = jax.tree_util.tree_flatten_with_path(unboxed)
+    specs = treedef.flatten_up_to(logical)
+    shardings, notes = [], []
+    for (path, leaf), logical_spec in zip(paths, specs):
+        mesh_spec = nn.logical_to_mesh_axes(tuple(logical_spec), list(rules))
+        mesh_spec, leaf_notes = fit_spec(mesh_spec, leaf.shape, mesh)
+        notes += [f"{jax.tree_util.keystr(path)}: {n}" for n in leaf_notes]
+        shardings.append(NamedSharding(mesh, mesh_spec))
+    if notes:
+        logging.warning("replicating dimensions the mesh %s does not divide: %s",
+                        dict(mesh.shape), "; ".join(notes[:8]) + (" ..." if len(notes) > 8 else ""))
+    return jax.tree_util.tree_unflatten(treedef, shardings)
+
+
+def sharded_abstract(boxed: Any, mesh: Mesh, rules: Rules = LOGICAL_AXIS_RULES) -> Any:
+    """Unboxed `ShapeDtypeStruct`s carrying their `state_shardings` (targets for jit lowering
+    and for orbax restores onto `mesh`)."""
+    shardings = state_shardings(boxed, mesh, rules)
+    return jax.tree_util.tree_map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nn.unbox(boxed),
+        shardings)
+
+
+def bytes_per_device(tree: Any) -> int:
+    """Bytes one device holds of a tree of sharded arrays or `ShapeDtypeStruct`s with shardings
+    (the largest shard per leaf; replicated leaves count in full)."""
+    total = 0
+    for leaf in jax.tree_util.tree_leaves(tree):
+        sharding = getattr(leaf, "sharding", None)
+        shape = sharding.shard_shape(leaf.shape) if sharding is not None else leaf.shape
+        total += int(np.prod(shape, dtype=np.int64)) * np.dtype(leaf.dtype).itemsize
+    return total
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
@@ -118,3 +205,18 @@ def check_batch_divides(mesh: Mesh, batch_size: int) -> None:
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
+
+
+DISTRIBUTED_ENV = "LEXJAX_DISTRIBUTED"
+
+
+def initialize_distributed(enabled: Optional[bool] = None) -> bool:
+    """Joins a multi-host run with `jax.distributed.initialize()` (which finds the coordinator
+    itself on Cloud TPU, GKE, SLURM and MPI clusters). `enabled=None` reads the environment
+    variable LEXJAX_DISTRIBUTED ("1"/"true"). Must run before anything touches a device; calling
+    it again is a no-op. Returns whether this process is part of a distributed run."""
+    if enabled is None:
+        enabled = os.environ.get(DISTRIBUTED_ENV, "").lower() in ("1", "true", "yes")
+    if enabled and not jax.distributed.is_initialized():
+        jax.distributed.initialize()
+    return bool(enabled)

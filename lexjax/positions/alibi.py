@@ -7,7 +7,8 @@ import gin
 import jax.numpy as jnp
 import numpy as np
 
-from lexjax.positions.base import PositionScheme, per_head
+from lexjax.attention.kernels import HeadBias
+from lexjax.positions.base import PositionScheme
 
 
 def alibi_slopes(num_heads: int) -> np.ndarray:
@@ -41,7 +42,9 @@ class ALiBi(PositionScheme):
 
     def relative_bias(self, num_heads, head_dim):
         slopes = jnp.asarray(alibi_slopes(num_heads), jnp.float32)
+        return HeadBias(fn=alibi_head_bias, params=slopes[:, None])
 
-        def bias(rel):
-            return -per_head(slopes, rel) * jnp.abs(rel).astype(jnp.float32)
-        return bias
+
+def alibi_head_bias(theta, rel: jnp.ndarray) -> jnp.ndarray:
+    """One head's ALiBi bias (`HeadBias.fn`): theta = (slope,)."""
+    return -theta[0] * jnp.abs(rel.astype(jnp.float32))

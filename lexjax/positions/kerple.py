@@ -15,6 +15,7 @@ import gin
 import jax
 import jax.numpy as jnp
 
+from lexjax.attention.kernels import HeadBias
 from lexjax.positions.base import PositionScheme, per_head
 
 MIN_INIT = 1e-2
@@ -74,7 +75,23 @@ class Kerple(PositionScheme):
             _uniform_raw(r2_high, r2_inverse), axes), (num_heads,), jnp.float32)
         r1 = jax.nn.softplus(raw_r1)
         if self.variant == "log":
-            r2 = jax.nn.softplus(raw_r2)
-            return lambda rel: kerple_log_bias(rel, r1, r2)
-        r2 = 2.0 * jax.nn.sigmoid(raw_r2)
-        return lambda rel: kerple_power_bias(rel, r1, r2)
+            params = jnp.stack([r1, jax.nn.softplus(raw_r2)], axis=1)
+            return HeadBias(fn=_log_head, params=params,
+                            dense=lambda p, rel: kerple_log_bias(rel, p[:, 0], p[:, 1]))
+        params = jnp.stack([r1, 2.0 * jax.nn.sigmoid(raw_r2)], axis=1)
+        return HeadBias(fn=_power_head, params=params,
+                        dense=lambda p, rel: kerple_power_bias(rel, p[:, 0], p[:, 1]))
+
+
+def _log_head(theta, rel):
+    """One head of `kerple_log_bias` (`HeadBias.fn`, theta = (r1, r2)), from ops every kernel
+    lowering has (log(1 + x) for log1p: x = r2 |rel| is 0 or >= r2, so nothing is lost)."""
+    distance = jnp.abs(rel.astype(jnp.float32))
+    return -theta[0] * jnp.log(1.0 + theta[1] * distance)
+
+
+def _power_head(theta, rel):
+    """One head of `kerple_power_bias` (theta = (r1, r2)); d^r2 as exp(r2 log d)."""
+    distance = jnp.abs(rel.astype(jnp.float32))
+    powered = jnp.exp(theta[1] * jnp.log(jnp.maximum(distance, 1.0)))
+    return -theta[0] * jnp.where(distance > 0, powered, 0.0)

@@ -5,9 +5,11 @@ from __future__ import annotations
 from typing import Optional
 
 import gin
+import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lexjax.attention.kernels import HeadBias
 from lexjax.positions.base import PositionScheme, per_head
 
 
@@ -36,8 +38,23 @@ class Sandwich(PositionScheme):
         divisors = jnp.asarray(self.compression * np.arange(1, num_heads + 1) / num_heads,
                                jnp.float32)
 
-        def bias(rel):
+        def dense(params, rel):
             angles = rel.astype(jnp.float32)[..., None] * freqs
             inner = jnp.sum(jnp.cos(angles), axis=-1) - dim / 2
-            return inner[None] / per_head(divisors, rel)
-        return bias
+            return inner[None] / per_head(params[:, 0], rel)
+
+        ratio = self.base ** (-2.0 / dim)  # consecutive frequencies: f_i = ratio^i
+
+        def head(theta, rel):
+            """One head (`HeadBias.fn`, theta = (divisor,)): a loop over the frequencies, so a
+            kernel holds one tile of partial sums rather than d'/2 tiles of cosines."""
+            distance = rel.astype(jnp.float32)
+
+            def term(_, carry):
+                total, freq = carry
+                return total + jnp.cos(distance * freq), freq * ratio
+            # `0 * distance` keeps the distances' register layout in a Mosaic GPU loop carry.
+            inner, _ = jax.lax.fori_loop(0, dim // 2, term, (0.0 * distance, jnp.float32(ratio)))
+            return (inner - dim / 2) / theta[0]
+
+        return HeadBias(fn=head, params=divisors[:, None], dense=dense)

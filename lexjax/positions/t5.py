@@ -6,7 +6,8 @@ import gin
 import jax.numpy as jnp
 import numpy as np
 
-from lexjax.positions.base import PositionScheme, heads_first
+from lexjax.attention.kernels import HeadBias
+from lexjax.positions.base import PositionScheme
 
 
 def relative_position_bucket(rel: jnp.ndarray, *, bidirectional: bool, num_buckets: int,
@@ -50,9 +51,16 @@ class T5Buckets(PositionScheme):
             nn.initializers.variance_scaling(1.0, "fan_avg", "uniform"),
             ("relpos_buckets", "heads")), (self.num_buckets, num_heads), jnp.float32)
 
-        def bias(rel):
-            bucket = relative_position_bucket(rel, bidirectional=self.bidirectional,
-                                              num_buckets=self.num_buckets,
-                                              max_distance=self.max_distance)
-            return heads_first(jnp.take(table, bucket, axis=0))
-        return bias
+        def bucket(rel):
+            return relative_position_bucket(rel, bidirectional=self.bidirectional,
+                                            num_buckets=self.num_buckets,
+                                            max_distance=self.max_distance)
+
+        def head(theta, rel):
+            """One head (`HeadBias.fn`): the bucket's entry as a sum of one-hot terms, which a
+            kernel evaluates (and differentiates per bucket) without a gather."""
+            b = bucket(rel)
+            return sum(theta[i] * (b == i).astype(jnp.float32) for i in range(self.num_buckets))
+
+        return HeadBias(fn=head, params=table.T,
+                        dense=lambda params, rel: jnp.take(params, bucket(rel), axis=1))

@@ -12,8 +12,10 @@ from typing import Any, Optional
 import jax
 import orbax.checkpoint as ocp
 
+from lexjax.errors import UserError
 
-class CheckpointError(RuntimeError):
+
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that is missing, unreadable, or belongs to another model."""
 
 
@@ -93,14 +95,12 @@ def abstract_like(tree: Any) -> Any:
 
 
 def load_run(model_dir: str, step: Optional[int] = None, bindings: tuple[str, ...] = (),
-             gin_files: tuple[str, ...] = (), mesh=None):
+             gin_files: tuple[str, ...] = (), mesh=None, keep_config: bool = False):
     """`(model, {"params": params})` of a trained run: the model rebuilt from
     `model_dir/config.gin` (plus `gin_files` and `bindings`, e.g. configs/features/bca.gin),
-    parameters restored from
-    the checkpoint at `step` (default: latest), replicated on `mesh` (default: one device)."""
-    import flax.linen as nn
+    parameters restored from the checkpoint at `step` (default: latest) onto `mesh` (default:
+    one device), sharded there by the logical-axis rules whatever mesh saved them."""
     import jax.numpy as jnp
-    from jax.sharding import NamedSharding, PartitionSpec
 
     from lexjax import partitioning
     from lexjax.config import build_configured_model, parse_gin
@@ -113,14 +113,12 @@ def load_run(model_dir: str, step: Optional[int] = None, bindings: tuple[str, ..
     try:
         model = build_configured_model()
     finally:
-        import gin
-        gin.clear_config()
+        if not keep_config:  # evaluation keeps the run's data bindings (e.g. a text-files glob)
+            import gin
+            gin.clear_config()
     mesh = mesh or partitioning.make_mesh("", jax.devices()[:1])
     boxed = jax.eval_shape(model.init, jax.random.PRNGKey(0),
                            jax.ShapeDtypeStruct((1, 8), jnp.int32))["params"]
-    shardings = partitioning.logical_shardings(nn.get_partition_spec(boxed), mesh)
-    abstract = jax.tree_util.tree_map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nn.unbox(boxed),
-        shardings)
+    abstract = partitioning.sharded_abstract(boxed, mesh)
     params = Checkpointer(model_dir, read_only=True).restore_params(abstract, step)
     return model, {"params": params}

@@ -21,6 +21,7 @@ import optax
 
 from lexjax import partitioning
 from lexjax.config import build_configured_model
+from lexjax.errors import UserError
 from lexjax.training import checkpoints as ckpt_lib
 from lexjax.training import flops as flops_lib
 from lexjax.training import state as state_lib
@@ -32,7 +33,7 @@ CONFIG_FILE = "config.gin"
 OPERATIVE_CONFIG_FILE = "operative_config.gin"
 
 
-class TrainingError(RuntimeError):
+class TrainingError(UserError, RuntimeError):
     """A run that cannot go on (NaN loss, a model_dir of another model, ...)."""
 
 
@@ -96,41 +97,87 @@ def _save_configs(model_dir: str) -> str:
     return operative
 
 
+class ShardedTrainStep:
+    """One model's train step laid out on one mesh: the state's shardings (from the parameters'
+    logical axes through the rules), the abstract sharded state, and the jitted (sharded,
+    donated) init, train and eval steps. Shared by training (with its validation) and the bench
+    (`lexjax.benchmarking`); the mesh may be of real devices or of a TPU topology's compile-only
+    devices (then only `lower` applies)."""
+
+    def __init__(self, model: nn.Module, optimizer: optax.GradientTransformation,
+                 schedule: optax.Schedule, mesh, batch_size: int, length: int,
+                 rules: partitioning.Rules = partitioning.LOGICAL_AXIS_RULES):
+        self.model, self.optimizer, self.schedule = model, optimizer, schedule
+        self.mesh, self.rules = mesh, rules
+        partitioning.check_batch_divides(mesh, batch_size)
+        self.example = jax.ShapeDtypeStruct((batch_size, length), jnp.int32)
+        state_lib.check_logical_axes(state_lib.boxed_params(model, self.example))
+
+        def boxed_state(rng):
+            params = model.init(rng, jnp.zeros(self.example.shape, jnp.int32))["params"]
+            return state_lib.TrainState(step=jnp.asarray(0, jnp.int32), params=params,
+                                        opt_state=optimizer.init(params))
+
+        boxed = jax.eval_shape(boxed_state, jax.random.PRNGKey(0))
+        self.abstract_state = partitioning.sharded_abstract(boxed, mesh, rules)
+        self.state_shardings = jax.tree_util.tree_map(lambda x: x.sharding, self.abstract_state)
+        self.batch_sharding = partitioning.batch_sharding(mesh)
+        self.replicated = partitioning.replicated(mesh)
+        with self.context():
+            self._init = jax.jit(lambda rng: nn.unbox(boxed_state(rng)),
+                                 out_shardings=self.state_shardings)
+            self.jitted = jax.jit(
+                make_train_step(model, optimizer, schedule),
+                in_shardings=(self.state_shardings, self.batch_sharding, self.replicated),
+                out_shardings=(self.state_shardings, self.replicated), donate_argnums=(0,))
+
+    def context(self):
+        """The mesh and the logical-axis rules, for tracing (activation constraints)."""
+        return _Both(self.mesh, nn.logical_axis_rules(list(self.rules)))
+
+    def init(self, seed: int) -> state_lib.TrainState:
+        """The initial state, created sharded (never whole on one device)."""
+        with self.context():
+            return self._init(jax.random.PRNGKey(seed))
+
+    def lower(self):
+        """`jax.stages.Lowered` of the train step for the abstract state and batch."""
+        key = jax.ShapeDtypeStruct((2,), jnp.uint32)
+        with self.context():
+            return self.jitted.lower(self.abstract_state, self.example, key)
+
+    def compile(self):
+        """`(compiled train step, seconds spent lowering and compiling)`."""
+        start = time.perf_counter()
+        compiled = self.lower().compile()
+        return compiled, time.perf_counter() - start
+
+    def compile_eval_step(self):
+        with self.context():
+            return jax.jit(make_eval_step(self.model),
+                           in_shardings=(self.state_shardings.params, self.batch_sharding),
+                           out_shardings=self.replicated)
+
+    def device_batch(self, local_tokens: np.ndarray) -> jax.Array:
+        """The global batch from this process's rows (`[batch / processes, length]`)."""
+        return jax.make_array_from_process_local_data(self.batch_sharding, local_tokens,
+                                                      self.example.shape)
+
+
 class _Trainer:
-    """Holds the compiled step, shardings and checkpointer of one run."""
+    """Holds the sharded step, fingerprint and checkpointer of one run."""
 
     def __init__(self, model_dir: str, spec: RunSpec, init_from: Optional[str]):
+        partitioning.initialize_distributed()
         self.model_dir, self.spec, self.init_from = model_dir, spec, init_from
         self.model = build_configured_model()
         self.optimizer, self.schedule = make_optimizer(total_steps=spec.train_steps)
         self.mesh = partitioning.make_mesh(spec.mesh)
-        partitioning.check_batch_divides(self.mesh, spec.batch_size)
-        self.rules = partitioning.LOGICAL_AXIS_RULES
-        self.example = jax.ShapeDtypeStruct((spec.batch_size, spec.train_length), jnp.int32)
-        boxed = state_lib.boxed_params(self.model, self.example)
-        state_lib.check_logical_axes(boxed)
-
-        def boxed_state(rng):
-            params = self.model.init(rng, jnp.zeros(self.example.shape, jnp.int32))["params"]
-            return state_lib.TrainState(step=jnp.asarray(0, jnp.int32), params=params,
-                                        opt_state=self.optimizer.init(params))
-
-        abstract = jax.eval_shape(boxed_state, jax.random.PRNGKey(0))
-        self.state_shardings = partitioning.logical_shardings(
-            nn.get_partition_spec(abstract), self.mesh, self.rules)
-        self.abstract_state = jax.tree_util.tree_map(
-            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-            nn.unbox(abstract), self.state_shardings)
+        self.step = ShardedTrainStep(self.model, self.optimizer, self.schedule, self.mesh,
+                                     spec.batch_size, spec.train_length)
+        self.abstract_state = self.step.abstract_state
         self.fingerprint = state_lib.params_fingerprint(self.abstract_state.params)
-        self.batch_sharding = partitioning.batch_sharding(self.mesh)
-        self.replicated = partitioning.replicated(self.mesh)
-        with self._context():
-            self._init = jax.jit(lambda rng: nn.unbox(boxed_state(rng)),
-                                 out_shardings=self.state_shardings)
         self.checkpointer = ckpt_lib.Checkpointer(model_dir, max_to_keep=spec.keep_checkpoints)
-
-    def _context(self):
-        return _Both(self.mesh, nn.logical_axis_rules(list(self.rules)))
 
     # -- state ------------------------------------------------------------------------------
     def initial_state(self) -> state_lib.TrainState:
@@ -147,8 +194,7 @@ class _Trainer:
                 self.abstract_state.params, self.abstract_state.opt_state, latest)
             return state_lib.TrainState(step=jnp.asarray(latest, jnp.int32), params=params,
                                         opt_state=opt_state)
-        with self._context():
-            state = self._init(jax.random.PRNGKey(self.spec.seed))
+        state = self.step.init(self.spec.seed)
         if self.init_from:
             source = ckpt_lib.Checkpointer(self.init_from, read_only=True)
             params = source.restore_params(self.abstract_state.params)
@@ -157,26 +203,13 @@ class _Trainer:
 
     # -- compiled steps ---------------------------------------------------------------------
     def compile_train_step(self):
-        step = make_train_step(self.model, self.optimizer, self.schedule)
-        key = jax.ShapeDtypeStruct((2,), jnp.uint32)
-        with self._context():
-            jitted = jax.jit(step, in_shardings=(self.state_shardings, self.batch_sharding,
-                                                 self.replicated),
-                             out_shardings=(self.state_shardings, self.replicated),
-                             donate_argnums=(0,))
-            start = time.perf_counter()
-            compiled = jitted.lower(self.abstract_state, self.example, key).compile()
-        return compiled, time.perf_counter() - start
+        return self.step.compile()
 
     def compile_eval_step(self):
-        with self._context():
-            return jax.jit(make_eval_step(self.model),
-                           in_shardings=(self.state_shardings.params, self.batch_sharding),
-                           out_shardings=self.replicated)
+        return self.step.compile_eval_step()
 
     def device_batch(self, local_tokens: np.ndarray) -> jax.Array:
-        return jax.make_array_from_process_local_data(self.batch_sharding, local_tokens,
-                                                      self.example.shape)
+        return self.step.device_batch(local_tokens)
 
 
 class _Both:
@@ -282,7 +315,7 @@ def train(model_dir: str, init_from: Optional[str] = None, *,
                 values = {k: float(v) / interval_steps for k, v in jax.device_get(summed).items()}
                 values["learning_rate"] = float(metrics["learning_rate"])
                 seconds = time.perf_counter() - interval_start
-                _check_finite(values["loss"], step, trainer)
+                _check_finite(values["loss"], values["grad_norm"], step, trainer)
                 values["tokens_per_sec"] = interval_steps * batch_size * train_length / seconds
                 values["step_seconds"] = seconds / interval_steps
                 if flops_per_step:
@@ -297,7 +330,8 @@ def train(model_dir: str, init_from: Optional[str] = None, *,
                 interval_start = time.perf_counter()
             if step % checkpoint_every == 0 or final:
                 if not last or last["step"] != step:
-                    _check_finite(float(metrics["loss"]), step, trainer)
+                    _check_finite(float(metrics["loss"]), float(metrics["grad_norm"]), step,
+                                  trainer)
                 trainer.checkpointer.save(step, state.params, state.opt_state,
                                           {**meta, "step": step})
     finally:
@@ -306,10 +340,11 @@ def train(model_dir: str, init_from: Optional[str] = None, *,
     return last
 
 
-def _check_finite(loss: float, step: int, trainer: _Trainer) -> None:
-    if not math.isfinite(loss):
+def _check_finite(loss: float, grad_norm: float, step: int, trainer: _Trainer) -> None:
+    """The step's update is sound only if its loss and gradients were finite."""
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
         kept = trainer.checkpointer.latest_step()
         raise TrainingError(
-            f"loss is {loss} at step {step}; stopped without saving. The last good checkpoint "
+            f"loss {loss}, gradient norm {grad_norm} at step {step}; stopped without saving. The last good checkpoint "
             f"is step {kept} in {trainer.checkpointer.directory}. Lower LEARNING_RATE, check "
             "the data, or train in float32 (DTYPE='float32')")

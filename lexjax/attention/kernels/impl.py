@@ -1,0 +1,44 @@
+"""The kernels as `attend` implementations: "pallas" (lowering picked from the backend) and the
+forced lowerings "pallas_tpu" / "pallas_gpu" (for export, AOT compilation and tests)."""
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+from lexjax.attention.kernels.flash import flash_attention
+from lexjax.attention.masks import MaskSpec
+
+
+def lowering_for_backend(backend: str) -> tuple[str, bool]:
+    """(lowering, interpret) that `impl="pallas"` uses on a JAX backend: the native kernels on TPU
+    and GPU, the TPU kernels in interpret mode elsewhere (CPU)."""
+    if backend in ("tpu", "gpu"):
+        return backend, False
+    return "tpu", True
+
+
+def pallas_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, *, mask: MaskSpec,
+                     bias=None, block_size: Optional[int] = None,
+                     segment_ids: Optional[jnp.ndarray] = None,
+                     lowering: Optional[str] = None) -> jnp.ndarray:
+    """`attend`'s contract on the Pallas kernels; `block_size` sets both block lengths.
+
+    `lowering=None` follows `jax.default_backend()` (`lowering_for_backend`); "tpu" or "gpu"
+    forces that lowering without interpretation.
+    """
+    interpret = False
+    if lowering is None:
+        lowering, interpret = lowering_for_backend(jax.default_backend())
+    return flash_attention(q, k, v, mask=mask, bias=bias, segment_ids=segment_ids,
+                           block_q=block_size, block_kv=block_size, backend=lowering,
+                           interpret=interpret)
+
+
+PALLAS_IMPLEMENTATIONS = {
+    "pallas": pallas_attention,
+    "pallas_tpu": functools.partial(pallas_attention, lowering="tpu"),
+    "pallas_gpu": functools.partial(pallas_attention, lowering="gpu"),
+}
