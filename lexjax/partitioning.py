@@ -33,9 +33,10 @@ BATCH_AXES = ("data", "fsdp")
 
 Rules = tuple[tuple[str, Any], ...]
 
-# Every logical name the models use: weights, then activations (kept apart, as in MaxText).
+# Every logical name the models use: weights, then activations (kept apart, as in MaxText). A
+# name no preset maps stays replicated; add new names here (and to a preset to split them).
 WEIGHT_AXES = ("vocab", "embed", "mlp", "heads", "kv_heads", "kv", "layers", "relpos_buckets",
-               "abs_positions")
+               "abs_positions", "ssm_channels", "ssm_state")
 ACTIVATION_AXES = ("activation_batch", "activation_length", "activation_embed",
                    "activation_heads", "activation_kv", "activation_mlp", "activation_vocab")
 

@@ -70,6 +70,7 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation,
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
+                   "param_norm": optax.global_norm(params),
                    "learning_rate": schedule(state.step)}
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
@@ -315,7 +316,7 @@ def train(model_dir: str, init_from: Optional[str] = None, *,
                 values = {k: float(v) / interval_steps for k, v in jax.device_get(summed).items()}
                 values["learning_rate"] = float(metrics["learning_rate"])
                 seconds = time.perf_counter() - interval_start
-                _check_finite(values["loss"], values["grad_norm"], step, trainer)
+                _check_finite(values, step, trainer)
                 values["tokens_per_sec"] = interval_steps * batch_size * train_length / seconds
                 values["step_seconds"] = seconds / interval_steps
                 if flops_per_step:
@@ -330,8 +331,7 @@ def train(model_dir: str, init_from: Optional[str] = None, *,
                 interval_start = time.perf_counter()
             if step % checkpoint_every == 0 or final:
                 if not last or last["step"] != step:
-                    _check_finite(float(metrics["loss"]), float(metrics["grad_norm"]), step,
-                                  trainer)
+                    _check_finite({k: float(v) for k, v in metrics.items()}, step, trainer)
                 trainer.checkpointer.save(step, state.params, state.opt_state,
                                           {**meta, "step": step})
     finally:
@@ -340,11 +340,15 @@ def train(model_dir: str, init_from: Optional[str] = None, *,
     return last
 
 
-def _check_finite(loss: float, grad_norm: float, step: int, trainer: _Trainer) -> None:
-    """The step's update is sound only if its loss and gradients were finite."""
-    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+def _check_finite(values: dict, step: int, trainer: _Trainer) -> None:
+    """The step is sound only if its loss, its gradients and the updated parameters are finite."""
+    loss, grad_norm, param_norm = values["loss"], values["grad_norm"], values["param_norm"]
+    if not all(math.isfinite(x) for x in (loss, grad_norm, param_norm)):
         kept = trainer.checkpointer.latest_step()
+        last_good = ("no checkpoint was saved before it" if kept is None else
+                     f"the last good checkpoint is step {kept} in "
+                     f"{trainer.checkpointer.directory}")
         raise TrainingError(
-            f"loss {loss}, gradient norm {grad_norm} at step {step}; stopped without saving. The last good checkpoint "
-            f"is step {kept} in {trainer.checkpointer.directory}. Lower LEARNING_RATE, check "
+            f"loss {loss}, gradient norm {grad_norm}, parameter norm {param_norm} at step "
+            f"{step}; stopped without saving: {last_good}. Lower LEARNING_RATE, check "
             "the data, or train in float32 (DTYPE='float32')")

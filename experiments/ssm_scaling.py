@@ -1,0 +1,214 @@
+"""Benchmark: time per token of the state-space / moving-average family at N = 1K ... 16K on CPU
+(issue 7; goal: the training step per token at 8K within 1.3x of the 1K figure for gss,
+mega (chunked) and spade).
+
+What it measures
+----------------
+Each model is its `configs/models/<name>.gin` with the size macros given here (default
+NUM_LAYERS=2, EMBED_DIM=256, NUM_HEADS=4, MLP_DIM=1024, CHUNK_SIZE=256, bytes vocabulary; the
+models' own fields otherwise, e.g. GSS's N = 512 modes). For each N, on `[--batch, N]` random
+tokens:
+
+* train us/token -- one jitted training step (the LM loss of `lexjax.training.losses`, its
+                    gradient, an AdamW update) / (batch * N);
+* fwd us/token   -- the forward pass alone / (batch * N);
+* cpu            -- process CPU time (user + system, all threads) per call / tokens: the
+                    core-seconds a call costs, far less sensitive to other jobs than wall time on
+                    a shared machine;
+* xN=first       -- the per-token figure over the same figure at the smallest N (the goal is
+                    <= 1.3 at 8K);
+* GFLOP/step     -- 3 x `flops_per_token(N)` x tokens (forward FLOPs incl. the FFT estimate, x3
+                    for training).
+
+All (model, N) cases are compiled first, then timed in `--rounds` interleaved rounds (each case
+once per round), so a burst of load from other jobs hits every case alike; tables keep the
+minimum wall time and the median CPU time.
+
+Outputs go to `--out` (default experiments/results/) as ssm_scaling[.TAG].{md,csv,json}.
+
+Example
+-------
+  .venv/bin/python experiments/ssm_scaling.py
+  .venv/bin/python experiments/ssm_scaling.py --models gss,mega --lengths 1024,8192 --rounds 3
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import lexjax
+from lexjax.training.losses import shift_right, token_losses
+
+MODELS = ("gss", "gss_transformer", "mega", "spade")
+
+
+def parse_list(text: str, kind=int) -> list:
+    return [kind(x) for x in text.split(",") if x.strip()]
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", type=lambda s: parse_list(s, str), default=list(MODELS),
+                   help="comma-separated model configs (configs/models/<name>.gin)")
+    p.add_argument("--lengths", type=parse_list, default=[1024, 2048, 4096, 8192, 16384])
+    p.add_argument("--num_layers", type=int, default=2)
+    p.add_argument("--embed_dim", type=int, default=256)
+    p.add_argument("--num_heads", type=int, default=4)
+    p.add_argument("--mlp_dim", type=int, default=1024)
+    p.add_argument("--chunk_size", type=int, default=256)
+    p.add_argument("--vocab_size", type=int, default=384)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    p.add_argument("--tag", default="", help="suffix of the output files")
+    return p.parse_args(argv)
+
+
+def build(args, name: str):
+    bindings = [f"NUM_LAYERS={args.num_layers}", f"EMBED_DIM={args.embed_dim}",
+                f"NUM_HEADS={args.num_heads}", f"MLP_DIM={args.mlp_dim}",
+                f"CHUNK_SIZE={args.chunk_size}", f"VOCAB_SIZE={args.vocab_size}"]
+    return lexjax.build_model([f"configs/models/{name}.gin"], bindings)
+
+
+class Case:
+    """One (model, N): its compiled training step and forward, and their timing samples."""
+
+    def __init__(self, args, name: str, model, n: int):
+        self.name, self.model, self.n, self.tokens_count = name, model, n, args.batch * n
+        rng = np.random.default_rng(args.seed)
+        self.tokens = jnp.asarray(rng.integers(1, args.vocab_size, (args.batch, n)), jnp.int32)
+        self.params = nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(args.seed),
+                                                   self.tokens[:, :8])["params"])
+        optimizer = optax.adamw(1e-4)
+        self.opt_state = optimizer.init(self.params)
+
+        def loss_fn(params, tokens):
+            logits = model.apply({"params": params}, shift_right(tokens), deterministic=True)
+            return jnp.mean(token_losses(logits, tokens))
+
+        def train_step(params, opt_state, tokens):
+            loss, grads = jax.value_and_grad(loss_fn)(params, tokens)
+            updates, opt_state = optimizer.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), opt_state, loss
+
+        def forward(params, tokens):
+            return model.apply({"params": params}, tokens)
+
+        start = time.perf_counter()
+        self.train = jax.jit(train_step).lower(self.params, self.opt_state, self.tokens).compile()
+        self.forward = jax.jit(forward).lower(self.params, self.tokens).compile()
+        self.compile_s = time.perf_counter() - start
+        self.samples = {kind: {"wall": [], "cpu": []} for kind in ("train", "fwd")}
+        self.run_once()  # warm-up, dropped from the statistics
+
+    def _timed(self, kind: str, fn: Callable[[], object]) -> None:
+        t0, c0 = time.perf_counter(), time.process_time()
+        jax.block_until_ready(fn())
+        self.samples[kind]["wall"].append(time.perf_counter() - t0)
+        self.samples[kind]["cpu"].append(time.process_time() - c0)
+
+    def run_once(self) -> None:
+        """One training step and one forward (outputs discarded: every call sees the same
+        parameters)."""
+        self._timed("train", lambda: self.train(self.params, self.opt_state, self.tokens))
+        self._timed("fwd", lambda: self.forward(self.params, self.tokens))
+
+    def row(self) -> dict:
+        out = {"model": self.name, "N": self.n, "compile_s": self.compile_s,
+               "gflop_per_step": 3 * self.model.flops_per_token(self.n) * self.tokens_count / 1e9}
+        for kind, samples in self.samples.items():
+            wall, cpu = samples["wall"][1:], samples["cpu"][1:]
+            out[f"{kind}_ms_min"] = min(wall) * 1e3
+            out[f"{kind}_us_per_token"] = min(wall) * 1e6 / self.tokens_count
+            out[f"{kind}_cpu_us_per_token"] = statistics.median(cpu) * 1e6 / self.tokens_count
+            out[f"{kind}_wall_samples_s"] = wall
+            out[f"{kind}_cpu_samples_s"] = cpu
+        return out
+
+
+def measure(args) -> list[dict]:
+    cases = []
+    for name in args.models:
+        model = build(args, name)
+        for n in args.lengths:
+            print(f"compiling {name} N={n}", flush=True)
+            cases.append(Case(args, name, model, n))
+    for r in range(args.rounds):
+        print(f"round {r + 1}/{args.rounds}", flush=True)
+        for case in cases:
+            case.run_once()
+    rows = [case.row() for case in cases]
+    for name in args.models:
+        mine = [row for row in rows if row["model"] == name]
+        for row in mine:
+            for key in ("train_us_per_token", "train_cpu_us_per_token", "fwd_us_per_token",
+                        "fwd_cpu_us_per_token"):
+                row[key.replace("per_token", "ratio")] = row[key] / mine[0][key]
+    return rows
+
+
+def markdown(args, rows: list[dict], meta: dict) -> str:
+    header = ["model", "N", "train us/token", "×N=first", "train cpu us/token", "×N=first (cpu)",
+              "fwd us/token", "×N=first", "GFLOP/step"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        lines.append("| " + " | ".join([
+            row["model"], str(row["N"]), f"{row['train_us_per_token']:.1f}",
+            f"{row['train_us_ratio']:.2f}", f"{row['train_cpu_us_per_token']:.1f}",
+            f"{row['train_cpu_us_ratio']:.2f}", f"{row['fwd_us_per_token']:.1f}",
+            f"{row['fwd_us_ratio']:.2f}", f"{row['gflop_per_step']:.2f}"]) + " |")
+    size = (f"NUM_LAYERS={args.num_layers}, EMBED_DIM={args.embed_dim}, "
+            f"NUM_HEADS={args.num_heads}, MLP_DIM={args.mlp_dim}, CHUNK_SIZE={args.chunk_size}, "
+            f"VOCAB_SIZE={args.vocab_size}, batch {args.batch}")
+    return "\n".join([
+        "# State-space / moving-average family: time per token vs length (CPU)", "",
+        f"Models: configs/models/<model>.gin with {size}. Minimum wall time over {args.rounds} "
+        "interleaved rounds; cpu = median process CPU time (all threads). Training step = LM "
+        "loss + gradient + AdamW.", "",
+        f"Machine: {meta['machine']}; load average before {meta['load_before']}, after "
+        f"{meta['load_after']}; {meta['date']}.", "",
+        *lines, ""])
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    args = parse_args(argv)
+    load_before = os.getloadavg()
+    rows = measure(args)
+    meta = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+                       f"jax {jax.__version__} on {jax.devices()[0].platform}",
+            "load_before": [round(x, 2) for x in load_before],
+            "load_after": [round(x, 2) for x in os.getloadavg()],
+            "date": datetime.datetime.now().isoformat(timespec="seconds"),
+            "argv": vars(args) | {"out": str(args.out)}}
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / ("ssm_scaling" + (f".{args.tag}" if args.tag else ""))
+    text = markdown(args, rows, meta)
+    Path(f"{stem}.md").write_text(text)
+    Path(f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    scalar = [k for k, v in rows[0].items() if not isinstance(v, list)]
+    with open(f"{stem}.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=scalar, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

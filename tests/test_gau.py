@@ -1,0 +1,271 @@
+"""The gated attention unit and its attention cores against direct O(N²) references with explicit
+masks (float64 numpy), in outputs and gradients; ragged lengths; decoding steps (PAPERS.md §6)."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lexjax.layers.gau import GatedAttentionUnit
+from lexjax.layers.mixed_chunk import (init_mixed_chunk_cache, mixed_chunk_attention,
+                                       mixed_chunk_decode_step, quadratic_attention)
+from lexjax.positions import ALiBi, NoPE, RoPE, XPos
+
+TOL = dict(rtol=2e-5, atol=2e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# Independent references (float64 numpy, the paper's formulas with explicit [N, N] masks)
+# ----------------------------------------------------------------------------------------------
+
+def relu2(x):
+    return np.maximum(x, 0.0) ** 2
+
+
+def ref_mixed_chunk(qq, kq, ql, kl, v, chunk, causal, slope=0.0):
+    """Quadratic part: keys of the query's own chunk (not in its future if causal),
+    relu²(q·k / C - slope·(i - j)); linear part: keys of earlier chunks (causal) or of every
+    chunk, (q·k / C) with no kernel. Both summed against v."""
+    qq, kq, ql, kl, v = (np.asarray(a, np.float64) for a in (qq, kq, ql, kl, v))
+    n = v.shape[1]
+    i, j = np.arange(n)[:, None], np.arange(n)[None, :]
+    allowed = (j <= i) if causal else np.ones((n, n), bool)
+    same_chunk = (i // chunk) == (j // chunk)
+    earlier = (j // chunk) < (i // chunk) if causal else np.ones((n, n), bool)
+    scores = np.einsum("bis,bjs->bij", qq, kq) / chunk - slope * (i - j)
+    quad = np.where(same_chunk & allowed, relu2(scores), 0.0)
+    lin = np.where(earlier, np.einsum("bis,bjs->bij", ql, kl) / chunk, 0.0)
+    return np.einsum("bij,bje->bie", quad + lin, v)
+
+
+def ref_quadratic(q, k, v, causal, slope=0.0):
+    """relu²(q·k / T_i - slope·(i - j)) with T_i = i + 1 (causal) or N, future keys masked."""
+    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+    n = v.shape[1]
+    i, j = np.arange(n)[:, None], np.arange(n)[None, :]
+    t = (i + 1.0) if causal else float(n)
+    kernel = relu2(np.einsum("bis,bjs->bij", q, k) / t - slope * (i - j))
+    if causal:
+        kernel = np.where(j <= i, kernel, 0.0)
+    return np.einsum("bij,bje->bie", kernel, v)
+
+
+def ref_rope(x, pos, base=10000.0):
+    """Interleaved RoPE as complex rotation: (x[2i] + i x[2i+1]) · exp(i p base^(-2i/d))."""
+    d = x.shape[-1]
+    z = x[..., 0::2] + 1j * x[..., 1::2]
+    z = z * np.exp(1j * pos[:, None] * base ** (-2.0 * np.arange(d // 2) / d))
+    out = np.empty_like(x)
+    out[..., 0::2], out[..., 1::2] = z.real, z.imag
+    return out
+
+
+def silu(x):
+    return x / (1.0 + np.exp(-x))
+
+
+def slope_bias(slope):
+    """A one-head relative bias -slope·rel, differentiable in `slope`."""
+    return lambda rel: (-slope * rel.astype(jnp.float32))[None]
+
+
+def inputs(rng, b, n, s, e):
+    return [jnp.asarray(rng.normal(size=(b, n, f)), jnp.float32) for f in (s, s, s, s, e)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Mixed chunk attention (FLASH)
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("n", [16, 13, 3])  # whole chunks, ragged, shorter than one chunk
+def test_mixed_chunk_equals_direct_formula(rng, causal, n):
+    qq, kq, ql, kl, v = inputs(rng, 2, n, 6, 5)
+    out = mixed_chunk_attention(qq, kq, ql, kl, v, chunk_size=4, causal=causal,
+                                bias=slope_bias(0.3))
+    np.testing.assert_allclose(out, ref_mixed_chunk(qq, kq, ql, kl, v, 4, causal, slope=0.3),
+                               **TOL)
+
+
+def dense_mixed_chunk(qq, kq, ql, kl, v, slope, chunk, causal):
+    """The O(N²) masked formula in jnp (float32), for gradient comparisons."""
+    n = v.shape[1]
+    i, j = jnp.arange(n)[:, None], jnp.arange(n)[None, :]
+    allowed = (j <= i) if causal else jnp.ones((n, n), bool)
+    earlier = (j // chunk) < (i // chunk) if causal else jnp.ones((n, n), bool)
+    scores = jnp.einsum("bis,bjs->bij", qq, kq) / chunk - slope * (i - j)
+    quad = jnp.where(((i // chunk) == (j // chunk)) & allowed, jax.nn.relu(scores) ** 2, 0.0)
+    lin = jnp.where(earlier, jnp.einsum("bis,bjs->bij", ql, kl) / chunk, 0.0)
+    return jnp.einsum("bij,bje->bie", quad + lin, v)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_mixed_chunk_gradients_equal_direct_formula(rng, causal):
+    args = inputs(rng, 1, 11, 4, 3) + [jnp.asarray(0.2, jnp.float32)]
+    weights = jnp.asarray(rng.normal(size=(1, 11, 3)), jnp.float32)
+
+    def loss_fast(qq, kq, ql, kl, v, slope):
+        out = mixed_chunk_attention(qq, kq, ql, kl, v, chunk_size=4, causal=causal,
+                                    bias=slope_bias(slope))
+        return jnp.sum(out * weights)
+
+    def loss_dense(*a):
+        return jnp.sum(dense_mixed_chunk(*a, chunk=4, causal=causal) * weights)
+
+    fast = jax.grad(loss_fast, argnums=range(6))(*args)
+    dense = jax.grad(loss_dense, argnums=range(6))(*args)
+    for got, want in zip(fast, dense):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_mixed_chunk_is_causal_across_chunks(rng):
+    qq, kq, ql, kl, v = inputs(rng, 1, 12, 4, 3)
+    out = mixed_chunk_attention(qq, kq, ql, kl, v, chunk_size=4, causal=True)
+    changed = [x.at[:, 6:].set(7.0) for x in (qq, kq, ql, kl, v)]
+    out2 = mixed_chunk_attention(*changed, chunk_size=4, causal=True)
+    np.testing.assert_allclose(out[:, :6], out2[:, :6], rtol=0, atol=0)
+    assert float(jnp.max(jnp.abs(out[:, 6:] - out2[:, 6:]))) > 1e-3
+
+
+def test_mixed_chunk_bfloat16_stays_close(rng):
+    qq, kq, ql, kl, v = inputs(rng, 1, 40, 8, 8)
+    full = mixed_chunk_attention(qq, kq, ql, kl, v, chunk_size=8, causal=True)
+    half = mixed_chunk_attention(*(x.astype(jnp.bfloat16) for x in (qq, kq, ql, kl, v)),
+                                 chunk_size=8, causal=True)
+    assert half.dtype == jnp.bfloat16
+    scale = float(jnp.max(jnp.abs(full)))
+    assert float(jnp.max(jnp.abs(half.astype(jnp.float32) - full))) < 0.05 * scale
+
+
+def test_decode_steps_equal_mixed_chunk_forward(rng):
+    qq, kq, ql, kl, v = inputs(rng, 2, 10, 4, 3)
+    full = mixed_chunk_attention(qq, kq, ql, kl, v, chunk_size=4, causal=True,
+                                 bias=slope_bias(0.1))
+    cache = init_mixed_chunk_cache(2, 4, 4, 3)
+    step = jax.jit(lambda c, t, *xs: mixed_chunk_decode_step(c, *xs, t, chunk_size=4,
+                                                             bias=slope_bias(0.1)))
+    outs = []
+    for t in range(10):
+        out, cache = step(cache, jnp.asarray(t, jnp.int32), qq[:, t], kq[:, t], ql[:, t],
+                          kl[:, t], v[:, t])
+        outs.append(out)
+        assert cache["keys"].shape == (2, 4, 4)  # O(chunk) memory at every step
+    np.testing.assert_allclose(jnp.stack(outs, 1), full, **TOL)
+
+
+def test_rejects_bad_chunk_size(rng):
+    with pytest.raises(ValueError, match="chunk_size"):
+        mixed_chunk_attention(*inputs(rng, 1, 4, 2, 2), chunk_size=0, causal=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Quadratic attention (FLASH-Quad)
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("block_size", [None, 4, 5])
+def test_quadratic_equals_direct_formula(rng, causal, block_size):
+    q, k, _, _, v = inputs(rng, 2, 13, 6, 5)
+    out = quadratic_attention(q, k, v, causal=causal, bias=slope_bias(0.05),
+                              block_size=block_size)
+    np.testing.assert_allclose(out, ref_quadratic(q, k, v, causal, slope=0.05), **TOL)
+
+
+def test_quadratic_blocked_gradients_equal_unblocked(rng):
+    q, k, _, _, v = inputs(rng, 1, 11, 4, 3)
+
+    def loss(q, k, v, block):
+        return jnp.sum(quadratic_attention(q, k, v, causal=True, block_size=block) ** 2)
+
+    blocked = jax.grad(loss, argnums=(0, 1, 2))(q, k, v, 4)
+    plain = jax.grad(loss, argnums=(0, 1, 2))(q, k, v, None)
+    for got, want in zip(blocked, plain):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_quadratic_prefix_does_not_depend_on_length(rng):
+    """T counts visible keys, not the sequence length: a prefix gives the same outputs."""
+    q, k, _, _, v = inputs(rng, 1, 12, 4, 3)
+    full = quadratic_attention(q, k, v, causal=True)
+    prefix = quadratic_attention(q[:, :7], k[:, :7], v[:, :7], causal=True)
+    np.testing.assert_allclose(full[:, :7], prefix, **TOL)
+
+
+# ----------------------------------------------------------------------------------------------
+# The GAU module against the paper's formula, parameter by parameter
+# ----------------------------------------------------------------------------------------------
+
+def gau_params(gau, x, rng):
+    """Initialised parameters with O(1) scales and offsets, so attention is far from zero."""
+    params = nn.unbox(gau.init(jax.random.PRNGKey(1), x, jnp.arange(x.shape[1]))["params"])
+    params["gamma"] = jnp.asarray(rng.normal(size=params["gamma"].shape) * 0.7, jnp.float32)
+    params["beta"] = jnp.asarray(rng.normal(size=params["beta"].shape) * 0.3, jnp.float32)
+    return params
+
+
+def ref_gau(params, x, chunk_size, causal):
+    """U, V, Z = SiLU projections; per-dim scale+offset of Z; RoPE on every query and key;
+    (U ⊙ Â) W_o with Â the quadratic (chunk_size None) or mixed chunk attention."""
+    p = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), params)
+    x = np.asarray(x, np.float64)
+    pos = np.arange(x.shape[1], dtype=np.float64)
+    u = silu(x @ p["wu"]["kernel"])
+    v = silu(x @ p["wv"]["kernel"])
+    z = silu(x @ p["wz"]["kernel"])
+    qk = [ref_rope(z * g + b, pos) for g, b in zip(p["gamma"], p["beta"])]
+    if chunk_size is None:
+        attended = ref_quadratic(qk[0], qk[1], v, causal)
+    else:
+        attended = ref_mixed_chunk(*qk, v, chunk_size, causal)
+    return (u * attended) @ p["wo"]["kernel"]
+
+
+@pytest.mark.parametrize("chunk_size", [None, 4])
+@pytest.mark.parametrize("causal", [True, False])
+def test_gau_equals_paper_formula(rng, chunk_size, causal):
+    """FLASH-Quad is the GAU with full quadratic attention; FLASH swaps in mixed chunk attention
+    over four transforms (q_quad, k_quad, q_lin, k_lin) of the one shared Z."""
+    x = jnp.asarray(rng.normal(size=(2, 10, 8)), jnp.float32)
+    gau = GatedAttentionUnit(expansion_dim=12, qk_dim=6, position=RoPE(), chunk_size=chunk_size,
+                             causal=causal)
+    params = gau_params(gau, x, rng)
+    assert params["gamma"].shape == (2 if chunk_size is None else 4, 6)
+    out = gau.apply({"params": params}, x, jnp.arange(10))
+    np.testing.assert_allclose(out, ref_gau(params, x, chunk_size, causal), rtol=1e-4, atol=1e-5)
+
+
+def test_gau_parameter_count_is_half_a_transformer_block():
+    """d(2e + s) + ed + 2·4·s with e = 2d: 6d² + ds + 8s, against 12d² for attention + MLP."""
+    d, s = 16, 8
+    gau = GatedAttentionUnit(expansion_dim=2 * d, qk_dim=s, position=NoPE(), chunk_size=4)
+    params = gau.init(jax.random.PRNGKey(0), jnp.ones((1, 4, d)), jnp.arange(4))["params"]
+    count = sum(a.size for a in jax.tree_util.tree_leaves(nn.unbox(params)))
+    assert count == 6 * d * d + d * s + 8 * s
+
+
+@pytest.mark.parametrize("position, score_bias, slope", [
+    (ALiBi(), None, 2.0 ** -8), (NoPE(), ALiBi(), 2.0 ** -8), (ALiBi(), ALiBi(), 2.0 ** -7)])
+def test_gau_relative_biases_add_inside_the_kernel(rng, position, score_bias, slope):
+    """The position scheme's and `score_bias`'s relative biases add up to the paper's b inside
+    relu²: with ALiBi (one head: slope 2^-8) each contributes -2^-8·(i - j)."""
+    x = jnp.asarray(rng.normal(size=(1, 9, 8)), jnp.float32)
+    gau = GatedAttentionUnit(expansion_dim=8, qk_dim=6, position=position, chunk_size=None,
+                             score_bias=score_bias)
+    params = gau_params(gau, x, rng)
+    p = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), params)
+    xs = np.asarray(x, np.float64)
+    z = silu(xs @ p["wz"]["kernel"])
+    q, k = (z * g + b for g, b in zip(p["gamma"], p["beta"]))
+    attended = ref_quadratic(q, k, silu(xs @ p["wv"]["kernel"]), True, slope=slope)
+    want = (silu(xs @ p["wu"]["kernel"]) * attended) @ p["wo"]["kernel"]
+    np.testing.assert_allclose(gau.apply({"params": params}, x, jnp.arange(9)), want,
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_gau_decoding_rejects_what_it_cannot_reproduce():
+    x = jnp.ones((1, 1, 8))
+    for gau in (GatedAttentionUnit(expansion_dim=8, qk_dim=4, chunk_size=None, decode=True),
+                GatedAttentionUnit(expansion_dim=8, qk_dim=4, chunk_size=4, decode=True,
+                                   position=XPos())):
+        with pytest.raises(ValueError, match="decoding"):
+            gau.init(jax.random.PRNGKey(0), x, jnp.zeros((1,), jnp.int32))

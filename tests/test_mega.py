@@ -1,0 +1,200 @@
+"""Mega and Mega-chunk built through gin: one Mega layer against the paper's equations (6–15)
+written out in numpy, causality at ragged lengths, incremental decoding against the full forward
+(chunked and full, relative bias and rotary positions), FLOPs, axes, long inputs and a tiny
+training run."""
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import lexjax
+from lexjax.attention import MaskSpec
+from lexjax.layers.ema import ema_flops_per_token
+from lexjax.models.mega import MegaLayer
+from lexjax.positions import NoPE
+from lexjax.training.state import check_logical_axes
+
+VOCAB = 64
+TINY = ("NUM_LAYERS=2", "EMBED_DIM=32", "NUM_HEADS=4", "MLP_DIM=64", f"VOCAB_SIZE={VOCAB}",
+        "CHUNK_SIZE=8", "lexjax.models.Mega.qk_dim=16", "lexjax.models.Mega.ema_dim=4")
+M = "lexjax.models.Mega."
+
+
+def tokens(batch, length, seed=0):
+    return jnp.asarray(np.random.default_rng(seed).integers(1, VOCAB, (batch, length)), jnp.int32)
+
+
+@functools.lru_cache(maxsize=None)
+def initialized(*bindings, position="rope"):
+    model = lexjax.build_model(["configs/models/mega.gin", f"configs/positions/{position}.gin"],
+                               TINY + bindings)
+    return model, jax.jit(model.init)(jax.random.PRNGKey(0), tokens(1, 16))
+
+
+def sharpened(variables):
+    """Parameters with N(0, 1) query/key scales, so attention is far from uniform."""
+    params = nn.unbox(variables["params"])
+
+    def sharpen(path, x):
+        name = jax.tree_util.keystr(path)
+        if "qk_scale" in name:
+            return jax.random.normal(jax.random.PRNGKey(len(name)), x.shape)
+        return x
+    return {"params": jax.tree_util.tree_map_with_path(sharpen, params)}
+
+
+def numpy_mega_layer(x: np.ndarray, params: dict) -> np.ndarray:
+    """Eqs. 5–15 in float64 with full causal softmax attention and no position scheme."""
+    p = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), nn.unbox(params))
+    silu = lambda a: a / (1 + np.exp(-a))  # noqa: E731
+    sigmoid = lambda a: 1 / (1 + np.exp(-a))  # noqa: E731
+    e = p["ema"]
+    alpha, delta = sigmoid(e["alpha_logit"]), sigmoid(e["delta_logit"])
+    eta = e["eta"] / np.sqrt(e["eta"].shape[-1])
+    h, x_ema = np.zeros(x.shape[:1] + alpha.shape), []
+    for t in range(x.shape[1]):
+        h = alpha * e["beta"] * x[:, t, :, None] + (1 - alpha * delta) * h
+        x_ema.append(np.sum(eta * h, -1))
+    x_ema = np.stack(x_ema, 1)
+
+    def affine(a, name):
+        return a @ p[name]["kernel"] + p[name]["bias"]
+
+    z = silu(affine(x_ema, "wz"))
+    q = z * p["qk_scale"][0] + p["qk_offset"][0]
+    k = z * p["qk_scale"][1] + p["qk_offset"][1]
+    v = silu(affine(x, "wv"))
+    n = x.shape[1]
+    logits = np.einsum("bqz,bkz->bqk", q, k) / np.sqrt(q.shape[-1])
+    logits = np.where(np.tril(np.ones((n, n), bool)), logits, -np.inf)
+    attn = np.exp(logits - logits.max(-1, keepdims=True))
+    attn /= attn.sum(-1, keepdims=True)
+    o = attn @ v
+    reset = silu(affine(x_ema, "w_reset"))
+    update = sigmoid(affine(x_ema, "w_update"))
+    candidate = silu(affine(x_ema, "wh") + (reset * o) @ p["uh"]["kernel"])
+    return update * candidate + (1 - update) * x
+
+
+def test_mega_layer_matches_the_papers_equations(rng):
+    layer = MegaLayer(qk_dim=6, value_dim=10, ema_dim=3, position=NoPE(), mask=MaskSpec(),
+                      cache_length=16, attention_impl="reference")
+    x = rng.normal(size=(2, 11, 5))
+    variables = sharpened(jax.jit(layer.init)(jax.random.PRNGKey(0), jnp.zeros((1, 11, 5)),
+                                              jnp.arange(11)))
+    got = jax.jit(layer.apply)(variables, jnp.asarray(x, jnp.float32), jnp.arange(11))
+    np.testing.assert_allclose(got, numpy_mega_layer(x, variables["params"]), rtol=1e-4,
+                               atol=1e-5)
+
+
+def assert_causal(model, variables, length, positions):
+    """Changing the token at each of `positions` (one sequence each) leaves the logits before it
+    unchanged and moves the logits from it on."""
+    base = tokens(1, length, seed=length)
+    batch = jnp.concatenate([base] + [base.at[:, p].set((base[:, p] + 7) % VOCAB)
+                                      for p in positions])
+    logits = jax.jit(model.apply)(variables, batch)
+    assert logits.shape == (len(batch), length, VOCAB) and logits.dtype == jnp.float32
+    for i, p in enumerate(positions, start=1):
+        np.testing.assert_allclose(logits[i, :p], logits[0, :p], atol=2e-5)
+        assert float(jnp.max(jnp.abs(logits[i, p:] - logits[0, p:]))) > 1e-3
+
+
+@pytest.mark.parametrize("bindings", [(), (f"{M}chunk_size=None",)], ids=["chunk", "full"])
+def test_causal_at_ragged_lengths(bindings):
+    model, variables = initialized(*bindings)
+    variables = sharpened(variables)
+    assert_causal(model, variables, 1, [0])
+    assert_causal(model, variables, 30, [0, 2, 12, 23, 29])  # chunks of 8, a ragged last one
+
+
+def decode_all(model, params, toks):
+    step = jax.jit(lambda v, t: model.apply(v, t, decode=True, mutable=["cache"]))
+    cache, outs = model.init_cache(toks.shape[0]), []
+    for t in range(toks.shape[1]):
+        logits, updated = step({"params": params, "cache": cache}, toks[:, t:t + 1])
+        cache = updated["cache"]
+        outs.append(logits[:, 0])
+    return jnp.stack(outs, 1), cache
+
+
+@pytest.mark.parametrize("bindings,length", [((), 21), ((f"{M}chunk_size=None",
+                                                          f"{M}max_decode_length=16"), 13)],
+                         ids=["chunk", "full"])
+def test_decoding_equals_forward(bindings, length):
+    model, variables = initialized(*bindings, position="t5")
+    variables = sharpened(variables)
+    toks = tokens(2, length, seed=5)
+    decoded, cache = decode_all(model, variables["params"], toks)
+    slots = model.chunk_size or model.max_decode_length
+    assert cache["layer_0"]["mega"]["keys"].shape == (2, slots, 1, 16)
+    assert cache["layer_0"]["mega"]["ema_state"].shape == (2, 32, 4)
+    np.testing.assert_allclose(decoded, jax.jit(model.apply)(variables, toks), rtol=1e-4,
+                               atol=1e-4)
+
+
+def test_decoding_with_rotary_positions_equals_forward():
+    model, variables = initialized()
+    variables = sharpened(variables)
+    toks = tokens(1, 11, seed=9)
+    decoded, _ = decode_all(model, variables["params"], toks)
+    np.testing.assert_allclose(decoded, jax.jit(model.apply)(variables, toks), rtol=1e-4,
+                               atol=1e-4)
+
+
+def test_flops_per_token_counts_every_term():
+    model, variables = initialized()
+    leaves = jax.tree_util.tree_flatten_with_path(nn.unbox(variables["params"]))[0]
+    projections = sum(2.0 * x.size for path, x in leaves
+                      if jax.tree_util.keystr(path).endswith("['kernel']"))
+    length = 100
+    keys = MaskSpec(chunk=8).mean_keys_per_query(length)
+    per_layer = ema_flops_per_token(32, 4, length) + 2.0 * (16 + 64) * keys
+    want = projections + 2 * per_layer + 2.0 * 32 * VOCAB
+    assert model.flops_per_token(length) == pytest.approx(want)
+    assert model.mask == MaskSpec(chunk=8)
+
+
+def test_defaults_axes_and_errors():
+    model = lexjax.build_model(["configs/models/mega.gin"])
+    assert (model.qk_dim, model.value_features, model.ema_dim, model.mask.chunk) == (
+        128, 1024, 16, 256)
+    _, variables = initialized()
+    check_logical_axes(variables["params"])
+    with pytest.raises(ValueError, match="chunk_size must be a positive int"):
+        lexjax.build_model(["configs/models/mega.gin"], TINY + (f"{M}chunk_size=0",)).init(
+            jax.random.PRNGKey(0), tokens(1, 4))
+
+
+def test_finite_at_long_length():
+    model, variables = initialized()
+    logits = jax.jit(model.apply)(variables, tokens(1, 8192))
+    assert bool(jnp.all(jnp.isfinite(logits)))
+
+
+def test_tiny_training_run_loss_falls():
+    model, variables = initialized()
+    params = nn.unbox(variables["params"])
+    toks = tokens(4, 32, seed=7)
+    optimizer = optax.adam(3e-3)
+
+    def loss_fn(p):
+        logits = model.apply({"params": p}, toks[:, :-1])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, toks[:, 1:]).mean()
+
+    @jax.jit
+    def step(p, state):
+        loss, grads = jax.value_and_grad(loss_fn)(p)
+        updates, state = optimizer.update(grads, state, p)
+        return optax.apply_updates(p, updates), state, loss
+
+    state = optimizer.init(params)
+    losses = []
+    for _ in range(25):
+        params, state, loss = step(params, state)
+        losses.append(float(loss))
+    assert np.isfinite(losses).all() and losses[-1] < losses[0] - 0.5

@@ -1,0 +1,230 @@
+"""Meshes, rules and sharded training on 8 fake CPU devices (tests/conftest.py): one train step on
+every preset mesh equals the step on one device, each parameter is sharded as the rules say, a
+checkpoint moves between meshes, FSDP really shards the state, and bad meshes are clear errors."""
+import functools
+import glob
+import os
+import re
+
+import flax.linen as nn
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec
+
+from lexjax import partitioning
+from lexjax.config import REPO_ROOT, build_model, parse_gin
+from lexjax.partitioning import MeshError
+from lexjax.training.loop import ShardedTrainStep
+
+TINY = ["NUM_LAYERS=2", "EMBED_DIM=64", "NUM_HEADS=8", "MLP_DIM=128"]
+BATCH, LENGTH = 8, 32
+MODEL_GINS = sorted(glob.glob(os.path.join(REPO_ROOT, "configs/models/*.gin")))
+MESH_GINS = sorted(glob.glob(os.path.join(REPO_ROOT, "configs/meshes/*.gin")))
+# Written out by hand (not read from partitioning): where each weight axis goes.
+EXPECTED_AXIS = {"vocab": "tensor", "embed": "fsdp", "mlp": "tensor", "heads": "tensor",
+                 "kv_heads": "tensor", "kv": None, "layers": None, "relpos_buckets": None,
+                 "abs_positions": None, "ssm_channels": None, "ssm_state": None}
+
+
+def preset_mesh(path: str) -> str:
+    with open(path) as f:
+        return re.search(r'^MESH\s*=\s*"([^"]*)"', f.read(), re.M).group(1)
+
+
+def test_mesh_presets_exist_and_fit_eight_devices():
+    assert len(MESH_GINS) >= 4
+    for path in MESH_GINS:
+        sizes = partitioning.parse_mesh(preset_mesh(path), 8)
+        assert int(np.prod(list(sizes.values()))) == 8
+
+
+@pytest.mark.parametrize("spec, expected", [
+    ("data:8", {"data": 8, "fsdp": 1, "tensor": 1}),
+    ("data:2,tensor:-1", {"data": 2, "fsdp": 1, "tensor": 4}),
+    (" fsdp : -1 ", {"data": 1, "fsdp": 8, "tensor": 1}),
+    ("", {"data": 8, "fsdp": 1, "tensor": 1}),
+    ("data:2,fsdp:2,tensor:2", {"data": 2, "fsdp": 2, "tensor": 2}),
+])
+def test_parse_mesh(spec, expected):
+    assert partitioning.parse_mesh(spec, 8) == expected
+
+
+@pytest.mark.parametrize("spec, words", [
+    ("model:8", ["bad mesh item", "data', 'fsdp', 'tensor"]),
+    ("data:4", ["4 devices", "8 are available"]),
+    ("data:3,tensor:-1", ["do not divide by 3"]),
+    ("data:-1,fsdp:-1", ["two axes of size -1"]),
+    ("data:0", ["positive"]),
+    ("data:two", ["bad mesh item"]),
+    ("data:2,data:4", ["twice"]),
+])
+def test_bad_mesh_strings_are_clear_errors(spec, words):
+    with pytest.raises(MeshError) as err:
+        partitioning.make_mesh(spec)
+    assert all(w in str(err.value) for w in words), str(err.value)
+
+
+def test_make_mesh_axes_and_cpu_default():
+    mesh = partitioning.make_mesh("data:2,tensor:4")
+    assert mesh.axis_names == ("data", "fsdp", "tensor")
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 1, "tensor": 4}
+    assert sorted(d.id for d in mesh.devices.flat) == list(range(8))
+    assert partitioning.make_mesh("").size == 1  # CPU: "" is one device
+
+
+def test_presets_combine_into_the_rule_set():
+    rules = dict(partitioning.LOGICAL_AXIS_RULES)
+    assert rules["activation_batch"] == ("data", "fsdp")
+    assert {k: rules[k] for k in EXPECTED_AXIS} == EXPECTED_AXIS
+    assert rules["activation_heads"] == rules["activation_mlp"] == "tensor"
+    assert rules["activation_length"] is None and rules["activation_embed"] is None
+    data_only = dict(partitioning.combine_rules(partitioning.DATA_PARALLEL))
+    assert data_only["activation_batch"] == "data" and data_only["embed"] is None
+    fsdp_tp = dict(partitioning.combine_rules(partitioning.FSDP, partitioning.TENSOR_PARALLEL))
+    assert fsdp_tp["embed"] == "fsdp" and fsdp_tp["heads"] == "tensor"
+    with pytest.raises(ValueError, match="unknown logical axis"):
+        partitioning.combine_rules((("hidden", "tensor"),))
+    with pytest.raises(ValueError, match="unknown mesh axis"):
+        partitioning.combine_rules((("embed", "model"),))
+
+
+def test_state_shardings_replicate_dimensions_the_mesh_does_not_divide():
+    mesh = partitioning.make_mesh("fsdp:2,tensor:4")
+    boxed = {"w": nn.Partitioned(jax.ShapeDtypeStruct((6, 3, 8), jnp.float32),
+                                 names=("embed", "heads", "kv")),
+             "step": jax.ShapeDtypeStruct((), jnp.int32)}
+    shardings = partitioning.state_shardings(boxed, mesh)
+    assert shardings["w"].spec == PartitionSpec("fsdp", None, None)  # 3 heads over tensor:4
+    assert shardings["step"].spec == PartitionSpec()
+    abstract = partitioning.sharded_abstract(boxed, mesh)
+    # 6 x 3 x 8 f32 split 2 ways, plus the int32 step
+    assert partitioning.bytes_per_device(abstract) == 3 * 3 * 8 * 4 + 4
+
+
+# LLVM's optimizations only (XLA's HLO passes, hence the numerics, are unchanged): halves the
+# CPU compile time of the many small steps below.
+FAST_COMPILE = {"xla_backend_optimization_level": 0}
+
+
+@functools.lru_cache(maxsize=None)
+def _tiny_model(gin_file: str):
+    return build_model([gin_file], TINY)
+
+
+def _tokens() -> np.ndarray:
+    return np.random.default_rng(0).integers(1, 259, (BATCH, LENGTH), dtype=np.int32)
+
+
+def _one_step(model, mesh_spec: str, devices):
+    """Loss, new state and the sharded step after one SGD step on a mesh."""
+    mesh = partitioning.make_mesh(mesh_spec, devices)
+    step = ShardedTrainStep(model, optax.sgd(0.5), optax.constant_schedule(0.5), mesh, BATCH,
+                            LENGTH)
+    compiled = step.lower().compile(FAST_COMPILE)
+    state, metrics = compiled(step.init(0), step.device_batch(_tokens()), jax.random.PRNGKey(0))
+    return float(metrics["loss"]), state, step
+
+
+@functools.lru_cache(maxsize=None)
+def _one_device_step(model_gin: str):
+    loss, state, _ = _one_step(_tiny_model(model_gin), "", jax.devices()[:1])
+    return loss, jax.device_get(state.params)
+
+
+def _matrix() -> list:
+    """The Transformer on every preset mesh; every other model on the preset that uses all
+    three axes at once (hybrid.gin), which keeps the CPU cost of ~5 compiles per model in check."""
+    name = lambda p: os.path.basename(p)[:-4]  # noqa: E731
+    cases = []
+    for model_gin in MODEL_GINS:
+        for mesh_gin in MESH_GINS:
+            if name(model_gin) == "transformer" or name(mesh_gin) == "hybrid":
+                cases.append(pytest.param(model_gin, mesh_gin,
+                                          id=f"{name(model_gin)}-{name(mesh_gin)}"))
+    return cases
+
+
+@pytest.mark.parametrize("model_gin, mesh_gin", _matrix())
+def test_train_step_on_preset_meshes_matches_one_device(model_gin, mesh_gin):
+    ref_loss, ref_params = _one_device_step(model_gin)
+    mesh_spec = preset_mesh(mesh_gin)
+    loss, state, step = _one_step(_tiny_model(model_gin), mesh_spec, jax.devices())
+    assert loss == pytest.approx(ref_loss, rel=1e-5)
+    for got, want in zip(jax.tree_util.tree_leaves(state.params),
+                         jax.tree_util.tree_leaves(ref_params)):
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-5)
+    _check_rules(_tiny_model(model_gin), step, state.params)
+
+
+def _check_rules(model, step, params):
+    """Every parameter array is sharded as EXPECTED_AXIS says for its logical names (a mesh
+    axis that does not divide the dimension leaves it replicated)."""
+    boxed = jax.eval_shape(model.init, jax.random.PRNGKey(0),
+                           jax.ShapeDtypeStruct((BATCH, LENGTH), jnp.int32))["params"]
+    names = jax.tree_util.tree_leaves(
+        jax.tree_util.tree_map(lambda p: p.names, boxed,
+                               is_leaf=lambda x: isinstance(x, nn.Partitioned)),
+        is_leaf=lambda x: isinstance(x, tuple))
+    arrays = jax.tree_util.tree_leaves(params)
+    assert len(names) == len(arrays)
+    mesh = step.mesh
+    for axes, array in zip(names, arrays):
+        mesh_axes = [EXPECTED_AXIS.get(a) for a in axes]
+        spec = [m if m and size % mesh.shape[m] == 0 else None
+                for m, size in zip(mesh_axes, array.shape)]
+        expected = NamedSharding(mesh, PartitionSpec(*spec))
+        assert array.sharding.is_equivalent_to(expected, array.ndim), (axes, array.sharding)
+
+
+def test_fsdp_holds_under_a_third_of_data_parallel_state():
+    model = _tiny_model(MODEL_GINS[0])
+    optimizer = optax.adamw(1e-3)
+    bytes_on = {}
+    for spec in ("data:8", "fsdp:8"):
+        step = ShardedTrainStep(model, optimizer, optax.constant_schedule(1e-3),
+                                partitioning.make_mesh(spec), BATCH, LENGTH)
+        bytes_on[spec] = partitioning.bytes_per_device(step.abstract_state)
+    params = sum(x.size for x in jax.tree_util.tree_leaves(step.abstract_state.params))
+    assert bytes_on["data:8"] >= 3 * 4 * params  # params + Adam's two moments, replicated
+    assert bytes_on["fsdp:8"] < bytes_on["data:8"] / 3
+
+
+def test_batch_must_split_over_the_batch_axes():
+    model = _tiny_model(MODEL_GINS[0])
+    with pytest.raises(MeshError, match="multiple of 4"):
+        ShardedTrainStep(model, optax.sgd(0.1), optax.constant_schedule(0.1),
+                         partitioning.make_mesh("data:2,fsdp:2,tensor:2"), 6, LENGTH)
+
+
+def test_checkpoint_saved_on_one_mesh_evaluates_on_another(tmp_path):
+    """Train on data:2,tensor:4, then evaluate on fsdp:8 and on one device: same perplexity."""
+    from lexjax.evaluation import evaluate_lengths
+    from lexjax.training import train
+    from lexjax.training.checkpoints import load_run
+
+    parse_gin(["configs/runs/quickstart.gin"],
+              TINY + ["BATCH_SIZE=8", "TRAIN_LENGTH=32", "TRAIN_STEPS=1", "CHECKPOINT_EVERY=1",
+                      "EVAL_EVERY=0", "LOG_EVERY=1", 'MESH="data:2,tensor:4"'])
+    try:
+        train(str(tmp_path), progress=False)
+    finally:
+        gin.clear_config()
+    results = {}
+    for spec in ("fsdp:8", ""):
+        model, variables = load_run(str(tmp_path), mesh=partitioning.make_mesh(spec))
+        if spec:
+            embedding = variables["params"]["token_embedding"]["embedding"]
+            assert embedding.sharding.spec == PartitionSpec("tensor", "fsdp")
+        results[spec] = evaluate_lengths(model, variables, "lexjax.stdlib_code", [32],
+                                         max_tokens=256, batch_size=4, resolution_max_length=0)[0]
+    assert results["fsdp:8"].perplexity == pytest.approx(results[""].perplexity, rel=1e-5)
+
+
+def test_initialize_distributed_is_off_by_default(monkeypatch):
+    monkeypatch.delenv(partitioning.DISTRIBUTED_ENV, raising=False)
+    assert partitioning.initialize_distributed() is False
+    assert not jax.distributed.is_initialized()

@@ -1,0 +1,396 @@
+"""The Transformer LM built through gin: every position scheme, causality, length extrapolation,
+scan / remat equivalence, logical axis names, dtypes, model features, masks (window, chunk, BCA)
+and dropout.
+
+Parameters do not depend on the mask, the attention implementation, dropout, remat or the compute
+dtype, so one initialization per position scheme is shared by all the variants (cached below):
+it keeps the number of compilations, hence the runtime, small.
+"""
+import functools
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import lexjax
+from lexjax.attention import MaskSpec
+from lexjax.positions import (ALiBi, Kerple, Learned, NoPE, RoPE, Sandwich, Sinusoidal, T5Buckets,
+                              XPos)
+
+MODEL_GIN = "configs/models/transformer.gin"
+VOCAB = 64
+TINY_BINDINGS = ("NUM_LAYERS=2", "EMBED_DIM=32", "NUM_HEADS=4", "MLP_DIM=64", f"VOCAB_SIZE={VOCAB}",
+                 "MAX_POSITIONS=16")
+SCHEMES = {"nope": NoPE, "sinusoidal": Sinusoidal, "learned": Learned, "rope": RoPE, "xpos": XPos,
+           "alibi": ALiBi, "sandwich": Sandwich, "kerple": Kerple, "t5": T5Buckets}
+AXIS_NAMES = {"embed", "mlp", "heads", "kv_heads", "kv", "vocab", "layers", "relpos_buckets",
+              "abs_positions"}
+B, N = 2, 16  # init batch and length
+F = "lexjax.models.Transformer."
+
+
+def build(scheme="rope", *bindings, features=()):
+    files = [MODEL_GIN, f"configs/positions/{scheme}.gin"] + [f"configs/features/{f}.gin"
+                                                               for f in features]
+    return lexjax.build_model(files, TINY_BINDINGS + tuple(bindings))
+
+
+def tokens(batch=B, length=N, seed=0):
+    return jnp.asarray(np.random.default_rng(seed).integers(0, VOCAB, (batch, length)), jnp.int32)
+
+
+@functools.lru_cache(maxsize=None)
+def initialized(scheme, *bindings):
+    """(model, boxed variables) of a tiny model; cached for the whole module."""
+    model = build(scheme, *bindings)
+    return model, model.init(jax.random.PRNGKey(0), tokens())
+
+
+def jit_apply(model, **kwargs):
+    return jax.jit(lambda variables, toks: model.apply(variables, toks, **kwargs))
+
+
+def changed_pair(toks, position):
+    """The batch `toks` followed by a copy whose token at `position` differs."""
+    other = toks.at[:, position].set((toks[:, position] + 1) % VOCAB)
+    return jnp.concatenate([toks, other])
+
+
+def position_changes(logits):
+    """For a batch from `changed_pair`: max |difference| of the logits at each position `[N]`."""
+    half = logits.shape[0] // 2
+    return np.asarray(jnp.max(jnp.abs(logits[:half] - logits[half:]), axis=(0, 2)))
+
+
+def assert_causal(changes, position, atol=1e-5):
+    assert np.all(changes[:position] <= atol), changes
+    assert np.all(changes[position:] > 1e-6), changes
+
+
+def param_leaves(variables):
+    return jax.tree_util.tree_leaves_with_path(
+        variables["params"], is_leaf=lambda x: isinstance(x, nn.Partitioned))
+
+
+def assert_all_params_annotated(variables):
+    for path, leaf in param_leaves(variables):
+        name = jax.tree_util.keystr(path)
+        assert isinstance(leaf, nn.Partitioned), f"{name} has no logical axis names"
+        assert len(leaf.names) == leaf.value.ndim, (name, leaf.names, leaf.value.shape)
+        assert set(leaf.names) <= AXIS_NAMES, (name, leaf.names)
+    for spec in jax.tree_util.tree_leaves(nn.get_partition_spec(variables)["params"]):
+        assert None not in tuple(spec)
+
+
+# ----------------------------------------------------------------------------------------------
+# Every position scheme
+# ----------------------------------------------------------------------------------------------
+
+CHANGED = 37  # the token changed in `scheme_logits`' second half of the batch
+
+
+def long_tokens(scheme):
+    """4x the init length (learned: its whole table), and a copy with one token changed."""
+    length = N if scheme == "learned" else 4 * N
+    return changed_pair(tokens(1, length, seed=1), CHANGED if length > CHANGED else 9)
+
+
+@functools.lru_cache(maxsize=None)
+def scheme_logits(scheme):
+    model, variables = initialized(scheme)
+    return jit_apply(model)(variables, long_tokens(scheme))
+
+
+@pytest.mark.parametrize("scheme", sorted(SCHEMES))
+def test_scheme_logits_shape_finite_and_causal(scheme):
+    model, _ = initialized(scheme)
+    assert isinstance(model.position, SCHEMES[scheme])
+    assert model.num_layers == 2 and model.embed_dim == 32 and model.vocab_size == VOCAB
+    toks = long_tokens(scheme)
+    logits = scheme_logits(scheme)
+    chex.assert_shape(logits, toks.shape + (VOCAB,))
+    assert logits.dtype == jnp.float32
+    chex.assert_tree_all_finite(logits)
+    assert_causal(position_changes(logits), CHANGED if toks.shape[1] > CHANGED else 9)
+
+
+@pytest.mark.parametrize("scheme", sorted(set(SCHEMES) - {"learned"}))
+def test_scheme_runs_at_four_times_the_init_length(scheme):
+    _, variables = initialized(scheme)
+    assert jax.tree_util.tree_leaves(variables)  # initialized at length N ...
+    chex.assert_shape(scheme_logits(scheme), (2, 4 * N, VOCAB))  # ... applied at 4N
+    chex.assert_tree_all_finite(scheme_logits(scheme))
+
+
+def test_learned_positions_refuse_longer_inputs():
+    model, variables = initialized("learned")
+    with pytest.raises(ValueError, match="16 positions"):
+        jax.eval_shape(model.apply, variables, tokens(1, N + 1))
+
+
+@functools.lru_cache(maxsize=None)
+def _nope_apply():
+    return jit_apply(initialized("nope")[0])
+
+
+@pytest.mark.parametrize("scheme", ["rope", "xpos", "alibi", "sandwich", "sinusoidal"])
+def test_position_schemes_change_the_logits(scheme):
+    """With the same parameters, the scheme's logits differ from NoPE's (positions matter), except
+    at position 0 (distance 0 only) for the relative schemes."""
+    _, variables = initialized(scheme)
+    base = _nope_apply()(variables, long_tokens(scheme))
+    logits = scheme_logits(scheme)
+    assert float(jnp.max(jnp.abs(logits - base))) > 1e-3
+    if scheme != "sinusoidal":
+        np.testing.assert_allclose(logits[:, 0], base[:, 0], atol=1e-5)
+
+
+@pytest.mark.parametrize("scheme", sorted(SCHEMES))
+def test_every_parameter_has_logical_axis_names(scheme):
+    _, variables = initialized(scheme)
+    assert_all_params_annotated(variables)
+    names = {n for _, leaf in param_leaves(variables) for n in leaf.names}
+    if scheme == "learned":
+        assert "abs_positions" in names
+    if scheme == "t5":
+        assert "relpos_buckets" in names
+
+
+# ----------------------------------------------------------------------------------------------
+# scan over layers, remat
+# ----------------------------------------------------------------------------------------------
+
+def restack(params, num_layers=2):
+    """Unrolled `layer_i` params -> scanned `layers` params (leading layer axis)."""
+    out = {k: v for k, v in params.items() if not k.startswith("layer_")}
+    out["layers"] = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs),
+                                           *[params[f"layer_{i}"] for i in range(num_layers)])
+    return out
+
+
+@pytest.mark.parametrize("scheme", ["kerple"])
+def test_scan_layers_equals_unrolled(scheme):
+    model, variables = initialized(scheme)
+    scanned = build(scheme, F + "scan_layers=True")
+    toks = changed_pair(tokens(), 6)
+    # Same parameter structure (up to stacking), logical axes with a leading `layers` axis, and
+    # every layer initialized on its own (not copies of one draw).
+    scanned_variables = jax.jit(scanned.init)(jax.random.PRNGKey(0), tokens())
+    assert_all_params_annotated(scanned_variables)
+    stacked = restack(nn.unbox(variables)["params"])
+    chex.assert_trees_all_equal_shapes(nn.unbox(scanned_variables)["params"], stacked)
+    for path, leaf in param_leaves(scanned_variables):
+        name = jax.tree_util.keystr(path)
+        if "layers" in name:
+            assert leaf.names[0] == "layers", (name, leaf.names)
+            if "kernel" in name or "raw_" in name:
+                assert not np.allclose(leaf.value[0], leaf.value[1]), f"{name}: layers identical"
+    want = jit_apply(model)(variables, toks)
+    got = jit_apply(scanned)({"params": stacked}, toks)
+    chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-5)
+    assert_causal(position_changes(got), 6)
+
+
+def _loss(model):
+    toks = tokens()
+
+    def loss(params):
+        logits = model.apply({"params": params}, toks)
+        nll = -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits)[:, :-1],
+                                            toks[:, 1:, None], axis=-1))
+        return nll, logits
+    return jax.jit(jax.value_and_grad(loss, has_aux=True))
+
+
+@functools.lru_cache(maxsize=None)
+def _baseline_value_and_grad():
+    model, variables = initialized("t5")
+    return _loss(model)(nn.unbox(variables)["params"])
+
+
+@pytest.mark.parametrize("policy,scan", [("full", False), ("dots_no_batch", False),
+                                         ("dots", True)])
+def test_remat_policies_give_same_logits_and_gradients(policy, scan):
+    _, variables = initialized("t5")
+    params = nn.unbox(variables)["params"]
+    bindings = [F + f"remat_policy='{policy}'"]
+    if scan:
+        bindings.append(F + "scan_layers=True")
+        params = restack(params)
+    (value, logits), grads = _loss(build("t5", *bindings))(params)
+    (want_value, want_logits), want_grads = _baseline_value_and_grad()
+    if scan:
+        want_grads = restack(want_grads)
+    np.testing.assert_allclose(value, want_value, rtol=1e-6)
+    chex.assert_trees_all_close(logits, want_logits, rtol=1e-5, atol=1e-5)
+    chex.assert_trees_all_close(grads, want_grads, rtol=1e-4, atol=1e-7)
+    assert float(jnp.max(jnp.abs(grads["layers" if scan else "layer_0"]["attention"]["position"]
+                                 ["rel_embedding"]))) > 0
+
+
+def test_bad_inputs_raise_clear_errors():
+    model, _ = initialized("rope")
+    with pytest.raises(ValueError, match="batch, length"):
+        jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((N,), jnp.int32))
+    with pytest.raises(ValueError, match="remat_policy"):
+        jax.eval_shape(build("rope", F + "remat_policy='some'").init, jax.random.PRNGKey(0),
+                       tokens())
+
+
+# ----------------------------------------------------------------------------------------------
+# dtypes and model features
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("scheme", ["xpos"])
+def test_bfloat16_compute(scheme):
+    _, variables = initialized(scheme)
+    model16 = build(scheme, "DTYPE='bfloat16'")
+    abstract = jax.eval_shape(model16.init, jax.random.PRNGKey(0), tokens())
+    for _, leaf in param_leaves(abstract):
+        assert leaf.value.dtype == jnp.float32
+    logits = jit_apply(model16)(variables, long_tokens(scheme))
+    assert logits.dtype == jnp.float32
+    chex.assert_tree_all_finite(logits)
+    want = scheme_logits(scheme)
+    scale = float(jnp.std(want))
+    assert float(jnp.max(jnp.abs(logits - want))) < 0.1 * scale + 0.05
+    assert_causal(position_changes(logits), CHANGED, atol=1e-2)
+
+
+def test_model_features_gqa_swiglu_layernorm_untied():
+    bindings = [F + "num_kv_heads=2", F + "mlp_activation='swiglu'", F + "norm='layernorm'",
+                F + "tie_embeddings=False"]
+    model = build("alibi", *bindings)
+    variables = model.init(jax.random.PRNGKey(0), tokens())
+    assert_all_params_annotated(variables)
+    params = nn.unbox(variables)["params"]
+    attention = params["layer_0"]["attention"]
+    chex.assert_shape([attention["query"]["kernel"], attention["key"]["kernel"],
+                       attention["value"]["kernel"]], [(32, 4, 8), (32, 2, 8), (32, 2, 8)])
+    assert "wi_gate" in params["layer_0"]["mlp"]
+    assert set(params["final_norm"]) == {"scale", "bias"}
+    chex.assert_shape(params["logits"]["kernel"], (32, VOCAB))
+    logits = jit_apply(model)(variables, changed_pair(tokens(), 5))
+    chex.assert_shape(logits, (2 * B, N, VOCAB))
+    chex.assert_tree_all_finite(logits)
+    assert_causal(position_changes(logits), 5)
+
+
+@pytest.mark.parametrize("binding,check", [
+    (F + "num_kv_heads=1",
+     lambda p: p["layer_0"]["attention"]["key"]["kernel"].shape == (32, 1, 8)),
+    (F + "mlp_activation='swiglu'", lambda p: "wi_gate" in p["layer_1"]["mlp"]),
+    (F + "norm='layernorm'", lambda p: "bias" in p["layer_0"]["pre_mlp_norm"]),
+    (F + "tie_embeddings=False", lambda p: p["logits"]["kernel"].shape == (32, VOCAB)),
+    (F + "head_dim=16", lambda p: p["layer_0"]["attention"]["out"]["kernel"].shape == (4, 16, 32)),
+])
+def test_each_feature_changes_the_parameters(binding, check):
+    abstract = jax.eval_shape(build("rope", binding).init, jax.random.PRNGKey(0), tokens())
+    assert_all_params_annotated(abstract)
+    assert check(nn.unbox(abstract)["params"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Masks in the model: window, chunk, BCA; attention implementations
+# ----------------------------------------------------------------------------------------------
+
+MASK_WINDOW8 = (F + "mask=@lexjax.attention.MaskSpec()", "lexjax.attention.MaskSpec.window=8")
+MASK_CHUNK8 = (F + "mask=@lexjax.attention.MaskSpec()", "lexjax.attention.MaskSpec.chunk=8")
+
+
+@pytest.mark.parametrize("impl", ["xla", "reference"])
+def test_window_mask_one_layer_receptive_field(impl):
+    model, variables = initialized("rope", "NUM_LAYERS=1")
+    windowed = build("rope", "NUM_LAYERS=1", *MASK_WINDOW8, F + f"attention_impl='{impl}'")
+    assert windowed.mask == MaskSpec(window=8)
+    s = 5
+    changes = position_changes(jit_apply(windowed)(variables, changed_pair(tokens(length=32), s)))
+    # Logits at t see tokens t-7 .. t: the token at s moves positions s .. s+7 only.
+    assert np.all(changes[:s] <= 1e-5) and np.all(changes[s + 8:] <= 1e-5), changes
+    assert np.all(changes[s:s + 8] > 1e-6), changes
+
+
+def test_window_mask_two_layers_receptive_field():
+    _, variables = initialized("rope")
+    windowed = build("rope", *MASK_WINDOW8)
+    s = 3
+    changes = position_changes(jit_apply(windowed)(variables, changed_pair(tokens(length=32), s)))
+    # Two layers of window 8 reach back 2 * 7 = 14 tokens.
+    assert np.all(changes[:s] <= 1e-5) and np.all(changes[s + 15:] <= 1e-5), changes
+    assert np.all(changes[s:s + 15] > 1e-6), changes
+
+
+def test_chunk_mask_never_crosses_chunks():
+    _, variables = initialized("alibi")
+    chunked = build("alibi", *MASK_CHUNK8)
+    assert chunked.mask == MaskSpec(chunk=8)
+    changes = position_changes(jit_apply(chunked)(variables, changed_pair(tokens(length=32), 10)))
+    assert np.all(changes[:10] <= 1e-5) and np.all(changes[16:] <= 1e-5), changes
+    assert np.all(changes[10:16] > 1e-6), changes
+
+
+def test_bca_changes_inference_logits_only_from_the_third_block():
+    """BCA with block 8: a query in block j sees blocks j-1 and j. Queries in blocks 0 and 1
+    (positions < 16) see every causal key anyway, so their logits equal plain causal attention's;
+    from position 16 on keys of block j-2 and earlier are hidden."""
+    plain, variables = initialized("xpos")
+    bca = build("xpos", "BCA_BLOCK=8", features=["bca"])
+    assert bca.inference_mask == MaskSpec(blockwise=8) and bca.mask == MaskSpec()
+    toks = changed_pair(tokens(length=40, seed=3), 3)
+    want = jit_apply(plain)(variables, toks)
+    got = jit_apply(bca)(variables, toks)
+    diff = np.asarray(jnp.max(jnp.abs(got - want), axis=(0, 2)))
+    assert np.all(diff[:16] <= 1e-5), diff
+    assert np.all(diff[16:] > 1e-5), diff
+    # A token in block 0 reaches block 1 in the first layer and block 2 in the second, no further.
+    changes = position_changes(got)
+    assert np.all(changes[:3] <= 1e-5) and np.all(changes[24:] <= 1e-5), changes
+    assert np.all(changes[3:24] > 1e-6), changes
+    # Training (deterministic=False) keeps the ordinary causal mask.
+    train = jit_apply(bca, deterministic=False)(variables, toks)
+    np.testing.assert_allclose(train, want, atol=1e-5)
+    # Reference and blocked attention agree inside the model.
+    ref = jit_apply(build("xpos", "BCA_BLOCK=8", F + "attention_impl='reference'",
+                          features=["bca"]))(variables, toks)
+    np.testing.assert_allclose(ref, got, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("scheme,mask", [("t5", ()), ("kerple", MASK_WINDOW8),
+                                         ("sandwich", MASK_CHUNK8)])
+def test_attention_impls_agree_in_the_model(scheme, mask):
+    _, variables = initialized(scheme)
+    toks = tokens(length=24, seed=4)
+    outs = [jit_apply(build(scheme, *mask, F + f"attention_impl='{impl}'",
+                            F + "attention_block_size=8"))(variables, toks)
+            for impl in ("xla", "reference")]
+    np.testing.assert_allclose(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# Dropout
+# ----------------------------------------------------------------------------------------------
+
+def test_dropout():
+    model, variables = initialized("rope")
+    dropping = build("rope", F + "dropout_rate=0.2")
+    toks = long_tokens("rope")
+    plain = scheme_logits("rope")
+    # Deterministic: no rng needed, and dropout is off.
+    np.testing.assert_allclose(jit_apply(dropping)(variables, toks), plain, atol=1e-6)
+    train = jax.jit(lambda v, t, key: dropping.apply(v, t, deterministic=False,
+                                                     rngs={"dropout": key}))
+    a = train(variables, toks, jax.random.PRNGKey(1))
+    b = train(variables, toks, jax.random.PRNGKey(1))
+    c = train(variables, toks, jax.random.PRNGKey(2))
+    chex.assert_tree_all_finite(a)
+    assert float(jnp.max(jnp.abs(a - plain))) > 1e-3
+    np.testing.assert_array_equal(a, b)
+    assert float(jnp.max(jnp.abs(a - c))) > 1e-3
+    # Still causal with a fixed dropout rng: row 1 is row 0 with token CHANGED replaced, but the
+    # rows draw different masks, so compare two calls whose rows are swapped instead.
+    swapped = train(variables, toks[::-1], jax.random.PRNGKey(1))
+    np.testing.assert_allclose(swapped[0, :CHANGED], a[0, :CHANGED], atol=1e-5)
+    assert float(jnp.max(jnp.abs(swapped[0, CHANGED:] - a[0, CHANGED:]))) > 1e-6
