@@ -1,0 +1,252 @@
+"""The Block-Recurrent Transformer (Hutchins et al., NeurIPS 2022) and its Transformer-XL baseline.
+
+A decoder stack of `lexjax.layers.recurrent.BlockLayer`s: every layer attends over the current and
+the previous block of `block_size` tokens (Transformer-XL: the previous block's keys/values are
+cached across segments), and the layers in `recurrent_layers` (paper: one, the third from the top)
+also carry a state of `num_states` vectors from block to block. `recurrent_layers=()` is the
+Transformer-XL baseline (configs/models/transformer_xl.gin).
+
+Three ways to run it:
+- `model.apply(variables, tokens)`: any length; starts from the learned initial state with no cache,
+  like every LM of the zoo.
+- Segments of one stream: `logits, carry = model.apply(variables, tokens, carry=carry,
+  return_carry=True)`, starting from `model.init_carry(batch)`; the carry (states, last-block
+  keys/values per layer, position) makes consecutive calls equal to one call on the concatenation.
+  The trainer keeps it in the train state (truncated backpropagation through time).
+- Decoding: `model.init_cache(batch)`, then `model.apply({"params": p, "cache": c}, token[:, None],
+  decode=True, mutable=["cache"])` per token.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import flax
+import flax.linen as nn
+import gin
+import jax
+import jax.numpy as jnp
+
+from lexjax.layers import Embedding, compute_dtype, dense, make_norm, with_activation_axes
+from lexjax.layers.recurrent import GATES, BlockLayer
+from lexjax.positions import PositionScheme, T5Buckets
+
+
+@flax.struct.dataclass
+class RecurrentCarry:
+    """What one segment hands to the next of the same stream.
+
+    states: float32 `[recurrent_layers, batch, num_states, embed]`.
+    keys, values: float32 `[layers, batch, block, kv_heads, head_dim]`, the last block's keys and
+      values of every layer (before any position transform).
+    position: int32 scalar, tokens of the stream seen so far; 0 means "a fresh stream" (the
+      learned initial state, no cache).
+    """
+
+    states: jnp.ndarray
+    keys: jnp.ndarray
+    values: jnp.ndarray
+    position: jnp.ndarray
+
+
+# Logical axes of the carry's leaves (for sharding it like activations).
+CARRY_AXES = RecurrentCarry(
+    states=(None, "activation_batch", None, "activation_embed"),
+    keys=(None, "activation_batch", None, "activation_heads", "activation_kv"),
+    values=(None, "activation_batch", None, "activation_heads", "activation_kv"),
+    position=())
+
+
+@gin.configurable(module="lexjax.models")
+class BlockRecurrentTransformer(nn.Module):
+    """Block-recurrent decoder LM: int32 tokens `[batch, length]` -> float32 logits
+    `[batch, length, vocab_size]`, causal.
+
+    Attributes:
+      block_size: W, the attention window and recurrence step (CHUNK_SIZE; paper 512).
+      num_states: S, state vectors per recurrent layer (NUM_STATES; paper 512).
+      recurrent_layers: indices (negative counts from the top) of the recurrent layers; None:
+        the paper's single layer `num_layers - 3` (layer 10 of 12), or the top one when
+        `num_layers < 3`; () is Transformer-XL.
+      gate: "fixed" (the paper's best) or "lstm"; state_mlp: False = "skip" (no MLP in the state
+        path, the paper's best), True = "dual" (a second gate after an MLP on the state).
+      unroll_blocks: a Python loop over blocks instead of `lax.scan` (tests; compile time grows
+        with length).
+      Other fields as `lexjax.models.Transformer`.
+    """
+
+    vocab_size: int
+    num_layers: int
+    embed_dim: int
+    num_heads: int
+    mlp_dim: int
+    block_size: int = 512
+    num_states: int = 512
+    recurrent_layers: Optional[tuple[int, ...]] = None
+    gate: str = "fixed"
+    state_mlp: bool = False
+    num_kv_heads: Optional[int] = None
+    head_dim: Optional[int] = None
+    position: PositionScheme = T5Buckets()
+    norm: str = "rmsnorm"
+    mlp_activation: str = "gelu"
+    tie_embeddings: bool = True
+    dropout_rate: float = 0.0
+    dtype: str = "float32"
+    unroll_blocks: bool = False
+
+    # -- structure ----------------------------------------------------------------------------
+    @nn.nowrap
+    def recurrent_indices(self) -> tuple[int, ...]:
+        """Sorted, non-negative indices of the recurrent layers."""
+        if self.recurrent_layers is None:
+            return (max(self.num_layers - 3, 0),)
+        indices = sorted({i % self.num_layers if -self.num_layers <= i < self.num_layers else i
+                          for i in self.recurrent_layers})
+        bad = [i for i in indices if not 0 <= i < self.num_layers]
+        if bad:
+            raise ValueError(f"recurrent_layers {self.recurrent_layers} name layers outside "
+                             f"0..{self.num_layers - 1}")
+        return tuple(indices)
+
+    @nn.nowrap
+    def _head_dim(self) -> int:
+        return self.head_dim or self.embed_dim // self.num_heads
+
+    @nn.nowrap
+    def _check(self) -> None:
+        if self.gate not in GATES:
+            raise ValueError(f"unknown gate {self.gate!r}; use one of {GATES}")
+        if self.block_size < 1 or self.num_states < 1:
+            raise ValueError(f"block_size and num_states must be positive, got "
+                             f"{self.block_size}, {self.num_states}")
+
+    # -- carry and cache ----------------------------------------------------------------------
+    @nn.nowrap
+    def init_carry(self, batch_size: int) -> RecurrentCarry:
+        """The carry of a fresh stream (zeros, position 0): float32 arrays."""
+        kv = (self.num_layers, batch_size, self.block_size, self.num_kv_heads or self.num_heads,
+              self._head_dim())
+        states = (len(self.recurrent_indices()), batch_size, self.num_states, self.embed_dim)
+        return RecurrentCarry(states=jnp.zeros(states, jnp.float32),
+                              keys=jnp.zeros(kv, jnp.float32), values=jnp.zeros(kv, jnp.float32),
+                              position=jnp.zeros((), jnp.int32))
+
+    @nn.nowrap
+    def init_cache(self, batch_size: int) -> Any:
+        """An empty decoding cache (the "cache" collection) for `batch_size` sequences."""
+        tokens = jnp.zeros((batch_size, 1), jnp.int32)
+        shapes = jax.eval_shape(lambda: self.init(jax.random.PRNGKey(0), tokens, decode=True))
+        return jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, x.dtype), shapes["cache"])
+
+    # -- cost ---------------------------------------------------------------------------------
+    @nn.nowrap
+    def flops_per_token(self, length: int) -> float:
+        """Forward matmul FLOPs per token (2 per multiply-add) at segment `length`."""
+        d, h = self._head_dim(), self.num_heads
+        kv = self.num_kv_heads or h
+        w, s, e = self.block_size, self.num_states, self.embed_dim
+        projections = e * d * 2 * (h + kv)
+        mlp = e * self.mlp_dim * (3 if self.mlp_activation == "swiglu" else 2)
+        window = 2 * h * d * (w + (w + 1) / 2 if length > w else (length + 1) / 2)
+        layer = projections + mlp + window
+        gate_inputs = 2 * h * d * e * (1 if self.gate == "fixed" else 3)
+        state_mlp = 2 * (e * self.mlp_dim * 2 + e * e * (1 if self.gate == "fixed" else 3))
+        per_state = (e * d * (2 * h + 2 * kv) + gate_inputs + 2 * h * d * (s + w)
+                     + (state_mlp if self.state_mlp else 0))
+        recurrent_extra = e * h * d * 2 + 2 * h * d * s + per_state * s / w
+        total = self.num_layers * layer + len(self.recurrent_indices()) * recurrent_extra
+        return 2.0 * (total + e * self.vocab_size)
+
+    # -- forward ------------------------------------------------------------------------------
+    def _layers(self, dtype, deterministic: bool) -> list[BlockLayer]:
+        recurrent = self.recurrent_indices()
+        return [BlockLayer(
+            embed_dim=self.embed_dim, num_heads=self.num_heads, head_dim=self._head_dim(),
+            mlp_dim=self.mlp_dim, block_size=self.block_size, position=self.position,
+            num_kv_heads=self.num_kv_heads, recurrent=i in recurrent,
+            num_states=self.num_states, gate=self.gate, state_mlp=self.state_mlp,
+            unroll_blocks=self.unroll_blocks, norm=self.norm, mlp_activation=self.mlp_activation,
+            dropout_rate=self.dropout_rate, dtype=dtype, deterministic=deterministic,
+            name=f"layer_{i}") for i in range(self.num_layers)]
+
+    def _embed(self, embedding: Embedding, tokens: jnp.ndarray, positions: jnp.ndarray,
+               dtype, deterministic: bool) -> jnp.ndarray:
+        x = embedding(tokens)
+        absolute = self.position.embed(positions, self.embed_dim)
+        if absolute is not None:
+            x = x + absolute.astype(dtype)
+        return with_activation_axes(nn.Dropout(self.dropout_rate)(x, deterministic=deterministic))
+
+    def _logits(self, embedding: Embedding, x: jnp.ndarray, dtype) -> jnp.ndarray:
+        x = make_norm(self.norm, dtype=dtype, name="final_norm")(x)
+        if self.tie_embeddings:
+            return embedding.attend(x) * (self.embed_dim ** -0.5)
+        return dense(self.vocab_size, ("embed", "vocab"), dtype=dtype, name="logits")(x).astype(
+            jnp.float32)
+
+    @nn.compact
+    def __call__(self, tokens: jnp.ndarray, *, deterministic: bool = True,
+                 carry: Optional[RecurrentCarry] = None, return_carry: bool = False,
+                 decode: bool = False):
+        """`tokens [batch, length]` -> logits `[batch, length, vocab]`, or `(logits, carry)` with
+        `return_carry` (then length must be a multiple of `block_size`). `carry`: the previous
+        segment's (default: a fresh stream). `decode=True`: one token per call (see module doc)."""
+        if tokens.ndim != 2:
+            raise ValueError(f"tokens must be int32 [batch, length], got shape {tokens.shape}")
+        self._check()
+        dtype = compute_dtype(self.dtype)
+        embedding = Embedding(self.vocab_size, self.embed_dim, dtype=dtype, name="token_embedding")
+        layers = self._layers(dtype, deterministic)
+        if decode:
+            return self._decode(embedding, layers, tokens, dtype)
+
+        batch, length = tokens.shape
+        w = self.block_size
+        if return_carry and length % w:
+            raise ValueError(f"a carried segment must be a multiple of block_size={w} tokens, "
+                             f"got {length}; pad the stream or change TRAIN_LENGTH/CHUNK_SIZE")
+        carry = self.init_carry(batch) if carry is None else carry
+        padded = jnp.pad(tokens, ((0, 0), (0, -length % w)))
+        positions = carry.position + jnp.arange(padded.shape[1], dtype=jnp.int32)
+        x = self._embed(embedding, padded, positions, dtype, deterministic)
+        states, keys, values = [], [], []
+        recurrent = self.recurrent_indices()
+        for i, layer in enumerate(layers):
+            state = carry.states[recurrent.index(i)] if i in recurrent else None
+            x, (k, v), state = layer(x, (carry.keys[i], carry.values[i]), state, carry.position)
+            keys.append(k)
+            values.append(v)
+            if i in recurrent:
+                states.append(state)
+        logits = self._logits(embedding, x, dtype)[:, :length]
+        if not return_carry:
+            return logits
+        new_carry = RecurrentCarry(
+            states=jnp.stack(states) if states else carry.states, keys=jnp.stack(keys),
+            values=jnp.stack(values), position=carry.position + length)
+        return logits, new_carry
+
+    def _decode(self, embedding: Embedding, layers: list[BlockLayer], tokens: jnp.ndarray,
+                dtype) -> jnp.ndarray:
+        if tokens.shape[1] != 1:
+            raise ValueError(f"decode=True takes one token per call, got length {tokens.shape[1]}")
+        batch = tokens.shape[0]
+        w, kv_heads = self.block_size, self.num_kv_heads or self.num_heads
+        index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
+        position = index.value
+        x = self._embed(embedding, tokens, position[None], dtype, True)
+        kv_shape = (batch, 2 * w, kv_heads, self._head_dim())
+        for i, layer in enumerate(layers):
+            cache = {"keys": self.variable("cache", f"layer_{i}_keys", jnp.zeros, kv_shape,
+                                           jnp.float32),
+                     "values": self.variable("cache", f"layer_{i}_values", jnp.zeros, kv_shape,
+                                             jnp.float32)}
+            if layer.recurrent:
+                cache["state"] = self.variable("cache", f"layer_{i}_state", jnp.zeros,
+                                               (batch, self.num_states, self.embed_dim),
+                                               jnp.float32)
+            x, updated = layer.step(x, {k: v.value for k, v in cache.items()}, position)
+            for name, variable in cache.items():
+                variable.value = updated[name]
+        index.value = position + 1
+        return self._logits(embedding, x, dtype)
