@@ -4,7 +4,8 @@
         --out=experiments/results/extrapolation_small [--shard=0/1] [--only=transformer/alibi]
 
 Each cell of the gin-listed matrix ("model/scheme", "model/scheme+bca", or "model/default" for a
-model's own default scheme) trains with the same run gin and size overrides (same tokens, steps,
+model's own default scheme; a suffix "[MACRO=VALUE,...]" adds that cell's own bindings, e.g. a
+narrower MLP_DIM to meet the parameter budget) trains with the same run gin and size overrides (same tokens, steps,
 and parameter budget: non-embedding parameter counts are reported and checked within +-10%), in
 its own run directory `OUT/cells/<model>__<scheme>`, then is evaluated at every listed length on
 the test split. Finished cells are skipped, so an interrupted study resumes where it stopped;
@@ -58,16 +59,23 @@ class Cell:
     model: str
     scheme: str  # a configs/positions name or "default"
     bca: bool = False
+    bindings: tuple[str, ...] = ()  # the cell's own gin bindings, after the study's overrides
 
     @classmethod
     def parse(cls, text: str) -> "Cell":
+        text, _, extra = text.partition("[")
+        bindings = tuple(b.strip() for b in extra.rstrip("]").split(",") if b.strip())
         model, _, scheme = text.partition("/")
         bca = scheme.endswith("+bca")
-        return cls(model, scheme[:-4] if bca else scheme or "default", bca)
+        return cls(model, scheme[:-4] if bca else scheme or "default", bca, bindings)
 
     @property
     def name(self) -> str:
-        return f"{self.model}/{self.scheme}" + ("+bca" if self.bca else "")
+        extra = f"[{','.join(self.bindings)}]" if self.bindings else ""
+        return f"{self.model}/{self.scheme}" + ("+bca" if self.bca else "") + extra
+
+    def overrides(self, study: "Study") -> list[str]:
+        return [*study.overrides, *self.bindings]
 
     @property
     def run_name(self) -> str:  # +bca cells share the run of their base cell
@@ -91,7 +99,7 @@ def non_embedding_parameters(cell: Cell, study: Study) -> int:
     import flax.linen as nn
     import lexjax
 
-    model = lexjax.build_model(cell.gin_files(study), list(study.overrides))
+    model = lexjax.build_model(cell.gin_files(study), cell.overrides(study))
     params = jax.eval_shape(model.init, jax.random.PRNGKey(0),
                             jax.ShapeDtypeStruct((1, 8), jnp.int32))["params"]
     leaves = jax.tree_util.tree_flatten_with_path(nn.unbox(params))[0]
@@ -121,7 +129,7 @@ def run_cell(cell: Cell, study: Study, out: str) -> dict:
     log = os.path.join(run_dir, "log.txt")
     started = time.time()
     _run([sys.executable, "-m", "lexjax.train", *[f"--gin_file={f}" for f in cell.gin_files(study)],
-          *_bindings_flags(study.overrides), f"--model_dir={run_dir}"], log)
+          *_bindings_flags(cell.overrides(study)), f"--model_dir={run_dir}"], log)
     trained = time.time()
     _run([sys.executable, "-m", "lexjax.evaluate", f"--model_dir={run_dir}",
           "--lengths=" + ",".join(map(str, study.eval_lengths)),

@@ -264,6 +264,50 @@ def test_host_shards_partition_the_global_batch(corpus, num_shards):
         np.testing.assert_array_equal(got, want)
 
 
+# ----------------------------------------------------------------------------- row streams
+
+
+def test_row_streams_continue_segment_after_segment(corpus):
+    """Row i of batch k + 1 continues row i of batch k inside an epoch; each epoch's rows are the
+    B row streams of the stream (each E * L tokens), reassigned to rows by a seeded order."""
+    expected = corpus.stream("train")
+    batch_size = 4
+    segments = data.stream_segments(data.TEXT_FILES, length=LENGTH, batch_size=batch_size)
+    assert segments == len(expected) // batch_size // LENGTH
+    rows = np.stack(take(data.stream_batches(data.TEXT_FILES, length=LENGTH,
+                                             batch_size=batch_size, seed=2), 2 * segments))
+    assert rows.shape == (2 * segments, batch_size, LENGTH) and rows.dtype == np.int32
+    span = segments * LENGTH
+    streams = expected[:batch_size * span].reshape(batch_size, span)
+    for epoch in range(2):
+        read = rows[epoch * segments:(epoch + 1) * segments]  # [E, B, L]
+        per_row = read.transpose(1, 0, 2).reshape(batch_size, span)
+        np.testing.assert_array_equal(sorted_rows(per_row), sorted_rows(streams))
+    first, second = (rows[e * segments].tolist() for e in range(2))
+    assert first != second  # the rows get other streams in the next epoch
+
+
+def test_row_streams_resume_and_shard(corpus):
+    kwargs = dict(length=LENGTH, batch_size=4, seed=5)
+    segments = data.stream_segments(data.TEXT_FILES, length=LENGTH, batch_size=4)
+    straight = take(data.stream_batches(data.TEXT_FILES, **kwargs), segments + 3)
+    for start in (1, segments - 1, segments):
+        resumed = take(data.stream_batches(data.TEXT_FILES, start_step=start, **kwargs), 3)
+        for got, want in zip(resumed, straight[start:start + 3]):
+            np.testing.assert_array_equal(got, want)
+    halves = [take(data.stream_batches(data.TEXT_FILES, shard_index=i, num_shards=2, **kwargs),
+                   segments + 3) for i in range(2)]
+    for step, want in enumerate(straight):
+        np.testing.assert_array_equal(np.concatenate([h[step] for h in halves]), want)
+
+
+def test_row_streams_need_enough_tokens_and_a_local_task(corpus):
+    with pytest.raises(data.DataError, match="fewer than one segment"):
+        data.stream_segments(data.TEXT_FILES, length=len(corpus.stream("train")), batch_size=2)
+    with pytest.raises(data.DataError, match="local task"):
+        data.stream_segments("lexjax.pg19", length=LENGTH, batch_size=2)
+
+
 # ----------------------------------------------------------------------------- evaluation
 
 

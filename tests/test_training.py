@@ -179,12 +179,12 @@ def runs(corpus, tmp_path_factory):
 
     original_save = Checkpointer.save
 
-    def killed_while_saving(self, step, params, opt_state, meta):
+    def killed_while_saving(self, step, params, opt_state, meta, carry=None):
         if step == 8:
             self.wait()
             out["planted"] = plant_partial_checkpoint(self.directory, 8, template_step=4)
             raise Killed(f"killed while saving step {step}")
-        return original_save(self, step, params, opt_state, meta)
+        return original_save(self, step, params, opt_state, meta, carry)
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(Checkpointer, "save", killed_while_saving)
@@ -604,3 +604,87 @@ def test_analytic_flops_agree_with_xla_cost_analysis():
     assert 1.0 <= ratio <= 1.12, ratio
     from lexjax.training.flops import training_flops_per_step
     assert training_flops_per_step(full, batch, length) == pytest.approx(3 * analytic_full)
+
+
+# ----------------------------------------------------------------------------------------------
+# Models that carry state across steps (Block-Recurrent Transformer, Transformer-XL)
+# ----------------------------------------------------------------------------------------------
+
+RECURRENT = dict(CHUNK_SIZE=8, NUM_STATES=4, NUM_LAYERS=2, NUM_HEADS=2)
+RECURRENT_FILES = GIN_FILES + ["configs/models/block_recurrent.gin"]
+
+
+def tiny_recurrent_model():
+    return build_model(["configs/models/block_recurrent.gin"],
+                       ["NUM_LAYERS=2", "EMBED_DIM=32", "NUM_HEADS=2", "MLP_DIM=64",
+                        "CHUNK_SIZE=8", "NUM_STATES=4", "VOCAB_SIZE=64"])
+
+
+def test_train_step_carries_the_stream_across_segments():
+    """With a frozen model (learning rate 0), the loss of step k equals the loss of segment k
+    inside one call on the whole stream (the model's carry and the previous segment's last token
+    are handed over), and the carry restarts every `segments_per_stream` steps."""
+    import optax
+
+    model = tiny_recurrent_model()
+    stream = jnp.asarray(np.random.default_rng(0).integers(1, 64, (2, 4 * LENGTH)), jnp.int32)
+    params = nn.unbox(model.init(jax.random.PRNGKey(0), stream[:, :LENGTH])["params"])
+    frozen = optax.sgd(0.0)
+    carry = nn.unbox(state_lib.initial_carry(model, 2))
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                       opt_state=frozen.init(params), carry=carry)
+    step = jax.jit(make_train_step(model, frozen, lambda s: 0.0, segments_per_stream=3))
+    whole = np.asarray(jax.jit(model.apply)({"params": params},
+                                            jnp.pad(stream, ((0, 0), (1, 0)))[:, :-1]))
+    for k in range(4):
+        segment = stream[:, k * LENGTH:(k + 1) * LENGTH]
+        state, metrics = step(state, segment, jax.random.PRNGKey(1))
+        if k < 3:  # segments 0-2 continue one stream
+            logits = whole[:, k * LENGTH:(k + 1) * LENGTH]
+        else:  # step 3 restarts the stream: segment 3 is read as if it began the stream
+            logits = np.asarray(model.apply({"params": params},
+                                            jnp.pad(segment, ((0, 0), (1, 0)))[:, :-1]))
+        log_z = jax.nn.logsumexp(logits, axis=-1)
+        picked = np.take_along_axis(logits, np.asarray(segment)[..., None], axis=-1)[..., 0]
+        assert float(metrics["loss"]) == pytest.approx(float(np.mean(log_z - picked)),
+                                                       rel=1e-5), k
+    assert int(state.carry["model"].position) == LENGTH  # one segment since the restart
+
+
+@pytest.fixture(scope="module")
+def recurrent_runs(corpus, tmp_path_factory):
+    """Block-Recurrent runs: A straight for 8 steps, B killed while saving step 8 and resumed
+    from step 4 (its carry restored from the checkpoint)."""
+    root = tmp_path_factory.mktemp("recurrent")
+    out = {"A": root / "A", "B": root / "B"}
+
+    def recurrent_run(model_dir):
+        parse_gin(RECURRENT_FILES, bindings(corpus, **RECURRENT))
+        return loop_lib.train(str(model_dir), progress=False)
+
+    recurrent_run(out["A"])
+    original_save = Checkpointer.save
+
+    def killed_at_8(self, step, params, opt_state, meta, carry=None):
+        if step == 8:
+            raise Killed("killed while saving step 8")
+        return original_save(self, step, params, opt_state, meta, carry)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Checkpointer, "save", killed_at_8)
+        with pytest.raises(Killed):
+            recurrent_run(out["B"])
+    recurrent_run(out["B"])
+    return out
+
+
+def test_recurrent_resume_restores_the_carry(recurrent_runs):
+    straight = read_metrics(str(recurrent_runs["A"]))
+    resumed = read_metrics(str(recurrent_runs["B"]))
+    assert [r["step"] for r in resumed] == list(range(1, STEPS + 1))
+    for a, b in zip(straight, resumed):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5), a["step"]
+    carry = Checkpointer(str(recurrent_runs["A"]), read_only=True).restore_carry(
+        None, STEPS)
+    assert int(carry["model"]["position"]) == STEPS * LENGTH
+    assert np.abs(np.asarray(carry["model"]["states"])).max() > 0

@@ -57,6 +57,33 @@ def example_ids(step: int, batch_size: int, num_examples: int, *, seed: int,
     return ids
 
 
+def segments_per_stream(num_tokens: int, batch_size: int, length: int) -> int:
+    """E: consecutive segments of `length` tokens each of the `batch_size` row streams holds.
+
+    For training that carries state across steps (Block-Recurrent Transformer, Transformer-XL),
+    the stream of N tokens is cut into B row streams of E * L tokens (the tail of N - B * E * L
+    tokens is dropped); every row reads its stream segment after segment, so all rows start a new
+    stream at the same steps (multiples of E).
+    """
+    return num_tokens // batch_size // length
+
+
+def stream_segment_starts(step: int, batch_size: int, segments: int, length: int, *, seed: int,
+                          shuffle: bool = True, rows: slice = slice(None)) -> np.ndarray:
+    """Start offsets of global batch `step`'s `rows` in the row-stream layout.
+
+    Epoch e = step // E assigns the B row streams to the rows in the order
+    `epoch_order(B, seed, e)`; within the epoch, batch k = step % E reads segment k of each
+    stream. Row i of batch k therefore continues row i of batch k - 1 unless k % E == 0.
+
+    Returns:
+      `[len(range(B)[rows])]` int64 offsets into the token stream.
+    """
+    epoch, within = divmod(step, segments)
+    streams = epoch_order(batch_size, seed, epoch, shuffle)[rows]
+    return streams * (segments * length) + within * length
+
+
 def slices(tokens: np.ndarray, starts: np.ndarray, length: int) -> np.ndarray:
     """`[len(starts), length]` int32: row i is `tokens[starts[i]:starts[i] + length]`."""
     offsets = np.asarray(starts, dtype=np.int64)[:, None] + np.arange(length, dtype=np.int64)

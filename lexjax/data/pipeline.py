@@ -120,6 +120,67 @@ def _streamed_batches(task: seqio.Task, split: str, length: int, batch_size: int
         yield np.stack(batch[rows])
 
 
+def _local_stream(task_name: str, split: str, vocabulary, cache_dir) -> streams.TokenStream:
+    if not tasks.is_local(task_name):
+        raise DataError(
+            f"training that carries state across steps reads each batch row from one stream, "
+            f"which needs a local task; {task_name!r} is streamed from TFDS. Use "
+            "lexjax.stdlib_code or lexjax.text_files (export the corpus to text files), or a "
+            "stateless model")
+    return streams.materialized_stream(task_name, split, vocabulary, cache_dir)
+
+
+def stream_segments(task_name: str, *, length: int, batch_size: int, split: str = "train",
+                    vocabulary: seqio.Vocabulary | None = None, cache_dir: str | None = None
+                    ) -> int:
+    """E, the segments per row stream of `stream_batches` (rows restart a stream at every
+    multiple of E steps). Raises DataError if the split has fewer than `batch_size * length`
+    tokens."""
+    vocabulary = resolve_vocabulary(vocabulary)
+    tasks.check_split(tasks.get_task(task_name, vocabulary), split)
+    stream = _local_stream(task_name, split, vocabulary, cache_dir)
+    segments = packing.segments_per_stream(stream.num_tokens, batch_size, length)
+    if segments == 0:
+        raise DataError(f"split {split!r} of task {task_name!r} has {stream.num_tokens} tokens, "
+                        f"fewer than one segment of {length} for each of {batch_size} rows")
+    return segments
+
+
+def stream_batches(task_name: str, *, length: int, batch_size: int, seed: int = 0,
+                   split: str = "train", start_step: int = 0, shard_index: int = 0,
+                   num_shards: int = 1, shuffle: bool = True,
+                   vocabulary: seqio.Vocabulary | None = None, cache_dir: str | None = None
+                   ) -> Iterator[np.ndarray]:
+    """Training batches whose rows are consecutive segments of one stream each (for models that
+    carry state from step to step: Block-Recurrent Transformer, Transformer-XL).
+
+    The split's token stream (documents joined by EOS) is cut into `batch_size` row streams of
+    E * `length` tokens (`stream_segments`); batch k row i is segment k % E of the stream that
+    epoch k // E assigns to row i (a seeded permutation per epoch). Every batch is computed
+    directly from (seed, step), so resuming costs nothing, and host `shard_index` gathers only
+    its rows. Local tasks only.
+
+    Yields:
+      `[batch_size // num_shards, length]` int32 token arrays.
+    """
+    if length <= 0 or batch_size <= 0 or seed < 0 or start_step < 0:
+        raise DataError(f"need length > 0, batch_size > 0, seed >= 0 and start_step >= 0; got "
+                        f"{length=}, {batch_size=}, {seed=}, {start_step=}")
+    if num_shards <= 0 or batch_size % num_shards or not 0 <= shard_index < num_shards:
+        raise DataError(f"need 0 <= shard_index < num_shards dividing batch_size; got "
+                        f"{shard_index=}, {num_shards=}, {batch_size=}")
+    vocabulary = resolve_vocabulary(vocabulary)
+    segments = stream_segments(task_name, length=length, batch_size=batch_size, split=split,
+                               vocabulary=vocabulary, cache_dir=cache_dir)
+    tokens = _local_stream(task_name, split, vocabulary, cache_dir).tokens
+    per_host = batch_size // num_shards
+    rows = slice(shard_index * per_host, (shard_index + 1) * per_host)
+    for step in itertools.count(start_step):
+        starts = packing.stream_segment_starts(step, batch_size, segments, length, seed=seed,
+                                               shuffle=shuffle, rows=rows)
+        yield packing.slices(tokens, starts, length)
+
+
 def eval_windows(task_name: str, *, length: int, split: str = "test",
                  max_windows: int | None = None, respect_documents: bool = False,
                  vocabulary: seqio.Vocabulary | None = None, cache_dir: str | None = None

@@ -132,6 +132,11 @@ class BlockRecurrentTransformer(nn.Module):
                               position=jnp.zeros((), jnp.int32))
 
     @nn.nowrap
+    def carry_axes(self) -> RecurrentCarry:
+        """Logical axis names of the carry's leaves (a `RecurrentCarry` of tuples)."""
+        return CARRY_AXES
+
+    @nn.nowrap
     def init_cache(self, batch_size: int) -> Any:
         """An empty decoding cache (the "cache" collection) for `batch_size` sequences."""
         tokens = jnp.zeros((batch_size, 1), jnp.int32)

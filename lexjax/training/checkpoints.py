@@ -24,7 +24,8 @@ def checkpoint_dir(model_dir: str) -> str:
 
 
 class Checkpointer:
-    """Saves and restores `(params, opt_state, meta)` under `model_dir/checkpoints/<step>`."""
+    """Saves and restores `(params, opt_state, meta)`, and the carry of a state-carrying model,
+    under `model_dir/checkpoints/<step>`."""
 
     def __init__(self, model_dir: str, *, max_to_keep: int = 3, read_only: bool = False):
         self.directory = checkpoint_dir(model_dir)
@@ -38,11 +39,15 @@ class Checkpointer:
     def latest_step(self) -> Optional[int]:
         return self.manager.latest_step()
 
-    def save(self, step: int, params: Any, opt_state: Any, meta: dict) -> None:
-        """Starts an asynchronous save; `wait()` before relying on it."""
-        self.manager.save(step, args=ocp.args.Composite(
-            params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
-            meta=ocp.args.JsonSave(meta)))
+    def save(self, step: int, params: Any, opt_state: Any, meta: dict,
+             carry: Any = None) -> None:
+        """Starts an asynchronous save; `wait()` before relying on it. `carry`: the train state's
+        carry of a state-carrying model (restored by `restore_carry`), saved in the same step."""
+        items = dict(params=ocp.args.StandardSave(params),
+                     opt_state=ocp.args.StandardSave(opt_state), meta=ocp.args.JsonSave(meta))
+        if carry is not None:
+            items["carry"] = ocp.args.StandardSave(carry)
+        self.manager.save(step, args=ocp.args.Composite(**items))
 
     def _step(self, step: Optional[int]) -> int:
         step = self.latest_step() if step is None else step
@@ -77,6 +82,11 @@ class Checkpointer:
                             opt_state=ocp.args.StandardRestore(abstract_opt_state),
                             meta=ocp.args.JsonRestore())
         return out["params"], out["opt_state"], dict(out["meta"])
+
+    def restore_carry(self, abstract_carry: Any, step: Optional[int] = None) -> Any:
+        """The carry saved with step `step` (default: latest), shaped like `abstract_carry`."""
+        step = self._step(step)
+        return self._restore(step, carry=ocp.args.StandardRestore(abstract_carry))["carry"]
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

@@ -10,7 +10,7 @@ import dataclasses
 import math
 import os
 import time
-from typing import Any, Iterator, Optional
+from typing import Iterator, Optional
 
 import flax.linen as nn
 import gin
@@ -55,24 +55,47 @@ class RunSpec:
 
 
 def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation,
-                    schedule: optax.Schedule):
+                    schedule: optax.Schedule, segments_per_stream: Optional[int] = None):
     """`(state, tokens [batch, length], key) -> (state, metrics)`: one AdamW step on the
-    next-token loss, dropout keyed by (key, step)."""
+    next-token loss, dropout keyed by (key, step).
 
-    def loss_fn(params, tokens, rng):
-        logits = model.apply({"params": params}, shift_right(tokens), deterministic=False,
-                             rngs={"dropout": rng})
-        return jnp.mean(token_losses(logits, tokens))
+    A state-carrying model (`state.carry` not None) reads the carry of the previous step's
+    segment and returns the next one, with no gradient through it (truncated backpropagation
+    through time); its first input token is the previous segment's last token instead of BOS.
+    The carry restarts (zeros: a fresh stream) at every multiple of `segments_per_stream` steps,
+    where the data's row streams restart (see `lexjax.data.stream_batches`).
+    """
+
+    def loss_fn(params, tokens, rng, carry):
+        inputs = shift_right(tokens)
+        kwargs = dict(deterministic=False, rngs={"dropout": rng})
+        if carry is None:
+            logits = model.apply({"params": params}, inputs, **kwargs)
+            return jnp.mean(token_losses(logits, tokens)), None
+        inputs = inputs.at[:, 0].set(carry["last_token"])
+        logits, model_carry = model.apply({"params": params}, inputs, carry=carry["model"],
+                                          return_carry=True, **kwargs)
+        next_carry = {"model": jax.lax.stop_gradient(model_carry), "last_token": tokens[:, -1]}
+        return jnp.mean(token_losses(logits, tokens)), next_carry
+
+    def restart_streams(carry, step):
+        if carry is None or not segments_per_stream:
+            return carry
+        fresh = step % segments_per_stream == 0
+        return jax.tree_util.tree_map(lambda x: jnp.where(fresh, jnp.zeros_like(x), x), carry)
 
     def train_step(state: state_lib.TrainState, tokens: jnp.ndarray, key: jax.Array):
         rng = jax.random.fold_in(key, state.step)
-        loss, grads = jax.value_and_grad(loss_fn)(state.params, tokens, rng)
+        carry = restart_streams(state.carry, state.step)
+        (loss, carry), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.params, tokens, rng, carry)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
                    "param_norm": optax.global_norm(params),
                    "learning_rate": schedule(state.step)}
-        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+        return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                             carry=carry), metrics
 
     return train_step
 
@@ -103,11 +126,13 @@ class ShardedTrainStep:
     logical axes through the rules), the abstract sharded state, and the jitted (sharded,
     donated) init, train and eval steps. Shared by training (with its validation) and the bench
     (`lexjax.benchmarking`); the mesh may be of real devices or of a TPU topology's compile-only
-    devices (then only `lower` applies)."""
+    devices (then only `lower` applies). A state-carrying model's carry is part of the state,
+    sharded like activations; `segments_per_stream` is when it restarts (see `make_train_step`)."""
 
     def __init__(self, model: nn.Module, optimizer: optax.GradientTransformation,
                  schedule: optax.Schedule, mesh, batch_size: int, length: int,
-                 rules: partitioning.Rules = partitioning.LOGICAL_AXIS_RULES):
+                 rules: partitioning.Rules = partitioning.LOGICAL_AXIS_RULES,
+                 segments_per_stream: Optional[int] = None):
         self.model, self.optimizer, self.schedule = model, optimizer, schedule
         self.mesh, self.rules = mesh, rules
         partitioning.check_batch_divides(mesh, batch_size)
@@ -117,7 +142,8 @@ class ShardedTrainStep:
         def boxed_state(rng):
             params = model.init(rng, jnp.zeros(self.example.shape, jnp.int32))["params"]
             return state_lib.TrainState(step=jnp.asarray(0, jnp.int32), params=params,
-                                        opt_state=optimizer.init(params))
+                                        opt_state=optimizer.init(params),
+                                        carry=state_lib.initial_carry(model, batch_size))
 
         boxed = jax.eval_shape(boxed_state, jax.random.PRNGKey(0))
         self.abstract_state = partitioning.sharded_abstract(boxed, mesh, rules)
@@ -128,7 +154,7 @@ class ShardedTrainStep:
             self._init = jax.jit(lambda rng: nn.unbox(boxed_state(rng)),
                                  out_shardings=self.state_shardings)
             self.jitted = jax.jit(
-                make_train_step(model, optimizer, schedule),
+                make_train_step(model, optimizer, schedule, segments_per_stream),
                 in_shardings=(self.state_shardings, self.batch_sharding, self.replicated),
                 out_shardings=(self.state_shardings, self.replicated), donate_argnums=(0,))
 
@@ -169,16 +195,35 @@ class _Trainer:
     """Holds the sharded step, fingerprint and checkpointer of one run."""
 
     def __init__(self, model_dir: str, spec: RunSpec, init_from: Optional[str]):
+        from lexjax import data
+
         partitioning.initialize_distributed()
         self.model_dir, self.spec, self.init_from = model_dir, spec, init_from
         self.model = build_configured_model()
+        self.carries_state = state_lib.carries_state(self.model)
+        self.segments_per_stream = (
+            data.stream_segments(spec.task, length=spec.train_length,
+                                 batch_size=spec.batch_size) if self.carries_state else None)
         self.optimizer, self.schedule = make_optimizer(total_steps=spec.train_steps)
         self.mesh = partitioning.make_mesh(spec.mesh)
         self.step = ShardedTrainStep(self.model, self.optimizer, self.schedule, self.mesh,
-                                     spec.batch_size, spec.train_length)
+                                     spec.batch_size, spec.train_length,
+                                     segments_per_stream=self.segments_per_stream)
         self.abstract_state = self.step.abstract_state
         self.fingerprint = state_lib.params_fingerprint(self.abstract_state.params)
         self.checkpointer = ckpt_lib.Checkpointer(model_dir, max_to_keep=spec.keep_checkpoints)
+
+    # -- data -------------------------------------------------------------------------------
+    def batches(self, start_step: int) -> Iterator[np.ndarray]:
+        """This process's rows of the global batches from `start_step` on: independent examples,
+        or, for a state-carrying model, rows that each continue one stream."""
+        from lexjax import data
+
+        spec = self.spec
+        read = data.stream_batches if self.carries_state else data.train_batches
+        return read(spec.task, length=spec.train_length, batch_size=spec.batch_size,
+                    seed=spec.seed, start_step=start_step, shard_index=jax.process_index(),
+                    num_shards=jax.process_count())
 
     # -- state ------------------------------------------------------------------------------
     def initial_state(self) -> state_lib.TrainState:
@@ -193,14 +238,20 @@ class _Trainer:
                     "or --init_from to start from its weights")
             params, opt_state, _ = self.checkpointer.restore(
                 self.abstract_state.params, self.abstract_state.opt_state, latest)
+            carry = (self.checkpointer.restore_carry(self.abstract_state.carry, latest)
+                     if self.carries_state else None)
             return state_lib.TrainState(step=jnp.asarray(latest, jnp.int32), params=params,
-                                        opt_state=opt_state)
+                                        opt_state=opt_state, carry=carry)
         state = self.step.init(self.spec.seed)
         if self.init_from:
             source = ckpt_lib.Checkpointer(self.init_from, read_only=True)
             params = source.restore_params(self.abstract_state.params)
             state = state.replace(params=params)
         return state
+
+    def save(self, step: int, state: state_lib.TrainState, meta: dict) -> None:
+        self.checkpointer.save(step, state.params, state.opt_state, {**meta, "step": step},
+                               carry=state.carry)
 
     # -- compiled steps ---------------------------------------------------------------------
     def compile_train_step(self):
@@ -265,8 +316,6 @@ def train(model_dir: str, init_from: Optional[str] = None, *,
     Returns:
       the last logged metrics.
     """
-    from lexjax import data
-
     spec = RunSpec(task, train_steps, batch_size, train_length, checkpoint_every, log_every,
                    eval_every, eval_windows, seed, mesh, keep_checkpoints)
     trainer = _Trainer(model_dir, spec, init_from)
@@ -285,9 +334,7 @@ def train(model_dir: str, init_from: Optional[str] = None, *,
     peak, peak_source = flops_lib.device_peak_flops()
     num_devices = trainer.mesh.size
     process_rows = batch_size // jax.process_count()
-    batches = data.train_batches(task, length=train_length, batch_size=batch_size, seed=seed,
-                                 start_step=start_step, shard_index=jax.process_index(),
-                                 num_shards=jax.process_count())
+    batches = trainer.batches(start_step)
     key = jax.random.PRNGKey(seed)
     logger = MetricsLogger(model_dir, total_steps=train_steps, start_step=start_step,
                            progress=progress)
@@ -332,8 +379,7 @@ def train(model_dir: str, init_from: Optional[str] = None, *,
             if step % checkpoint_every == 0 or final:
                 if not last or last["step"] != step:
                     _check_finite({k: float(v) for k, v in metrics.items()}, step, trainer)
-                trainer.checkpointer.save(step, state.params, state.opt_state,
-                                          {**meta, "step": step})
+                trainer.save(step, state, meta)
     finally:
         trainer.checkpointer.close()
         logger.close()

@@ -17,11 +17,14 @@ import optax
 
 @flax.struct.dataclass
 class TrainState:
-    """`step` int32 scalar, `params` and `opt_state` pytrees of arrays."""
+    """`step` int32 scalar, `params` and `opt_state` pytrees of arrays; `carry`: what a
+    state-carrying model (one with `init_carry`) hands from one step's segment to the next
+    (`{"model": the model's carry, "last_token": int32 [batch]}`), else None."""
 
     step: jnp.ndarray
     params: Any
     opt_state: Any
+    carry: Any = None
 
 
 class UnannotatedParameterError(ValueError):
@@ -49,6 +52,23 @@ def check_logical_axes(boxed: Any) -> None:
 def logical_axes(boxed: Any) -> Any:
     """The tree of logical `PartitionSpec`s (axis names per dimension) of boxed parameters."""
     return nn.get_partition_spec(boxed)
+
+
+def carries_state(model: nn.Module) -> bool:
+    """Whether the model carries state across training segments (it defines `init_carry`)."""
+    return callable(getattr(model, "init_carry", None))
+
+
+def initial_carry(model: nn.Module, batch_size: int) -> Any:
+    """The train-state carry of a fresh stream for a state-carrying model, its leaves boxed with
+    logical axis names (`model.carry_axes()`; the batch dimension is `activation_batch`) so the
+    sharding rules place it like activations; None for other models."""
+    if not carries_state(model):
+        return None
+    carry = {"model": model.init_carry(batch_size),
+             "last_token": jnp.zeros((batch_size,), jnp.int32)}
+    axes = {"model": model.carry_axes(), "last_token": ("activation_batch",)}
+    return jax.tree_util.tree_map(lambda x, names: nn.Partitioned(x, names=names), carry, axes)
 
 
 def params_fingerprint(params: Any) -> str:

@@ -1,13 +1,16 @@
-"""Benchmark: time per token of the state-space / moving-average family at N = 1K ... 16K on CPU
-(issue 7; goal: the training step per token at 8K within 1.3x of the 1K figure for gss,
-mega (chunked) and spade).
+"""Benchmark: time per token of linear-time models at N = 1K ... 16K on CPU.
+
+Goals it measures: the training step per token at 8K within 1.3x of the 1K figure (the
+state-space / moving-average family: gss, mega, spade; the Block-Recurrent Transformer), and a
+model's speed against a reference model at each N (`--reference`; e.g. the Block-Recurrent
+Transformer against Transformer-XL with a 2048-token window, the paper's "about 2x").
 
 What it measures
 ----------------
-Each model is its `configs/models/<name>.gin` with the size macros given here (default
-NUM_LAYERS=2, EMBED_DIM=256, NUM_HEADS=4, MLP_DIM=1024, CHUNK_SIZE=256, bytes vocabulary; the
-models' own fields otherwise, e.g. GSS's N = 512 modes). For each N, on `[--batch, N]` random
-tokens:
+Each model spec is `name` or `name[MACRO=VALUE,...]`: `configs/models/<name>.gin` with the size
+macros given here (default NUM_LAYERS=2, EMBED_DIM=256, NUM_HEADS=4, MLP_DIM=1024,
+CHUNK_SIZE=256, bytes vocabulary), then the spec's own bindings (e.g.
+`transformer_xl[CHUNK_SIZE=2048]`). For each N, on `[--batch, N]` random tokens:
 
 * train us/token -- one jitted training step (the LM loss of `lexjax.training.losses`, its
                     gradient, an AdamW update) / (batch * N);
@@ -18,18 +21,23 @@ tokens:
 * xN=first       -- the per-token figure over the same figure at the smallest N (the goal is
                     <= 1.3 at 8K);
 * GFLOP/step     -- 3 x `flops_per_token(N)` x tokens (forward FLOPs incl. the FFT estimate, x3
-                    for training).
+                    for training);
+* x reference    -- with `--reference SPEC`: the train wall (and cpu) time per token over the
+                    reference's at the same N (< 1: faster than the reference).
 
 All (model, N) cases are compiled first, then timed in `--rounds` interleaved rounds (each case
 once per round), so a burst of load from other jobs hits every case alike; tables keep the
 minimum wall time and the median CPU time.
 
-Outputs go to `--out` (default experiments/results/) as ssm_scaling[.TAG].{md,csv,json}.
+Outputs go to `--out` (default experiments/results/) as scaling[.TAG].{md,csv,json}.
 
-Example
--------
-  .venv/bin/python experiments/ssm_scaling.py
-  .venv/bin/python experiments/ssm_scaling.py --models gss,mega --lengths 1024,8192 --rounds 3
+Examples
+--------
+  .venv/bin/python experiments/scaling.py --tag ssm
+  .venv/bin/python experiments/scaling.py --models gss,mega --lengths 1024,8192 --rounds 3
+  .venv/bin/python experiments/scaling.py --tag block_recurrent --chunk_size 512 \
+      --models "block_recurrent,transformer_xl,transformer_xl[CHUNK_SIZE=2048]" \
+      --reference "transformer_xl[CHUNK_SIZE=2048]"
 """
 from __future__ import annotations
 
@@ -39,6 +47,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import statistics
 import time
 from pathlib import Path
@@ -63,8 +72,11 @@ def parse_list(text: str, kind=int) -> list:
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", type=lambda s: parse_list(s, str), default=list(MODELS),
-                   help="comma-separated model configs (configs/models/<name>.gin)")
+    p.add_argument("--models", type=split_specs, default=list(MODELS),
+                   help="comma-separated model specs: name or name[MACRO=VALUE,...] "
+                        "(configs/models/<name>.gin plus bindings)")
+    p.add_argument("--reference", default=None,
+                   help="a model spec (one of --models) the others are compared with at each N")
     p.add_argument("--lengths", type=parse_list, default=[1024, 2048, 4096, 8192, 16384])
     p.add_argument("--num_layers", type=int, default=2)
     p.add_argument("--embed_dim", type=int, default=256)
@@ -80,10 +92,28 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def build(args, name: str):
+SPEC = re.compile(r"^(?P<name>[\w]+)(?:\[(?P<bindings>[^\]]*)\])?$")
+
+
+def split_specs(text: str) -> list[str]:
+    """Splits "a,b[X=1,Y=2],c" at the commas outside brackets."""
+    return [s.strip() for s in re.split(r",(?![^\[]*\])", text) if s.strip()]
+
+
+def parse_spec(spec: str) -> tuple[str, list[str]]:
+    """`name[MACRO=VALUE,...]` -> (config name, bindings)."""
+    match = SPEC.match(spec)
+    if not match:
+        raise SystemExit(f"bad model spec {spec!r}: use name or name[MACRO=VALUE,...]")
+    extra = match["bindings"] or ""
+    return match["name"], [b.strip() for b in extra.split(",") if b.strip()]
+
+
+def build(args, spec: str):
+    name, extra = parse_spec(spec)
     bindings = [f"NUM_LAYERS={args.num_layers}", f"EMBED_DIM={args.embed_dim}",
                 f"NUM_HEADS={args.num_heads}", f"MLP_DIM={args.mlp_dim}",
-                f"CHUNK_SIZE={args.chunk_size}", f"VOCAB_SIZE={args.vocab_size}"]
+                f"CHUNK_SIZE={args.chunk_size}", f"VOCAB_SIZE={args.vocab_size}", *extra]
     return lexjax.build_model([f"configs/models/{name}.gin"], bindings)
 
 
@@ -161,24 +191,35 @@ def measure(args) -> list[dict]:
             for key in ("train_us_per_token", "train_cpu_us_per_token", "fwd_us_per_token",
                         "fwd_cpu_us_per_token"):
                 row[key.replace("per_token", "ratio")] = row[key] / mine[0][key]
+    if args.reference:
+        reference = {row["N"]: row for row in rows if row["model"] == args.reference}
+        for row in rows:
+            ref = reference[row["N"]]
+            row["train_vs_reference"] = row["train_us_per_token"] / ref["train_us_per_token"]
+            row["train_cpu_vs_reference"] = (row["train_cpu_us_per_token"]
+                                             / ref["train_cpu_us_per_token"])
     return rows
 
 
 def markdown(args, rows: list[dict], meta: dict) -> str:
     header = ["model", "N", "train us/token", "×N=first", "train cpu us/token", "×N=first (cpu)",
               "fwd us/token", "×N=first", "GFLOP/step"]
+    if args.reference:
+        header += [f"× {args.reference}", "× ref (cpu)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
-        lines.append("| " + " | ".join([
-            row["model"], str(row["N"]), f"{row['train_us_per_token']:.1f}",
-            f"{row['train_us_ratio']:.2f}", f"{row['train_cpu_us_per_token']:.1f}",
-            f"{row['train_cpu_us_ratio']:.2f}", f"{row['fwd_us_per_token']:.1f}",
-            f"{row['fwd_us_ratio']:.2f}", f"{row['gflop_per_step']:.2f}"]) + " |")
+        cells = [row["model"], str(row["N"]), f"{row['train_us_per_token']:.1f}",
+                 f"{row['train_us_ratio']:.2f}", f"{row['train_cpu_us_per_token']:.1f}",
+                 f"{row['train_cpu_us_ratio']:.2f}", f"{row['fwd_us_per_token']:.1f}",
+                 f"{row['fwd_us_ratio']:.2f}", f"{row['gflop_per_step']:.2f}"]
+        if args.reference:
+            cells += [f"{row['train_vs_reference']:.2f}", f"{row['train_cpu_vs_reference']:.2f}"]
+        lines.append("| " + " | ".join(cells) + " |")
     size = (f"NUM_LAYERS={args.num_layers}, EMBED_DIM={args.embed_dim}, "
             f"NUM_HEADS={args.num_heads}, MLP_DIM={args.mlp_dim}, CHUNK_SIZE={args.chunk_size}, "
             f"VOCAB_SIZE={args.vocab_size}, batch {args.batch}")
     return "\n".join([
-        "# State-space / moving-average family: time per token vs length (CPU)", "",
+        f"# Time per token vs length (CPU): {', '.join(args.models)}", "",
         f"Models: configs/models/<model>.gin with {size}. Minimum wall time over {args.rounds} "
         "interleaved rounds; cpu = median process CPU time (all threads). Training step = LM "
         "loss + gradient + AdamW.", "",
@@ -189,6 +230,8 @@ def markdown(args, rows: list[dict], meta: dict) -> str:
 
 def main(argv: Optional[list[str]] = None) -> None:
     args = parse_args(argv)
+    if args.reference and args.reference not in args.models:
+        raise SystemExit(f"--reference {args.reference!r} must be one of --models")
     load_before = os.getloadavg()
     rows = measure(args)
     meta = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
@@ -198,7 +241,7 @@ def main(argv: Optional[list[str]] = None) -> None:
             "date": datetime.datetime.now().isoformat(timespec="seconds"),
             "argv": vars(args) | {"out": str(args.out)}}
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / ("ssm_scaling" + (f".{args.tag}" if args.tag else ""))
+    stem = args.out / ("scaling" + (f".{args.tag}" if args.tag else ""))
     text = markdown(args, rows, meta)
     Path(f"{stem}.md").write_text(text)
     Path(f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
