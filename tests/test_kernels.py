@@ -11,26 +11,21 @@
 - Dispatch and gin select the kernels without other changes.
 """
 import math
-import os
 import re
 
-# libtpu takes a process lock; AOT compilation for a TPU topology must not fail because another
-# JAX process on this machine holds it.
-os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
 
-import flax.linen as nn  # noqa: E402
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-
-import lexjax  # noqa: E402
-from lexjax import partitioning  # noqa: E402
-from lexjax import positions as P  # noqa: E402
-from lexjax.attention import IMPLEMENTATIONS, MaskSpec, attend  # noqa: E402
-from lexjax.attention.kernels import BlockGrid, HeadBias, cost, flash_attention  # noqa: E402
-from lexjax.attention.kernels.impl import lowering_for_backend  # noqa: E402
-from lexjax.attention.kernels.spec import KernelSpec, mask_allows  # noqa: E402
+import lexjax
+from lexjax import partitioning
+from lexjax import positions as P
+from lexjax.attention import IMPLEMENTATIONS, MaskSpec, attend
+from lexjax.attention.kernels import BlockGrid, HeadBias, cost, flash_attention
+from lexjax.attention.kernels.impl import lowering_for_backend
+from lexjax.attention.kernels.spec import KernelSpec, mask_allows
 
 MASKS = {
     "full": MaskSpec(),

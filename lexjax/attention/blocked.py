@@ -3,7 +3,8 @@
 Local masks (window / chunk / blockwise) cut the sequence into aligned blocks; query block i
 attends to key blocks i-before .. i+after (`MaskSpec.key_blocks_around`), all blocks at once, so
 memory and time are O(N * span). Full masks take a memory-lean path: a sequential map over query
-blocks, each against all keys, rematerialized in the backward pass (O(block * N) live memory).
+blocks, each against all keys, rematerialized in the backward pass (O(block * N) live memory);
+a sequence of one block is attended directly.
 The relative bias is evaluated per block from positions; no `[N, N]` array exists.
 """
 from __future__ import annotations
@@ -93,6 +94,10 @@ def _full_attention(q, k, v, *, mask, bias, block):
         b, num_blocks, block, kv_heads, h // kv_heads, d)
     q_pos = jnp.arange(n_pad, dtype=jnp.int32).reshape(num_blocks, block)
     k_pos = jnp.arange(n, dtype=jnp.int32)
+    if num_blocks == 1:  # short sequences: one plain block, nothing to rematerialize
+        out = masked_softmax_attention(q_blocks[:, 0], k, v, q_pos[0], k_pos, mask=mask,
+                                       bias=bias)
+        return out.reshape(b, n_pad, h, v.shape[-1])[:, :n]
 
     @jax.checkpoint
     def one_block(args):

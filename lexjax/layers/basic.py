@@ -32,13 +32,30 @@ def with_activation_axes(x: jnp.ndarray, axes: Sequence[str] = ACTIVATION_EMBED)
     return nn.with_logical_constraint(x, tuple(axes))
 
 
+class Dense(nn.DenseGeneral):
+    """`nn.DenseGeneral` over the trailing axes of `x`, computed as a 2-D matrix product: the
+    leading (batch, length, ...) axes are merged into one first. Same parameters and result;
+    XLA:CPU then takes the kernel gradient as one plain matrix product instead of a transposing
+    copy plus a dot over two contracted axes (2.5x less CPU time for an MLP's forward and
+    backward, see experiments/train_efficiency.py)."""
+
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        axes = (self.axis,) if isinstance(self.axis, int) else tuple(self.axis)
+        trailing = sorted(a % x.ndim for a in axes) == list(range(x.ndim - len(axes), x.ndim))
+        leading = x.shape[:x.ndim - len(axes)]
+        if not trailing or len(leading) < 2:
+            return super().__call__(x)
+        y = super().__call__(x.reshape((-1,) + x.shape[len(leading):]))
+        return y.reshape(leading + y.shape[1:])
+
+
 def dense(features: int | Sequence[int], axes: Sequence[str], *, dtype: Dtype,
           contract: int | Sequence[int] = -1, name: str,
-          init: Any = nn.initializers.lecun_normal()) -> nn.DenseGeneral:
+          init: Any = nn.initializers.lecun_normal()) -> Dense:
     """A bias-free projection whose kernel `[*in, *out]` is annotated with `axes`."""
-    return nn.DenseGeneral(features=features, axis=contract, use_bias=False, dtype=dtype,
-                           param_dtype=jnp.float32, name=name,
-                           kernel_init=nn.with_logical_partitioning(init, tuple(axes)))
+    return Dense(features=features, axis=contract, use_bias=False, dtype=dtype,
+                 param_dtype=jnp.float32, name=name,
+                 kernel_init=nn.with_logical_partitioning(init, tuple(axes)))
 
 
 def make_norm(kind: str, *, dtype: Dtype, name: str) -> nn.Module:
@@ -71,6 +88,8 @@ class Embedding(nn.Module):
         return jnp.take(self.table, tokens, axis=0).astype(self.dtype)
 
     def attend(self, x: jnp.ndarray) -> jnp.ndarray:
-        """`[batch, length, features]` -> float32 logits `[batch, length, vocab]`."""
-        return jnp.einsum("bld,vd->blv", x, self.table.astype(x.dtype),
-                          preferred_element_type=jnp.float32)
+        """`[..., features]` -> float32 logits `[..., vocab]` (a 2-D product, as `Dense`)."""
+        flat = x.reshape(-1, x.shape[-1])
+        logits = jnp.einsum("nd,vd->nv", flat, self.table.astype(x.dtype),
+                            preferred_element_type=jnp.float32)
+        return logits.reshape(x.shape[:-1] + (self.vocab_size,))

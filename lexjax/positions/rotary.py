@@ -26,14 +26,20 @@ def rotate_pairs(x: jnp.ndarray, angles: jnp.ndarray,
                  scale: jnp.ndarray | None = None) -> jnp.ndarray:
     """Rotates interleaved pairs of `x [batch, length, heads, head_dim]` by `angles`
     (`[..., length, 1, head_dim // 2]`), optionally multiplying pair i by `scale[..., i]`.
-    Computed in float32, returned in x's dtype."""
-    pairs = x.astype(jnp.float32).reshape(x.shape[:-1] + (x.shape[-1] // 2, 2))
-    even, odd = pairs[..., 0], pairs[..., 1]
+    Computed in float32, returned in x's dtype.
+
+    As `x * cos + swap(x) * (-sin, sin)` over the full head dimension (swap exchanges the two
+    members of each pair): elementwise work XLA fuses, without splitting and re-stacking pairs.
+    """
     cos, sin = jnp.cos(angles), jnp.sin(angles)
     if scale is not None:
         cos, sin = cos * scale, sin * scale
-    rotated = jnp.stack([even * cos - odd * sin, even * sin + odd * cos], axis=-1)
-    return rotated.reshape(x.shape).astype(x.dtype)
+    half = x.shape[-1] // 2
+    signs = jnp.tile(jnp.asarray([-1.0, 1.0], jnp.float32), half)
+    cos, sin = jnp.repeat(cos, 2, axis=-1), jnp.repeat(sin, 2, axis=-1) * signs
+    x32 = x.astype(jnp.float32)
+    swapped = x32.reshape(x.shape[:-1] + (half, 2))[..., ::-1].reshape(x.shape)
+    return (x32 * cos + swapped * sin).astype(x.dtype)
 
 
 @gin.configurable(module="lexjax.positions")
