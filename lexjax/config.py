@@ -9,7 +9,10 @@ root (the folder that holds `configs/`), so `configs/models/transformer.gin` wor
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import re
 from typing import Iterable, Sequence
 
 import flax.linen as nn
@@ -66,12 +69,48 @@ def parse_gin(gin_files: Sequence[str] = (), bindings: Iterable[str] = (),
     gin.add_config_file_search_path(REPO_ROOT)
     files = [_resolve_gin_file(f) for f in gin_files]
     try:
-        gin.parse_config_files_and_bindings(files, [MODEL_BINDING, *bindings],
-                                            finalize_config=False)
+        with _quiet_include_probes():
+            gin.parse_config_files_and_bindings(files, [MODEL_BINDING, *bindings],
+                                                finalize_config=False)
     except (ValueError, KeyError, SyntaxError, ImportError, IOError) as e:
         gin.clear_config()
         raise ConfigError(f"bad gin config: {_first_line(e)}; check the names against "
                           "configs/ and the gin files you passed (see WORKSPACE.md)") from None
+    missing = unset_required_macros()
+    if missing:
+        gin.clear_config()
+        raise ConfigError(
+            f"{', '.join(missing)} must be set: a gin file you passed marks "
+            f"{'it' if len(missing) == 1 else 'them'} %gin.REQUIRED; add "
+            + " ".join(f"--gin.{name}=VALUE" for name in missing))
+
+
+class _DropIncludeProbes(logging.Filter):
+    """Drops gin's "Path not found" ERROR records: gin tries each include as a path on the Python
+    path before its search path (which finds it), and logs the miss at ERROR level."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.module == "resource_reader"
+                    and str(record.msg).startswith("Path not found"))
+
+
+@contextlib.contextmanager
+def _quiet_include_probes():
+    probes = _DropIncludeProbes()
+    logging.getLogger().addFilter(probes)
+    try:
+        yield
+    finally:
+        logging.getLogger().removeFilter(probes)
+
+
+_REQUIRED_MACRO = re.compile(r"^(\w+) = %gin\.REQUIRED$", re.MULTILINE)
+
+
+def unset_required_macros() -> list[str]:
+    """Macros of the parsed config still bound to `%gin.REQUIRED` (e.g. configs/features/bca.gin's
+    BCA_BLOCK), which gin would otherwise pass on as an opaque sentinel object."""
+    return _REQUIRED_MACRO.findall(gin.config_str())
 
 
 def _first_line(e: BaseException) -> str:

@@ -271,11 +271,17 @@ def test_attend_under_jit_with_static_mask(rng):
     (dict(chunk=2, blockwise=2), "at most one"), (dict(window=0), "window must be a positive"),
     (dict(window=-3), "window must be a positive"), (dict(chunk=0), "chunk must be a positive"),
     (dict(blockwise=-1), "blockwise must be a positive"), (dict(window=2.5), "positive int"),
-    (dict(blockwise=4, causal=False), "causal"),
+    (dict(blockwise=4, causal=False), "causal"), (dict(window=True), "positive int"),
 ])
 def test_maskspec_rejects_bad_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
         MaskSpec(**kwargs)
+
+
+def test_maskspec_takes_numpy_ints_as_ints():
+    spec = MaskSpec(window=np.int64(16))
+    assert spec == MaskSpec(window=16) and hash(spec) == hash(MaskSpec(window=16))
+    assert type(spec.window) is int and spec.key_blocks_around(8) == (2, 0)
 
 
 def test_maskspec_kind_and_locality():

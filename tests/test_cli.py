@@ -189,12 +189,6 @@ def test_error_message_is_one_line(cli, case):
     assert after.strip().count("\n") == 0, after
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG lexjax/config.py parse_gin(): gin tries an include such as 'configs/models/"
-    "transformer.gin' relative to the working directory first and logs "
-    "'ERROR:root:Path not found: ...' (gin/resource_reader.py) before finding it through the "
-    "search path, so any run started outside the repository prints two ERROR lines even when "
-    "it succeeds (resolve includes through REPO_ROOT first, or silence that logger)"))
 def test_successful_run_outside_the_repo_prints_no_error_lines(cli):
     proc = cli[0]["bfloat16"]
     assert proc.returncode == 0

@@ -143,10 +143,6 @@ def test_feature_gin_with_its_required_macro_set():
     assert model.inference_mask == MaskSpec(blockwise=64) and model.mask == MaskSpec()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "configs/features/bca.gin sets `BCA_BLOCK = %gin.REQUIRED`; gin passes the REQUIRED sentinel "
-    "through the macro, so a missing BCA_BLOCK surfaces as 'MaskSpec.blockwise must be a positive "
-    "int, got <object object at 0x...>' with the generic hint about MODEL, not naming BCA_BLOCK"))
 def test_missing_required_macro_is_named():
     with pytest.raises(ConfigError, match="BCA_BLOCK"):
         lexjax.build_model([MODEL_GIN, "configs/features/bca.gin"])

@@ -1,6 +1,7 @@
-"""Meshes, rules and sharded training on 8 fake CPU devices (tests/conftest.py): one train step on
-every preset mesh equals the step on one device, each parameter is sharded as the rules say, a
-checkpoint moves between meshes, FSDP really shards the state, and bad meshes are clear errors."""
+"""Meshes, rules and sharded training on 8 fake CPU devices (tests/conftest.py): for every model
+config, one train step on every preset mesh equals the step on one device and each parameter is
+sharded as the rules say; a checkpoint moves between meshes, FSDP really shards the state, and bad
+meshes are clear errors."""
 import functools
 import glob
 import os
@@ -22,6 +23,10 @@ from lexjax.training.loop import ShardedTrainStep
 
 TINY = ["NUM_LAYERS=2", "EMBED_DIM=64", "NUM_HEADS=8", "MLP_DIM=128"]
 BATCH, LENGTH = 8, 32
+# Chunks, latents and recurrent states shorter than LENGTH, so that chunked attention, Perceiver
+# AR's context and the block recurrence each span more than one block. Heads, MLP units and the
+# vocabulary divide by every tensor axis size, the embedding by every FSDP size.
+TINY_MODEL = TINY + ["CHUNK_SIZE=16", "NUM_LATENTS=16", "NUM_STATES=8"]
 MODEL_GINS = sorted(glob.glob(os.path.join(REPO_ROOT, "configs/models/*.gin")))
 MESH_GINS = sorted(glob.glob(os.path.join(REPO_ROOT, "configs/meshes/*.gin")))
 # Written out by hand (not read from partitioning): where each weight axis goes.
@@ -112,7 +117,7 @@ FAST_COMPILE = {"xla_backend_optimization_level": 0}
 
 @functools.lru_cache(maxsize=None)
 def _tiny_model(gin_file: str):
-    return build_model([gin_file], TINY)
+    return build_model([gin_file], TINY_MODEL)
 
 
 def _tokens() -> np.ndarray:
@@ -136,16 +141,10 @@ def _one_device_step(model_gin: str):
 
 
 def _matrix() -> list:
-    """The Transformer on every preset mesh; every other model on the preset that uses all
-    three axes at once (hybrid.gin), which keeps the CPU cost of ~5 compiles per model in check."""
+    """Every model config on every preset mesh (at the tiny sizes, one compile each)."""
     name = lambda p: os.path.basename(p)[:-4]  # noqa: E731
-    cases = []
-    for model_gin in MODEL_GINS:
-        for mesh_gin in MESH_GINS:
-            if name(model_gin) == "transformer" or name(mesh_gin) == "hybrid":
-                cases.append(pytest.param(model_gin, mesh_gin,
-                                          id=f"{name(model_gin)}-{name(mesh_gin)}"))
-    return cases
+    return [pytest.param(model_gin, mesh_gin, id=f"{name(model_gin)}-{name(mesh_gin)}")
+            for model_gin in MODEL_GINS for mesh_gin in MESH_GINS]
 
 
 @pytest.mark.parametrize("model_gin, mesh_gin", _matrix())
@@ -162,7 +161,8 @@ def test_train_step_on_preset_meshes_matches_one_device(model_gin, mesh_gin):
 
 def _check_rules(model, step, params):
     """Every parameter array is sharded as EXPECTED_AXIS says for its logical names (a mesh
-    axis that does not divide the dimension leaves it replicated)."""
+    axis that does not divide the dimension leaves it replicated), and every weight-sharding mesh
+    axis (fsdp, tensor) of size > 1 splits at least one parameter."""
     boxed = jax.eval_shape(model.init, jax.random.PRNGKey(0),
                            jax.ShapeDtypeStruct((BATCH, LENGTH), jnp.int32))["params"]
     names = jax.tree_util.tree_leaves(
@@ -172,12 +172,15 @@ def _check_rules(model, step, params):
     arrays = jax.tree_util.tree_leaves(params)
     assert len(names) == len(arrays)
     mesh = step.mesh
+    split = set()
     for axes, array in zip(names, arrays):
         mesh_axes = [EXPECTED_AXIS.get(a) for a in axes]
         spec = [m if m and size % mesh.shape[m] == 0 else None
                 for m, size in zip(mesh_axes, array.shape)]
         expected = NamedSharding(mesh, PartitionSpec(*spec))
         assert array.sharding.is_equivalent_to(expected, array.ndim), (axes, array.sharding)
+        split.update(m for m in spec if m and mesh.shape[m] > 1)
+    assert split == {a for a in ("fsdp", "tensor") if mesh.shape[a] > 1}, split
 
 
 def test_fsdp_holds_under_a_third_of_data_parallel_state():

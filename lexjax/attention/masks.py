@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from typing import Optional
 
 import gin
@@ -37,7 +38,10 @@ class MaskSpec:
         if len(local) > 1:
             raise ValueError(f"MaskSpec takes at most one of window/chunk/blockwise, got {local}")
         for name, size in local.items():
-            if not isinstance(size, int) or size < 1:
+            if isinstance(size, numbers.Integral) and not isinstance(size, bool):
+                object.__setattr__(self, name, int(size))  # numpy ints hash and compare alike
+                size = int(size)
+            if not isinstance(size, int) or isinstance(size, bool) or size < 1:
                 raise ValueError(f"MaskSpec.{name} must be a positive int, got {size!r}")
         if self.blockwise is not None and not self.causal:
             raise ValueError("MaskSpec(blockwise=...) is blockwise *causal* attention: "

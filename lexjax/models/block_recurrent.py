@@ -155,7 +155,8 @@ class BlockRecurrentTransformer(nn.Module):
         window = 2 * h * d * (w + (w + 1) / 2 if length > w else (length + 1) / 2)
         layer = projections + mlp + window
         gate_inputs = 2 * h * d * e * (1 if self.gate == "fixed" else 3)
-        state_mlp = 2 * (e * self.mlp_dim * 2 + e * e * (1 if self.gate == "fixed" else 3))
+        state_mlp = (e * self.mlp_dim * (3 if self.mlp_activation == "swiglu" else 2)
+                     + e * e * (1 if self.gate == "fixed" else 3))
         per_state = (e * d * (2 * h + 2 * kv) + gate_inputs + 2 * h * d * (s + w)
                      + (state_mlp if self.state_mlp else 0))
         recurrent_extra = e * h * d * 2 + 2 * h * d * s + per_state * s / w
