@@ -4,8 +4,11 @@ position encodings.
 Entry points: `build_model(gin_files, bindings)` returns the configured flax module; the CLIs
 `python -m lexjax.train / evaluate / bench` run it.
 """
-from lexjax.config import ConfigError, build_model
+from lexjax import _platforms
 
+_platforms.configure()  # before anything starts a JAX backend
+
+from lexjax.config import ConfigError, build_model  # noqa: E402
 
 
 def load(model_dir: str, step: int | None = None, bindings: tuple[str, ...] = ()):

@@ -151,3 +151,21 @@ def test_missing_required_macro_is_named():
 def test_missing_required_macro_still_raises_config_error():
     with pytest.raises(ConfigError):
         lexjax.build_model([MODEL_GIN, "configs/features/bca.gin"])
+
+
+def test_platforms_skip_the_tpu_backend_only_on_hosts_without_tpu_chips(monkeypatch):
+    from lexjax import _platforms
+
+    monkeypatch.setattr(_platforms.importlib.util, "find_spec", lambda name: object())
+    monkeypatch.setattr(_platforms, "has_tpu_chips", lambda: False)
+    monkeypatch.setattr(_platforms, "local_platforms", lambda: "cpu")
+    environ = {}
+    _platforms.configure(environ)
+    assert environ == {"JAX_PLATFORMS": "cpu", "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
+    chosen = {"JAX_PLATFORMS": "tpu"}
+    _platforms.configure(chosen)  # the user's choice stands
+    assert chosen["JAX_PLATFORMS"] == "tpu"
+    monkeypatch.setattr(_platforms, "has_tpu_chips", lambda: True)
+    on_tpu_vm = {}
+    _platforms.configure(on_tpu_vm)
+    assert on_tpu_vm == {}

@@ -20,6 +20,7 @@ from lexjax import partitioning
 from lexjax.config import REPO_ROOT, build_model, parse_gin
 from lexjax.partitioning import MeshError
 from lexjax.training.loop import ShardedTrainStep
+from lexjax.training.state import TrainState
 
 TINY = ["NUM_LAYERS=2", "EMBED_DIM=64", "NUM_HEADS=8", "MLP_DIM=128"]
 BATCH, LENGTH = 8, 32
@@ -29,6 +30,7 @@ BATCH, LENGTH = 8, 32
 TINY_MODEL = TINY + ["CHUNK_SIZE=16", "NUM_LATENTS=16", "NUM_STATES=8"]
 MODEL_GINS = sorted(glob.glob(os.path.join(REPO_ROOT, "configs/models/*.gin")))
 MESH_GINS = sorted(glob.glob(os.path.join(REPO_ROOT, "configs/meshes/*.gin")))
+HYBRID_GIN = os.path.join(REPO_ROOT, "configs/meshes/hybrid.gin")
 # Written out by hand (not read from partitioning): where each weight axis goes.
 EXPECTED_AXIS = {"vocab": "tensor", "embed": "fsdp", "mlp": "tensor", "heads": "tensor",
                  "kv_heads": "tensor", "kv": None, "layers": None, "relpos_buckets": None,
@@ -124,39 +126,65 @@ def _tokens() -> np.ndarray:
     return np.random.default_rng(0).integers(1, 259, (BATCH, LENGTH), dtype=np.int32)
 
 
-def _one_step(model, mesh_spec: str, devices):
-    """Loss, new state and the sharded step after one SGD step on a mesh."""
+def _sharded_step(model, mesh_spec: str, devices) -> ShardedTrainStep:
+    """The SGD train step of `model` laid out on the mesh `mesh_spec` over `devices`."""
     mesh = partitioning.make_mesh(mesh_spec, devices)
-    step = ShardedTrainStep(model, optax.sgd(0.5), optax.constant_schedule(0.5), mesh, BATCH,
+    return ShardedTrainStep(model, optax.sgd(0.5), optax.constant_schedule(0.5), mesh, BATCH,
                             LENGTH)
+
+
+def _run_step(step: ShardedTrainStep, state: TrainState) -> tuple[float, TrainState]:
+    """Loss and new state after one step from `state` (donated) on the tokens of `_tokens`."""
     compiled = step.lower().compile(FAST_COMPILE)
-    state, metrics = compiled(step.init(0), step.device_batch(_tokens()), jax.random.PRNGKey(0))
-    return float(metrics["loss"]), state, step
+    state, metrics = compiled(state, step.device_batch(_tokens()), jax.random.PRNGKey(0))
+    return float(metrics["loss"]), state
 
 
 @functools.lru_cache(maxsize=None)
-def _one_device_step(model_gin: str):
-    loss, state, _ = _one_step(_tiny_model(model_gin), "", jax.devices()[:1])
-    return loss, jax.device_get(state.params)
+def _one_device(model_gin: str) -> tuple[TrainState, float, TrainState]:
+    """On one device: the initial state, the loss of one step, and the state after it (host
+    arrays)."""
+    step = _sharded_step(_tiny_model(model_gin), "", jax.devices()[:1])
+    state = step.init(0)
+    initial = jax.device_get(state)
+    loss, state = _run_step(step, state)
+    return initial, loss, jax.device_get(state)
 
 
-def _matrix() -> list:
-    """Every model config on every preset mesh (at the tiny sizes, one compile each)."""
-    name = lambda p: os.path.basename(p)[:-4]  # noqa: E731
-    return [pytest.param(model_gin, mesh_gin, id=f"{name(model_gin)}-{name(mesh_gin)}")
-            for model_gin in MODEL_GINS for mesh_gin in MESH_GINS]
+def _assert_trees_close(got, want, rtol: float, atol: float) -> None:
+    """Same tree leaves (in order), each within `rtol`/`atol` of its counterpart."""
+    got_leaves, want_leaves = jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)
+    assert len(got_leaves) == len(want_leaves)
+    for g, w in zip(got_leaves, want_leaves):
+        np.testing.assert_allclose(np.asarray(g), w, rtol=rtol, atol=atol)
 
 
-@pytest.mark.parametrize("model_gin, mesh_gin", _matrix())
+def _name(path: str) -> str:
+    """`".../configs/models/gss.gin"` -> `"gss"` (test ids)."""
+    return os.path.basename(path)[:-len(".gin")]
+
+
+@pytest.mark.parametrize("model_gin, mesh_gin", [
+    pytest.param(model_gin, mesh_gin, id=f"{_name(model_gin)}-{_name(mesh_gin)}")
+    for model_gin in MODEL_GINS for mesh_gin in MESH_GINS])
 def test_train_step_on_preset_meshes_matches_one_device(model_gin, mesh_gin):
-    ref_loss, ref_params = _one_device_step(model_gin)
-    mesh_spec = preset_mesh(mesh_gin)
-    loss, state, step = _one_step(_tiny_model(model_gin), mesh_spec, jax.devices())
+    """Every model config on every preset mesh, from the one-device initial state laid out on
+    the mesh (sharded initialization: the next test)."""
+    initial, ref_loss, ref_state = _one_device(model_gin)
+    step = _sharded_step(_tiny_model(model_gin), preset_mesh(mesh_gin), jax.devices())
+    loss, state = _run_step(step, jax.device_put(initial, step.state_shardings))
     assert loss == pytest.approx(ref_loss, rel=1e-5)
-    for got, want in zip(jax.tree_util.tree_leaves(state.params),
-                         jax.tree_util.tree_leaves(ref_params)):
-        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-5)
+    _assert_trees_close(state, ref_state, rtol=1e-4, atol=1e-5)
     _check_rules(_tiny_model(model_gin), step, state.params)
+
+
+@pytest.mark.parametrize("model_gin", MODEL_GINS, ids=_name)
+def test_sharded_init_matches_one_device(model_gin):
+    """The state created sharded on the preset that uses all three axes (hybrid.gin) equals the
+    one created on one device."""
+    initial, _, _ = _one_device(model_gin)
+    step = _sharded_step(_tiny_model(model_gin), preset_mesh(HYBRID_GIN), jax.devices())
+    _assert_trees_close(step.init(0), initial, rtol=1e-6, atol=0)
 
 
 def _check_rules(model, step, params):
