@@ -225,3 +225,13 @@ def test_bfloat16_is_finite_and_close():
     low = model.clone(dtype="bfloat16").apply(variables, toks)
     assert low.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(low)))
     np.testing.assert_allclose(low, model.apply(variables, toks), atol=0.15)
+
+
+def test_transformer_xl_carries_keys_and_values_only():
+    model, variables = initialized("transformer_xl")
+    toks = tokens(1, 4 * BLOCK, seed=11)
+    first, carry = model.apply(variables, toks[:, :2 * BLOCK], return_carry=True)
+    second, carry = model.apply(variables, toks[:, 2 * BLOCK:], carry=carry, return_carry=True)
+    assert carry.states is None and model.carry_axes().states is None
+    np.testing.assert_allclose(jnp.concatenate([first, second], 1), model.apply(variables, toks),
+                               rtol=1e-5, atol=1e-5)

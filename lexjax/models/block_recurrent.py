@@ -35,7 +35,7 @@ from lexjax.positions import PositionScheme, T5Buckets
 class RecurrentCarry:
     """What one segment hands to the next of the same stream.
 
-    states: float32 `[recurrent_layers, batch, num_states, embed]`.
+    states: float32 `[recurrent_layers, batch, num_states, embed]` (None for Transformer-XL).
     keys, values: float32 `[layers, batch, block, kv_heads, head_dim]`, the last block's keys and
       values of every layer (before any position transform).
     position: int32 scalar, tokens of the stream seen so far; 0 means "a fresh stream" (the
@@ -123,18 +123,21 @@ class BlockRecurrentTransformer(nn.Module):
     # -- carry and cache ----------------------------------------------------------------------
     @nn.nowrap
     def init_carry(self, batch_size: int) -> RecurrentCarry:
-        """The carry of a fresh stream (zeros, position 0): float32 arrays."""
+        """The carry of a fresh stream (zeros, position 0): float32 arrays (no states without
+        recurrent layers)."""
         kv = (self.num_layers, batch_size, self.block_size, self.num_kv_heads or self.num_heads,
               self._head_dim())
-        states = (len(self.recurrent_indices()), batch_size, self.num_states, self.embed_dim)
-        return RecurrentCarry(states=jnp.zeros(states, jnp.float32),
+        recurrent = len(self.recurrent_indices())
+        states = (jnp.zeros((recurrent, batch_size, self.num_states, self.embed_dim), jnp.float32)
+                  if recurrent else None)
+        return RecurrentCarry(states=states,
                               keys=jnp.zeros(kv, jnp.float32), values=jnp.zeros(kv, jnp.float32),
                               position=jnp.zeros((), jnp.int32))
 
     @nn.nowrap
     def carry_axes(self) -> RecurrentCarry:
         """Logical axis names of the carry's leaves (a `RecurrentCarry` of tuples)."""
-        return CARRY_AXES
+        return CARRY_AXES if self.recurrent_indices() else CARRY_AXES.replace(states=None)
 
     @nn.nowrap
     def init_cache(self, batch_size: int) -> Any:
