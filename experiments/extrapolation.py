@@ -108,9 +108,14 @@ def non_embedding_parameters(cell: Cell, study: Study) -> int:
                    if not any(t in jax.tree_util.keystr(path) for t in embedding_tables)))
 
 
+def _shown(arg: str) -> str:
+    """A command argument as the log shows it: paths relative to the repository."""
+    return arg.replace(REPO + os.sep, "")
+
+
 def _run(cmd: list[str], log_path: str) -> None:
     with open(log_path, "a") as log:
-        log.write("$ " + " ".join(cmd) + "\n")
+        log.write("$ " + " ".join(_shown(a) for a in cmd) + "\n")
         log.flush()
         proc = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
     if proc.returncode:

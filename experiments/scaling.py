@@ -239,7 +239,7 @@ def main(argv: Optional[list[str]] = None) -> None:
             "load_before": [round(x, 2) for x in load_before],
             "load_after": [round(x, 2) for x in os.getloadavg()],
             "date": datetime.datetime.now().isoformat(timespec="seconds"),
-            "argv": vars(args) | {"out": str(args.out)}}
+            "argv": vars(args) | {"out": os.path.relpath(args.out)}}
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / ("scaling" + (f".{args.tag}" if args.tag else ""))
     text = markdown(args, rows, meta)
