@@ -21,9 +21,15 @@ def has_tpu_chips() -> bool:
     return any(glob.glob(pattern) for pattern in TPU_DEVICE_FILES)
 
 
+CUDA_PLUGINS = ("jax_cuda12_plugin", "jax_cuda13_plugin")
+
+
 def local_platforms() -> str:
-    """The `JAX_PLATFORMS` value for a host without TPU chips."""
-    return "cuda,cpu" if glob.glob("/dev/nvidia[0-9]*") else "cpu"
+    """The `JAX_PLATFORMS` value for a host without TPU chips: CUDA too where NVIDIA devices and
+    a JAX CUDA plugin exist."""
+    cuda = (glob.glob("/dev/nvidia[0-9]*")
+            and any(importlib.util.find_spec(name) for name in CUDA_PLUGINS))
+    return "cuda,cpu" if cuda else "cpu"
 
 
 def configure(environ: dict = os.environ) -> None:
