@@ -460,7 +460,7 @@ def read_events_with_tensorflow(directory):
 def read_events_with_tensorboard(directory):
     accumulator = pytest.importorskip(
         "tensorboard.backend.event_processing.event_accumulator",
-        reason="tensorboard is not installed (it is not a lexjax dependency)")
+        reason="tensorboard is not installed (a test extra: pip install -e .[test])")
     acc = accumulator.EventAccumulator(directory, size_guidance={accumulator.SCALARS: 0})
     acc.Reload()
     return {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]}
