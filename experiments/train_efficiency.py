@@ -636,7 +636,8 @@ def main():
         return
 
     result = {"date": datetime.datetime.now().isoformat(timespec="seconds"),
-              "args": vars(args), "machine": machine_info()}
+              "args": vars(args) | {"out": os.path.relpath(args.out)},
+              "machine": machine_info()}
     result["machine"]["loadavg_start"] = loadavg()
     result["variants"] = []
     for name in [v for v in args.variants.split(",") if v]:

@@ -27,6 +27,19 @@ STREAM_SHUFFLE_BUFFER = 4096
 STREAM_BYTES_PER_TOKEN_SAMPLE = 4_000_000
 
 
+def _host_rows(length: int, batch_size: int, seed: int, start_step: int, shard_index: int,
+               num_shards: int) -> slice:
+    """This host's rows of a global batch, after checking the batching arguments."""
+    if length <= 0 or batch_size <= 0 or seed < 0 or start_step < 0:
+        raise DataError(f"need length > 0, batch_size > 0, seed >= 0 and start_step >= 0; got "
+                        f"{length=}, {batch_size=}, {seed=}, {start_step=}")
+    if num_shards <= 0 or batch_size % num_shards or not 0 <= shard_index < num_shards:
+        raise DataError(f"need 0 <= shard_index < num_shards dividing batch_size; got "
+                        f"{shard_index=}, {num_shards=}, {batch_size=}")
+    per_host = batch_size // num_shards
+    return slice(shard_index * per_host, (shard_index + 1) * per_host)
+
+
 def train_batches(task_name: str, *, length: int, batch_size: int, seed: int = 0,
                   split: str = "train", start_step: int = 0, shard_index: int = 0,
                   num_shards: int = 1, shuffle: bool = True,
@@ -70,17 +83,10 @@ def train_batches(task_name: str, *, length: int, batch_size: int, seed: int = 0
     Raises:
       DataError: for an unknown task or split, an empty split, or one shorter than `length`.
     """
-    if length <= 0 or batch_size <= 0 or seed < 0 or start_step < 0:
-        raise DataError(f"need length > 0, batch_size > 0, seed >= 0 and start_step >= 0; got "
-                        f"{length=}, {batch_size=}, {seed=}, {start_step=}")
-    if num_shards <= 0 or batch_size % num_shards or not 0 <= shard_index < num_shards:
-        raise DataError(f"need 0 <= shard_index < num_shards dividing batch_size; got "
-                        f"{shard_index=}, {num_shards=}, {batch_size=}")
+    rows = _host_rows(length, batch_size, seed, start_step, shard_index, num_shards)
     vocabulary = resolve_vocabulary(vocabulary)
     task = tasks.get_task(task_name, vocabulary)
     tasks.check_split(task, split)
-    per_host = batch_size // num_shards
-    rows = slice(shard_index * per_host, (shard_index + 1) * per_host)
     if tasks.is_local(task_name):
         stream = streams.materialized_stream(task_name, split, vocabulary, cache_dir)
         num_examples = stream.num_tokens // length
@@ -136,14 +142,21 @@ def stream_segments(task_name: str, *, length: int, batch_size: int, split: str 
     """E, the segments per row stream of `stream_batches` (rows restart a stream at every
     multiple of E steps). Raises DataError if the split has fewer than `batch_size * length`
     tokens."""
-    vocabulary = resolve_vocabulary(vocabulary)
+    return _row_streams(task_name, split, length, batch_size, resolve_vocabulary(vocabulary),
+                        cache_dir)[1]
+
+
+def _row_streams(task_name: str, split: str, length: int, batch_size: int,
+                 vocabulary: seqio.Vocabulary, cache_dir: str | None
+                 ) -> tuple[streams.TokenStream, int]:
+    """The split's token stream and E, its segments per row stream."""
     tasks.check_split(tasks.get_task(task_name, vocabulary), split)
     stream = _local_stream(task_name, split, vocabulary, cache_dir)
     segments = packing.segments_per_stream(stream.num_tokens, batch_size, length)
     if segments == 0:
         raise DataError(f"split {split!r} of task {task_name!r} has {stream.num_tokens} tokens, "
                         f"fewer than one segment of {length} for each of {batch_size} rows")
-    return segments
+    return stream, segments
 
 
 def stream_batches(task_name: str, *, length: int, batch_size: int, seed: int = 0,
@@ -163,18 +176,15 @@ def stream_batches(task_name: str, *, length: int, batch_size: int, seed: int = 
     Yields:
       `[batch_size // num_shards, length]` int32 token arrays.
     """
-    if length <= 0 or batch_size <= 0 or seed < 0 or start_step < 0:
-        raise DataError(f"need length > 0, batch_size > 0, seed >= 0 and start_step >= 0; got "
-                        f"{length=}, {batch_size=}, {seed=}, {start_step=}")
-    if num_shards <= 0 or batch_size % num_shards or not 0 <= shard_index < num_shards:
-        raise DataError(f"need 0 <= shard_index < num_shards dividing batch_size; got "
-                        f"{shard_index=}, {num_shards=}, {batch_size=}")
-    vocabulary = resolve_vocabulary(vocabulary)
-    segments = stream_segments(task_name, length=length, batch_size=batch_size, split=split,
-                               vocabulary=vocabulary, cache_dir=cache_dir)
-    tokens = _local_stream(task_name, split, vocabulary, cache_dir).tokens
-    per_host = batch_size // num_shards
-    rows = slice(shard_index * per_host, (shard_index + 1) * per_host)
+    rows = _host_rows(length, batch_size, seed, start_step, shard_index, num_shards)
+    stream, segments = _row_streams(task_name, split, length, batch_size,
+                                    resolve_vocabulary(vocabulary), cache_dir)
+    return _row_batches(stream.tokens, segments, length, batch_size, seed, shuffle, start_step,
+                        rows)
+
+
+def _row_batches(tokens: np.ndarray, segments: int, length: int, batch_size: int, seed: int,
+                 shuffle: bool, start_step: int, rows: slice) -> Iterator[np.ndarray]:
     for step in itertools.count(start_step):
         starts = packing.stream_segment_starts(step, batch_size, segments, length, seed=seed,
                                                shuffle=shuffle, rows=rows)

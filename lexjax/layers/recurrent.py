@@ -83,9 +83,8 @@ def attend_span(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, q_pos: jnp.ndarr
 def unordered_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray) -> jnp.ndarray:
     """Attention without mask or positions (to and from the state): `q [..., q_len, heads, d]`,
     `k, v [..., k_len, kv_heads, d]` -> `[..., q_len, heads, d]`."""
-    zeros = jnp.zeros
-    return attend_span(q, k, v, zeros(q.shape[-3], jnp.int32), zeros(k.shape[-3], jnp.int32),
-                       causal=False)
+    no_positions = jnp.zeros((), jnp.int32)
+    return attend_span(q, k, v, no_positions[None], no_positions[None], causal=False)
 
 
 # --- token attention ------------------------------------------------------------------------

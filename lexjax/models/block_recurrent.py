@@ -23,11 +23,11 @@ from typing import Any, Optional
 import flax
 import flax.linen as nn
 import gin
-import jax
 import jax.numpy as jnp
 
-from lexjax.layers import Embedding, compute_dtype, dense, make_norm, with_activation_axes
+from lexjax.layers import compute_dtype, make_norm
 from lexjax.layers.recurrent import GATES, BlockLayer
+from lexjax.models.lm import embed_tokens, empty_cache, output_logits
 from lexjax.positions import PositionScheme, T5Buckets
 
 
@@ -142,9 +142,7 @@ class BlockRecurrentTransformer(nn.Module):
     @nn.nowrap
     def init_cache(self, batch_size: int) -> Any:
         """An empty decoding cache (the "cache" collection) for `batch_size` sequences."""
-        tokens = jnp.zeros((batch_size, 1), jnp.int32)
-        shapes = jax.eval_shape(lambda: self.init(jax.random.PRNGKey(0), tokens, decode=True))
-        return jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, x.dtype), shapes["cache"])
+        return empty_cache(self, batch_size)
 
     # -- cost ---------------------------------------------------------------------------------
     @nn.nowrap
@@ -178,20 +176,9 @@ class BlockRecurrentTransformer(nn.Module):
             dropout_rate=self.dropout_rate, dtype=dtype, deterministic=deterministic,
             name=f"layer_{i}") for i in range(self.num_layers)]
 
-    def _embed(self, embedding: Embedding, tokens: jnp.ndarray, positions: jnp.ndarray,
-               dtype, deterministic: bool) -> jnp.ndarray:
-        x = embedding(tokens)
-        absolute = self.position.embed(positions, self.embed_dim)
-        if absolute is not None:
-            x = x + absolute.astype(dtype)
-        return with_activation_axes(nn.Dropout(self.dropout_rate)(x, deterministic=deterministic))
-
-    def _logits(self, embedding: Embedding, x: jnp.ndarray, dtype) -> jnp.ndarray:
-        x = make_norm(self.norm, dtype=dtype, name="final_norm")(x)
-        if self.tie_embeddings:
-            return embedding.attend(x) * (self.embed_dim ** -0.5)
-        return dense(self.vocab_size, ("embed", "vocab"), dtype=dtype, name="logits")(x).astype(
-            jnp.float32)
+    def _logits(self, embedding, x: jnp.ndarray) -> jnp.ndarray:
+        x = make_norm(self.norm, dtype=x.dtype, name="final_norm")(x)
+        return output_logits(self, embedding, x)
 
     @nn.compact
     def __call__(self, tokens: jnp.ndarray, *, deterministic: bool = True,
@@ -203,11 +190,9 @@ class BlockRecurrentTransformer(nn.Module):
         if tokens.ndim != 2:
             raise ValueError(f"tokens must be int32 [batch, length], got shape {tokens.shape}")
         self._check()
-        dtype = compute_dtype(self.dtype)
-        embedding = Embedding(self.vocab_size, self.embed_dim, dtype=dtype, name="token_embedding")
-        layers = self._layers(dtype, deterministic)
+        layers = self._layers(compute_dtype(self.dtype), deterministic)
         if decode:
-            return self._decode(embedding, layers, tokens, dtype)
+            return self._decode(layers, tokens)
 
         batch, length = tokens.shape
         w = self.block_size
@@ -217,7 +202,7 @@ class BlockRecurrentTransformer(nn.Module):
         carry = self.init_carry(batch) if carry is None else carry
         padded = jnp.pad(tokens, ((0, 0), (0, -length % w)))
         positions = carry.position + jnp.arange(padded.shape[1], dtype=jnp.int32)
-        x = self._embed(embedding, padded, positions, dtype, deterministic)
+        embedding, x = embed_tokens(self, padded, positions, self.position, deterministic)
         states, keys, values = [], [], []
         recurrent = self.recurrent_indices()
         for i, layer in enumerate(layers):
@@ -227,7 +212,7 @@ class BlockRecurrentTransformer(nn.Module):
             values.append(v)
             if i in recurrent:
                 states.append(state)
-        logits = self._logits(embedding, x, dtype)[:, :length]
+        logits = self._logits(embedding, x)[:, :length]
         if not return_carry:
             return logits
         new_carry = RecurrentCarry(
@@ -235,15 +220,14 @@ class BlockRecurrentTransformer(nn.Module):
             values=jnp.stack(values), position=carry.position + length)
         return logits, new_carry
 
-    def _decode(self, embedding: Embedding, layers: list[BlockLayer], tokens: jnp.ndarray,
-                dtype) -> jnp.ndarray:
+    def _decode(self, layers: list[BlockLayer], tokens: jnp.ndarray) -> jnp.ndarray:
         if tokens.shape[1] != 1:
             raise ValueError(f"decode=True takes one token per call, got length {tokens.shape[1]}")
         batch = tokens.shape[0]
         w, kv_heads = self.block_size, self.num_kv_heads or self.num_heads
         index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
         position = index.value
-        x = self._embed(embedding, tokens, position[None], dtype, True)
+        embedding, x = embed_tokens(self, tokens, position[None], self.position, True)
         kv_shape = (batch, 2 * w, kv_heads, self._head_dim())
         for i, layer in enumerate(layers):
             cache = {"keys": self.variable("cache", f"layer_{i}_keys", jnp.zeros, kv_shape,
@@ -258,4 +242,4 @@ class BlockRecurrentTransformer(nn.Module):
             for name, variable in cache.items():
                 variable.value = updated[name]
         index.value = position + 1
-        return self._logits(embedding, x, dtype)
+        return self._logits(embedding, x)

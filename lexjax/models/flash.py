@@ -23,13 +23,13 @@ from typing import Any, Optional
 
 import flax.linen as nn
 import gin
-import jax
 import jax.numpy as jnp
 
 from lexjax.attention import MaskSpec
 from lexjax.layers import Embedding, compute_dtype, dense, make_norm, with_activation_axes
 from lexjax.layers.basic import Dtype
 from lexjax.layers.gau import GatedAttentionUnit
+from lexjax.models.lm import empty_cache
 from lexjax.models.transformer import REMAT_POLICIES
 from lexjax.positions import PositionScheme, RoPE
 
@@ -126,9 +126,7 @@ class Flash(nn.Module):
     @nn.nowrap
     def init_cache(self, batch_size: int) -> Any:
         """An empty decoding cache (the "cache" collection) for `batch_size` sequences."""
-        tokens = jnp.zeros((batch_size, 1), jnp.int32)
-        shapes = jax.eval_shape(lambda: self.init(jax.random.PRNGKey(0), tokens, decode=True))
-        return jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, x.dtype), shapes["cache"])
+        return empty_cache(self, batch_size)
 
     def _check(self) -> None:
         if self.remat_policy not in REMAT_POLICIES:

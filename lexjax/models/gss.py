@@ -26,13 +26,13 @@ from typing import Any, Optional
 
 import flax.linen as nn
 import gin
-import jax
 import jax.numpy as jnp
 
 from lexjax.attention import MaskSpec
-from lexjax.layers import Embedding, compute_dtype, dense, make_norm, with_activation_axes
+from lexjax.layers import compute_dtype, dense, make_norm, with_activation_axes
 from lexjax.layers.basic import Dtype
 from lexjax.layers.ssm import SSM_CHANNELS, DiagonalSSM, ssm_flops_per_token
+from lexjax.models.lm import check_remat, embed_tokens, empty_cache, output_logits
 from lexjax.models.transformer import REMAT_POLICIES, DecoderLayer
 from lexjax.positions import PositionScheme, RoPE
 
@@ -99,42 +99,6 @@ def gss_layer_flops(embed_dim: int, expansion_dim: int, ssm_dim: int, state_dim:
     return projections + ssm_flops_per_token(ssm_dim, state_dim, length)
 
 
-def embed_tokens(module: nn.Module, tokens: jnp.ndarray, positions: jnp.ndarray,
-                 position: Optional[PositionScheme], deterministic: bool) -> tuple[Embedding,
-                                                                                   jnp.ndarray]:
-    """(the token embedding, its output `[batch, length, embed]` plus any absolute position
-    embedding, after dropout), created inside `module`'s compact scope. Shared by the LMs of this
-    family; `module` has the fields `vocab_size`, `embed_dim`, `dropout_rate` and `dtype`."""
-    dtype = compute_dtype(module.dtype)
-    if tokens.ndim != 2:
-        raise ValueError(f"tokens must be int32 [batch, length], got shape {tokens.shape}")
-    embedding = Embedding(module.vocab_size, module.embed_dim, dtype=dtype,
-                          name="token_embedding")
-    x = embedding(tokens)
-    if position is not None:
-        absolute = position.embed(positions, module.embed_dim)
-        if absolute is not None:
-            x = x + absolute.astype(dtype)
-    x = nn.Dropout(module.dropout_rate)(x, deterministic=deterministic)
-    return embedding, with_activation_axes(x)
-
-
-def output_logits(module: nn.Module, embedding: Embedding, x: jnp.ndarray) -> jnp.ndarray:
-    """float32 logits `[batch, length, vocab]` from `x [batch, length, embed]`: tied to the
-    embedding (scaled by embed^-0.5, as the Transformer) or a separate `logits` projection
-    (`module.tie_embeddings`)."""
-    if module.tie_embeddings:
-        return embedding.attend(x) * (module.embed_dim ** -0.5)
-    logits = dense(module.vocab_size, ("embed", "vocab"), dtype=x.dtype, name="logits")(x)
-    return logits.astype(jnp.float32)
-
-
-def check_remat(policy: str) -> None:
-    """Raises a clear error for an unknown `remat_policy`."""
-    if policy not in REMAT_POLICIES:
-        raise ValueError(f"unknown remat_policy {policy!r}; use one of {sorted(REMAT_POLICIES)}")
-
-
 @gin.configurable(module="lexjax.models")
 class GSS(nn.Module):
     """The GSS language model: int32 tokens `[batch, length]` -> float32 logits
@@ -179,9 +143,7 @@ class GSS(nn.Module):
     @nn.nowrap
     def init_cache(self, batch_size: int) -> Any:
         """An empty decoding cache (the "cache" collection) for `batch_size` sequences."""
-        tokens = jnp.zeros((batch_size, 1), jnp.int32)
-        shapes = jax.eval_shape(lambda: self.init(jax.random.PRNGKey(0), tokens, decode=True))
-        return jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, x.dtype), shapes["cache"])
+        return empty_cache(self, batch_size)
 
     @nn.compact
     def __call__(self, tokens: jnp.ndarray, *, deterministic: bool = True,

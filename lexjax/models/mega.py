@@ -44,7 +44,8 @@ from lexjax.attention.common import masked_softmax_attention
 from lexjax.layers import MLP, compute_dtype, make_norm, with_activation_axes
 from lexjax.layers.basic import Dtype
 from lexjax.layers.ema import DampedEMA, ema_flops_per_token
-from lexjax.models.gss import check_remat, embed_tokens, output_logits
+from lexjax.models.lm import empty_cache
+from lexjax.models.lm import check_remat, embed_tokens, output_logits
 from lexjax.models.transformer import REMAT_POLICIES
 from lexjax.positions import PositionScheme, RoPE
 
@@ -239,9 +240,7 @@ class Mega(nn.Module):
     @nn.nowrap
     def init_cache(self, batch_size: int) -> Any:
         """An empty decoding cache (the "cache" collection) for `batch_size` sequences."""
-        tokens = jnp.zeros((batch_size, 1), jnp.int32)
-        shapes = jax.eval_shape(lambda: self.init(jax.random.PRNGKey(0), tokens, decode=True))
-        return jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, x.dtype), shapes["cache"])
+        return empty_cache(self, batch_size)
 
     @nn.compact
     def __call__(self, tokens: jnp.ndarray, *, deterministic: bool = True,

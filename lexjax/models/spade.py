@@ -34,7 +34,7 @@ from lexjax.layers import (MLP, SelfAttention, compute_dtype, dense, make_norm,
                            with_activation_axes)
 from lexjax.layers.basic import Dtype
 from lexjax.layers.ssm import SSM_CHANNELS, DiagonalSSM, ssm_flops_per_token
-from lexjax.models.gss import check_remat, embed_tokens, output_logits
+from lexjax.models.lm import check_remat, embed_tokens, output_logits
 from lexjax.models.transformer import REMAT_POLICIES, DecoderLayer
 from lexjax.positions import PositionScheme, T5Buckets
 
