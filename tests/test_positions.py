@@ -315,6 +315,22 @@ def test_rope_hand_values():
                         jnp.arange(2))
 
 
+@pytest.mark.parametrize("scheme", [P.RoPE(), P.XPos()], ids=["rope", "xpos"])
+def test_rotary_numpy_positions_give_constant_tables_and_the_same_rotation(scheme, rng):
+    """Positions known at trace time (numpy) build the tables in numpy, as constants of the
+    compiled step; the rotation equals the one from traced positions."""
+    cos, sin = P.rotation_tables(P.rotary_angles(np.arange(6, dtype=np.int32), 8, 10000.0))
+    assert isinstance(cos, np.ndarray) and isinstance(sin, np.ndarray)
+    chex.assert_shape([cos, sin], (6, 1, 8))
+    q = jnp.asarray(rng.standard_normal((2, 30, 3, 16)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((2, 30, 3, 16)), jnp.float32)
+    pos = np.arange(30, dtype=np.int32) + 7
+    constant = jax.jit(lambda q, k: scheme.rotate(q, k, pos, pos))(q, k)
+    traced = rotate(scheme, q, k, pos, pos)
+    for a, b in zip(constant, traced):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+
+
 def test_rope_keeps_dtype():
     x = jnp.ones((1, 4, 2, 8), jnp.bfloat16)
     qr, kr = P.RoPE().rotate(x, x, jnp.arange(4), jnp.arange(4))

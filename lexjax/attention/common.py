@@ -36,6 +36,12 @@ def masked_softmax_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray,
                              ) -> jnp.ndarray:
     """Softmax attention of grouped queries over one span of keys, logits in float32.
 
+    Computed head-major (`[..., kv_heads, (group,) q, k]` logits), with the group axis dropped
+    when it is 1 (plain multi-head attention): the two products are then batched matrix
+    products over contiguous `[q, d]` / `[k, d]` tiles, which XLA:CPU runs without the layout
+    copies a singleton axis between heads and positions costs (about 30% of attention's forward
+    and backward time, see experiments/train_efficiency.py).
+
     Args:
       q: `[..., q_len, kv_heads, group, d]` grouped queries.
       k, v: `[..., k_len, kv_heads, d]`.
@@ -44,18 +50,27 @@ def masked_softmax_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray,
     Returns:
       `[..., q_len, kv_heads, group, d]`.
     """
-    scale = q.shape[-1] ** -0.5
-    logits = jnp.einsum("...qhgd,...khd->...hgqk", q, k,
-                        preferred_element_type=jnp.float32) * scale
+    group = q.shape[-2]
+    heads = "h" if group == 1 else "hg"
+    q_heads = (jnp.moveaxis(q[..., 0, :], -3, -2) if group == 1   # [..., h, q, d]
+               else jnp.moveaxis(q, -4, -2))                       # [..., h, g, q, d]
+    k_heads, v_heads = jnp.moveaxis(k, -3, -2), jnp.moveaxis(v, -3, -2)  # [..., h, k, d]
+    logits = jnp.einsum(f"...{heads}qd,...hkd->...{heads}qk", q_heads, k_heads,
+                        preferred_element_type=jnp.float32) * q.shape[-1] ** -0.5
     rel = q_pos[..., :, None] - k_pos[..., None, :]  # [..., q, k]
     if bias is not None:
         b = grouped_bias(bias, rel, k.shape[-2])  # [h, g, ..., q, k]
-        logits = logits + jnp.moveaxis(b, (0, 1), (-4, -3))
+        b = b[:, 0] if group == 1 else b
+        logits = logits + jnp.moveaxis(b, tuple(range(len(heads))),
+                                       tuple(range(-2 - len(heads), -2)))
     visible = mask.allows(q_pos[..., :, None], k_pos[..., None, :])
     if k_valid is not None:
         visible = visible & k_valid[..., None, :]
-    logits = jnp.where(visible[..., None, None, :, :], logits, NEG_INF)
+    visible = visible.reshape(visible.shape[:-2] + (1,) * len(heads) + visible.shape[-2:])
+    logits = jnp.where(visible, logits, NEG_INF)
     probs = jax.nn.softmax(logits, axis=-1)
-    out = jnp.einsum("...hgqk,...khd->...qhgd", probs.astype(v.dtype), v,
-                     preferred_element_type=jnp.float32)
+    out = jnp.einsum(f"...{heads}qk,...hkd->...{heads}qd", probs.astype(v.dtype), v_heads,
+                     preferred_element_type=jnp.float32)  # [..., h, (g,) q, d]
+    out = (jnp.moveaxis(out, -2, -3)[..., None, :] if group == 1
+           else jnp.moveaxis(out, -2, -4))
     return out.astype(v.dtype)

@@ -24,6 +24,7 @@ from typing import Any, Optional
 import flax.linen as nn
 import gin
 import jax.numpy as jnp
+import numpy as np
 
 from lexjax.attention import MaskSpec
 from lexjax.layers import Embedding, compute_dtype, dense, make_norm, with_activation_axes
@@ -156,7 +157,7 @@ class Flash(nn.Module):
             if initialized:
                 index.value = index.value + 1
         else:
-            positions = jnp.arange(tokens.shape[1], dtype=jnp.int32)
+            positions = np.arange(tokens.shape[1], dtype=np.int32)
 
         embedding = Embedding(self.vocab_size, self.embed_dim, dtype=dtype, name="token_embedding")
         x = embedding(tokens)

@@ -27,6 +27,7 @@ from typing import Any, Optional
 import flax.linen as nn
 import gin
 import jax.numpy as jnp
+import numpy as np
 
 from lexjax.attention import MaskSpec
 from lexjax.layers import compute_dtype, dense, make_norm, with_activation_axes
@@ -152,7 +153,7 @@ class GSS(nn.Module):
         `tokens [batch, 1]`, the next token after those the cache has seen."""
         check_remat(self.remat_policy)
         dtype = compute_dtype(self.dtype)
-        positions = jnp.arange(tokens.shape[1], dtype=jnp.int32)
+        positions = np.arange(tokens.shape[1], dtype=np.int32)
         embedding, x = embed_tokens(self, tokens, positions, None, deterministic)
         layer_cls = GSSLayer
         if self.remat_policy != "none" and not decode:
@@ -235,7 +236,7 @@ class GSSTransformer(nn.Module):
         """`tokens [batch, length]` -> float32 logits `[batch, length, vocab]`."""
         check_remat(self.remat_policy)
         dtype = compute_dtype(self.dtype)
-        positions = jnp.arange(tokens.shape[1], dtype=jnp.int32)
+        positions = np.arange(tokens.shape[1], dtype=np.int32)
         embedding, x = embed_tokens(self, tokens, positions, self.position, deterministic)
         gss_cls, attention_cls = GSSLayer, DecoderLayer
         if self.remat_policy != "none":

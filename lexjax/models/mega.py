@@ -38,6 +38,7 @@ import flax.linen as nn
 import gin
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from lexjax.attention import MaskSpec, RelativeBias, attend
 from lexjax.attention.common import masked_softmax_attention
@@ -260,7 +261,7 @@ class Mega(nn.Module):
             if initialized:
                 index.value = index.value + 1
         else:
-            positions = jnp.arange(tokens.shape[1], dtype=jnp.int32)
+            positions = np.arange(tokens.shape[1], dtype=np.int32)
         embedding, x = embed_tokens(self, tokens, positions, self.position, deterministic)
         block_cls = MegaBlock
         if self.remat_policy != "none" and not decode:

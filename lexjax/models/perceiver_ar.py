@@ -33,6 +33,7 @@ import flax.linen as nn
 import gin
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from lexjax.attention import MaskSpec
 from lexjax.layers import MLP, Embedding, compute_dtype, dense, make_norm, with_activation_axes
@@ -291,14 +292,14 @@ class PerceiverAR(nn.Module):
             raise ValueError(f"tokens must be int32 [batch, length], got shape {tokens.shape}")
         b, n = tokens.shape
         m = min(n, self.num_latents)
-        x = self._embed(tokens, jnp.arange(n, dtype=jnp.int32), deterministic)
+        x = self._embed(tokens, np.arange(n, dtype=np.int32), deterministic)
         keys, values = self.cross.keys_values(x)
         key_valid = None
         if not deterministic and self.input_dropout_rate > 0.0 and n > m:
             key_valid = self._context_keep(b, n, m)
-        latent_positions = jnp.arange(n - m, n, dtype=jnp.int32)
+        latent_positions = np.arange(n - m, n, dtype=np.int32)
         z = self.cross(x[:, n - m:], latent_positions, keys, values,
-                       jnp.arange(n, dtype=jnp.int32), key_valid, deterministic)
+                       np.arange(n, dtype=np.int32), key_valid, deterministic)
         return z, latent_positions, keys, values
 
     def __call__(self, tokens: jnp.ndarray, *, deterministic: bool = True) -> jnp.ndarray:

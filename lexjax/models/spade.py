@@ -28,6 +28,7 @@ from typing import Optional
 import flax.linen as nn
 import gin
 import jax.numpy as jnp
+import numpy as np
 
 from lexjax.attention import MaskSpec
 from lexjax.layers import (MLP, SelfAttention, compute_dtype, dense, make_norm,
@@ -144,7 +145,7 @@ class Spade(nn.Module):
         """`tokens [batch, length]` -> float32 logits `[batch, length, vocab]`."""
         check_remat(self.remat_policy)
         dtype = compute_dtype(self.dtype)
-        positions = jnp.arange(tokens.shape[1], dtype=jnp.int32)
+        positions = np.arange(tokens.shape[1], dtype=np.int32)
         embedding, x = embed_tokens(self, tokens, positions, self.position, deterministic)
         common = dict(num_heads=self.num_heads,
                       head_dim=self.head_dim or self.embed_dim // self.num_heads,

@@ -8,6 +8,7 @@ import flax.linen as nn
 import gin
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from lexjax.attention import MaskSpec
 from lexjax.layers import (MLP, Embedding, SelfAttention, compute_dtype, dense, make_norm,
@@ -113,7 +114,7 @@ class Transformer(nn.Module):
             raise ValueError(f"unknown remat_policy {self.remat_policy!r}; use one of "
                              f"{sorted(REMAT_POLICIES)}")
         dtype = compute_dtype(self.dtype)
-        positions = jnp.arange(tokens.shape[1], dtype=jnp.int32)
+        positions = np.arange(tokens.shape[1], dtype=np.int32)
         embedding = Embedding(self.vocab_size, self.embed_dim, dtype=dtype, name="token_embedding")
 
         x = embedding(tokens)

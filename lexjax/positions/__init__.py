@@ -5,13 +5,14 @@ from lexjax.positions.absolute import Learned, NoPE, Sinusoidal, sinusoidal_tabl
 from lexjax.positions.alibi import ALiBi, alibi_slopes
 from lexjax.positions.base import PositionScheme
 from lexjax.positions.kerple import Kerple, kerple_log_bias, kerple_power_bias
-from lexjax.positions.rotary import RoPE, XPos, rotary_angles, rotate_pairs, xpos_decay_base
+from lexjax.positions.rotary import (RoPE, XPos, rotary_angles, rotate_pairs, rotation_tables,
+                                     xpos_decay_base)
 from lexjax.positions.sandwich import Sandwich, sandwich_frequencies
 from lexjax.positions.t5 import T5Buckets, relative_position_bucket
 
 __all__ = [
     "PositionScheme", "NoPE", "Sinusoidal", "Learned", "RoPE", "XPos", "ALiBi", "Sandwich",
     "Kerple", "T5Buckets", "alibi_slopes", "sinusoidal_table", "rotary_angles", "rotate_pairs",
-    "xpos_decay_base", "sandwich_frequencies", "kerple_log_bias", "kerple_power_bias",
+    "rotation_tables", "xpos_decay_base", "sandwich_frequencies", "kerple_log_bias", "kerple_power_bias",
     "relative_position_bucket",
 ]

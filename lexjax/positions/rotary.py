@@ -13,13 +13,34 @@ import numpy as np
 from lexjax.positions.base import PositionScheme
 
 
+def _array_module(*arrays):
+    """numpy when every input is a numpy array (positions known when the model is traced: the
+    tables become constants, which XLA reads instead of recomputing sin/cos/exp inside every
+    fusion that consumes them), jax.numpy otherwise (positions traced, e.g. when decoding)."""
+    return np if all(isinstance(a, np.ndarray) for a in arrays) else jnp
+
+
 def rotary_angles(positions: jnp.ndarray, head_dim: int, base: float) -> jnp.ndarray:
     """`positions [..., length]` -> float32 angles `[..., length, 1, head_dim // 2]`
-    (the singleton broadcasts over heads)."""
+    (the singleton broadcasts over heads); numpy in, numpy out."""
     if head_dim % 2:
         raise ValueError(f"rotary embeddings need an even head_dim, got {head_dim}")
+    xp = _array_module(positions)
     inv_freq = base ** (-np.arange(0, head_dim, 2, dtype=np.float32) / head_dim)
-    return (positions.astype(jnp.float32)[..., None] * inv_freq)[..., None, :]
+    return (positions.astype(xp.float32)[..., None] * inv_freq)[..., None, :]
+
+
+def rotation_tables(angles: jnp.ndarray, scale: jnp.ndarray | None = None
+                    ) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """`(cos, signed_sin)`, each float32 `[..., length, 1, head_dim]`, from `angles`
+    `[..., length, 1, head_dim // 2]` (and `scale`, same shape, multiplying pair i): the factors
+    `rotate_pairs` applies to x and to its pair-swapped copy. numpy in, numpy out."""
+    xp = _array_module(angles) if scale is None else _array_module(angles, scale)
+    cos, sin = xp.cos(angles), xp.sin(angles)
+    if scale is not None:
+        cos, sin = cos * scale, sin * scale
+    signs = np.tile(np.asarray([-1.0, 1.0], np.float32), angles.shape[-1])
+    return xp.repeat(cos, 2, axis=-1), xp.repeat(sin, 2, axis=-1) * signs
 
 
 def rotate_pairs(x: jnp.ndarray, angles: jnp.ndarray,
@@ -31,12 +52,8 @@ def rotate_pairs(x: jnp.ndarray, angles: jnp.ndarray,
     As `x * cos + swap(x) * (-sin, sin)` over the full head dimension (swap exchanges the two
     members of each pair): elementwise work XLA fuses, without splitting and re-stacking pairs.
     """
-    cos, sin = jnp.cos(angles), jnp.sin(angles)
-    if scale is not None:
-        cos, sin = cos * scale, sin * scale
+    cos, sin = rotation_tables(angles, scale)
     half = x.shape[-1] // 2
-    signs = jnp.tile(jnp.asarray([-1.0, 1.0], jnp.float32), half)
-    cos, sin = jnp.repeat(cos, 2, axis=-1), jnp.repeat(sin, 2, axis=-1) * signs
     x32 = x.astype(jnp.float32)
     swapped = x32.reshape(x.shape[:-1] + (half, 2))[..., ::-1].reshape(x.shape)
     return (x32 * cos + swapped * sin).astype(x.dtype)
@@ -82,9 +99,10 @@ class XPos(PositionScheme):
     def scales(self, positions: jnp.ndarray, centre: jnp.ndarray, head_dim: int,
                sign: float) -> jnp.ndarray:
         """zeta^(sign * (p - centre)/B): `[..., length]` -> float32 `[..., length, 1, d // 2]`."""
+        xp = _array_module(positions, centre)
         log_zeta = np.log(xpos_decay_base(head_dim, self.gamma))
-        power = sign * (positions - centre).astype(jnp.float32)[..., None] / self.scale_base
-        return jnp.exp(power * log_zeta)[..., None, :]
+        power = sign * (positions - centre).astype(xp.float32)[..., None] / self.scale_base
+        return xp.exp(power * log_zeta)[..., None, :]
 
     def rotate(self, q, k, q_positions, k_positions):
         d = q.shape[-1]
