@@ -14,6 +14,10 @@ reports the median:
   attention halved; lexjax.training.flops) / median step time / peak, where peak is the float32
   matmul rate measured in the same process (`flops.measured_matmul_peak`, a chain of 1024^2
   matmuls), measured before and after each variant (the mean is used, both are recorded);
+* MFU (paired): `--rounds` rounds of `--steps_per_round` steps, each between two peak
+  measurements, each round's MFU against the mean of its two peaks, median over rounds
+  (`paired_mfu`). The matmul rate of a shared VM drifts by +-20% within a minute; a peak taken
+  only before and after a variant leaves that drift in the ratio, pairing cancels most of it;
 * XLA's FLOP count of the compiled step (`flops.xla_flops`, all HLO ops: the masked half of the
   causal attention, softmax/norm/elementwise work and the AdamW update included) and the
   utilisation it implies;
@@ -173,6 +177,25 @@ def matmul_rate_per_cpu_second(size=1024, repeats=8):
     return 2.0 * size ** 3 * repeats / best
 
 
+def paired_mfu(step, flops_per_step, rounds, steps_per_round):
+    """MFU measured in `rounds` short rounds, each timing `steps_per_round` steps between two
+    measurements of the matmul peak: a round's MFU = flops / its median step / the mean of the
+    peaks around it. The machine's speed drifts (a shared VM's matmul rate here moves by +-20%
+    within a minute); pairing each step timing with the peak of the same moment cancels the
+    drift that a peak taken only at the start and end of a variant leaves in. Returns the
+    per-round MFUs."""
+    from lexjax.training import flops as flops_lib
+
+    mfus = []
+    peak_before = flops_lib.measured_matmul_peak()
+    for _ in range(rounds):
+        samples = time_calls(step, 0, steps_per_round)
+        peak_after = flops_lib.measured_matmul_peak()
+        mfus.append(flops_per_step / statistics.median(samples) / ((peak_before + peak_after) / 2))
+        peak_before = peak_after
+    return mfus
+
+
 def measure_variant(name, bindings, args):
     import jax
 
@@ -193,11 +216,14 @@ def measure_variant(name, bindings, args):
             jax.block_until_ready((holder["state"], metrics))
 
         samples = time_calls(step, args.warmup, args.steps, cpu=cpu_samples)
+        analytic = flops_lib.training_flops_per_step(trainer.model, trainer.spec.batch_size,
+                                                     trainer.spec.train_length)
+        paired = (paired_mfu(step, analytic, args.rounds, args.steps_per_round)
+                  if analytic and args.rounds else [])
         trainer.checkpointer.close()
     peak_after = flops_lib.measured_matmul_peak()
     cpu_rate = (cpu_rate_before + matmul_rate_per_cpu_second()) / 2
     model, spec = trainer.model, trainer.spec
-    analytic = flops_lib.training_flops_per_step(model, spec.batch_size, spec.train_length)
     xla = flops_lib.xla_flops(compiled)
     peak = (peak_before + peak_after) / 2
     median, best = statistics.median(samples), min(samples)
@@ -212,6 +238,7 @@ def measure_variant(name, bindings, args):
         xla_over_analytic=(xla / analytic) if xla else None,
         peak_flops_before=peak_before, peak_flops_after=peak_after, peak_flops=peak,
         mfu=analytic / median / peak, mfu_best=analytic / best / peak,
+        mfu_paired_rounds=paired, mfu_paired=statistics.median(paired) if paired else None,
         xla_flops_utilisation=(xla / median / peak) if xla else None,
         step_cpu_seconds=cpu_samples, median_step_cpu_seconds=statistics.median(cpu_samples),
         matmul_flops_per_cpu_second=cpu_rate,
@@ -492,20 +519,27 @@ def markdown(result):
               "cores, but blind to idle cores (a step that keeps one of two cores busy scores "
               "the same as one that keeps both busy); 'cores busy' = step CPU time / step wall "
               "time.", "",
+              "MFU (paired) = median over rounds of "
+              f"{result['args'].get('steps_per_round', '-')} steps, each round's MFU taken "
+              "against the mean of the peaks measured just before and just after it "
+              "(`paired_mfu`): the machine's matmul rate drifts by +-20% within a minute here, "
+              "and pairing cancels that drift; read it as the step's MFU on a quiet machine.",
+              "",
               "| variant | B | L | dtype | attn | scan | params | GFLOP/step (model) | "
-              "XLA/model | step ms (median) | tokens/s | peak GFLOP/s | MFU | MFU (best step) "
-              "| XLA-FLOP util. | MFU (CPU time) | cores busy | compile s |",
-              "|" + "---|" * 18]
+              "XLA/model | step ms (median) | tokens/s | peak GFLOP/s | MFU | MFU (paired) | "
+              "MFU (best step) | XLA-FLOP util. | MFU (CPU time) | cores busy | compile s |",
+              "|" + "---|" * 19]
     for r in result["variants"]:
         if "error" in r:
-            lines.append(f"| {r['variant']} | error: {r['error']} |" + " |" * 16)
+            lines.append(f"| {r['variant']} | error: {r['error']} |" + " |" * 17)
             continue
         lines.append(
             f"| {r['variant']} | {r['batch']} | {r['length']} | {r['dtype']} | "
             f"{r['attention_impl']} | {r['scan_layers']} | {r['params'] / 1e6:.2f}M | "
             f"{r['analytic_flops_per_step'] / 1e9:.2f} | {_g(r['xla_over_analytic'])} | "
             f"{1e3 * r['median_step_seconds']:.0f} | {r['tokens_per_sec']:.0f} | "
-            f"{r['peak_flops'] / 1e9:.0f} | {_pct(r['mfu'])} | {_pct(r['mfu_best'])} | "
+            f"{r['peak_flops'] / 1e9:.0f} | {_pct(r['mfu'])} | {_pct(r.get('mfu_paired'))} | "
+            f"{_pct(r['mfu_best'])} | "
             f"{_pct(r['xla_flops_utilisation'])} | {_pct(r.get('mfu_cpu_time'))} | "
             f"{_g(r.get('cpu_busy', 0) * (m['cpus'] or 1), 2)} | {r['compile_seconds']:.1f} |")
     lines.append("")
@@ -606,6 +640,9 @@ def main():
                         help=f"comma-separated, from {sorted(FLAG_VARIANTS)}, or 'none'")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=8,
+                        help="paired-MFU rounds per variant (0: skip)")
+    parser.add_argument("--steps_per_round", type=int, default=3)
     parser.add_argument("--top_ops", type=int, default=15)
     parser.add_argument("--no_profile", action="store_true")
     parser.add_argument("--no_breakdown", action="store_true")
@@ -647,7 +684,8 @@ def main():
         record["description"] = description
         result["variants"].append(record)
         print(f"  median {1e3 * record['median_step_seconds']:.0f} ms, MFU "
-              f"{100 * record['mfu']:.1f}%, peak {record['peak_flops'] / 1e9:.0f} GFLOP/s, "
+              f"{100 * record['mfu']:.1f}% (paired {_pct(record['mfu_paired'])}), peak "
+              f"{record['peak_flops'] / 1e9:.0f} GFLOP/s, "
               f"load {record['loadavg_after']}", file=sys.stderr, flush=True)
     if not args.no_breakdown:
         print("[breakdown]", file=sys.stderr, flush=True)
