@@ -389,6 +389,7 @@ def profile(args):
         for _ in range(steps):
             step()
     wall = (time.perf_counter() - start) / steps
+    print(f"  trace (Perfetto / TensorBoard profile): {trace_dir}", file=sys.stderr, flush=True)
     files = glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True)
     if not files:
         return {"error": f"no trace written under {trace_dir}"}
@@ -429,8 +430,7 @@ def profile(args):
             "analytic_flops_per_matmul_second": analytic / matmul_seconds if matmul_seconds
             else None,
             "ops_traced": len(rows), "by_kind": by_kind[:args.top_ops],
-            "top_ops": rows[:args.top_ops],
-            "trace_dir": trace_dir}
+            "top_ops": rows[:args.top_ops]}
 
 
 # ----------------------------------------------------------------------------------------------
