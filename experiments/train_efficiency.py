@@ -160,21 +160,19 @@ def time_calls(fn, warmup, steps, cpu=None):
 
 
 def matmul_rate_per_cpu_second(size=1024, repeats=8):
-    """The same matmul chain as `flops.measured_matmul_peak`, timed in process CPU seconds (all
-    threads): FLOPs per CPU-second. Unlike the wall-clock peak it barely moves when other
-    processes compete for the cores (they take wall time, not this process's CPU time)."""
-    import jax
-    import jax.numpy as jnp
+    """The same matmul chain as `flops.measured_matmul_peak` (`flops.matmul_chain`), timed in
+    process CPU seconds (all threads): FLOPs per CPU-second. Unlike the wall-clock peak it barely
+    moves when other processes compete for the cores (they take wall time, not this process's
+    CPU time)."""
+    from lexjax.training import flops as flops_lib
 
-    a = jnp.ones((size, size), jnp.float32) / size
-    chain = jax.jit(lambda x: jax.lax.fori_loop(0, repeats, lambda _, y: y @ a, x))
-    jax.block_until_ready(chain(a))
+    run, flops = flops_lib.matmul_chain(size, repeats)
     best = float("inf")
     for _ in range(3):
         start = time.process_time()
-        jax.block_until_ready(chain(a))
+        run()
         best = min(best, time.process_time() - start)
-    return 2.0 * size ** 3 * repeats / best
+    return flops / best
 
 
 def paired_mfu(step, flops_per_step, rounds, steps_per_round):

@@ -606,6 +606,16 @@ def test_analytic_flops_agree_with_xla_cost_analysis():
     assert training_flops_per_step(full, batch, length) == pytest.approx(3 * analytic_full)
 
 
+def test_matmul_peak_compiles_its_chain_once():
+    """Repeated peak measurements (the benchmark takes one per round) reuse one compiled chain;
+    its FLOP count is 2 n^3 per matmul."""
+    from lexjax.training import flops
+    run, chain_flops = flops.matmul_chain(32, 3)
+    assert flops.matmul_chain(32, 3)[0] is run
+    assert chain_flops == 2 * 32 ** 3 * 3
+    assert flops.measured_matmul_peak(32, 3) > 0
+
+
 # ----------------------------------------------------------------------------------------------
 # Models that carry state across steps (Block-Recurrent Transformer, Transformer-XL)
 # ----------------------------------------------------------------------------------------------

@@ -13,6 +13,6 @@ from lexjax.positions.t5 import T5Buckets, relative_position_bucket
 __all__ = [
     "PositionScheme", "NoPE", "Sinusoidal", "Learned", "RoPE", "XPos", "ALiBi", "Sandwich",
     "Kerple", "T5Buckets", "alibi_slopes", "sinusoidal_table", "rotary_angles", "rotate_pairs",
-    "rotation_tables", "xpos_decay_base", "sandwich_frequencies", "kerple_log_bias", "kerple_power_bias",
-    "relative_position_bucket",
+    "rotation_tables", "xpos_decay_base", "sandwich_frequencies", "kerple_log_bias",
+    "kerple_power_bias", "relative_position_bucket",
 ]

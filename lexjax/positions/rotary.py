@@ -14,10 +14,11 @@ from lexjax.positions.base import PositionScheme
 
 
 def _array_module(*arrays):
-    """numpy when every input is a numpy array (positions known when the model is traced: the
-    tables become constants, which XLA reads instead of recomputing sin/cos/exp inside every
-    fusion that consumes them), jax.numpy otherwise (positions traced, e.g. when decoding)."""
-    return np if all(isinstance(a, np.ndarray) for a in arrays) else jnp
+    """numpy when every given (not None) input is a numpy array (positions known when the model
+    is traced: the tables become constants, which XLA reads instead of recomputing sin/cos/exp
+    inside every fusion that consumes them), jax.numpy otherwise (positions traced, e.g. when
+    decoding)."""
+    return np if all(isinstance(a, np.ndarray) for a in arrays if a is not None) else jnp
 
 
 def rotary_angles(positions: jnp.ndarray, head_dim: int, base: float) -> jnp.ndarray:
@@ -35,7 +36,7 @@ def rotation_tables(angles: jnp.ndarray, scale: jnp.ndarray | None = None
     """`(cos, signed_sin)`, each float32 `[..., length, 1, head_dim]`, from `angles`
     `[..., length, 1, head_dim // 2]` (and `scale`, same shape, multiplying pair i): the factors
     `rotate_pairs` applies to x and to its pair-swapped copy. numpy in, numpy out."""
-    xp = _array_module(angles) if scale is None else _array_module(angles, scale)
+    xp = _array_module(angles, scale)
     cos, sin = xp.cos(angles), xp.sin(angles)
     if scale is not None:
         cos, sin = cos * scale, sin * scale

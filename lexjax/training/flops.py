@@ -9,8 +9,9 @@ vendor's dense bf16 peak for the device kind.
 """
 from __future__ import annotations
 
+import functools
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -23,18 +24,31 @@ ACCELERATOR_PEAKS = {
 }
 
 
-def measured_matmul_peak(size: int = 1024, repeats: int = 8) -> float:
-    """The f32 matmul rate (FLOP/s) of the default device: best of a few timed runs of a chain of
-    `size x size` matmuls."""
+@functools.lru_cache(maxsize=None)
+def matmul_chain(size: int = 1024, repeats: int = 8) -> tuple[Callable[[], None], float]:
+    """`(run, flops)`: `run()` multiplies a float32 `size x size` matrix `repeats` times on the
+    default device and blocks until done; `flops` is its FLOP count. Compiled and warmed up once
+    per process, so repeated peak measurements time the matmuls only."""
     a = jnp.ones((size, size), jnp.float32) / size
     chain = jax.jit(lambda x: jax.lax.fori_loop(0, repeats, lambda _, y: y @ a, x))
-    jax.block_until_ready(chain(a))
+
+    def run() -> None:
+        jax.block_until_ready(chain(a))
+
+    run()
+    return run, 2.0 * size ** 3 * repeats
+
+
+def measured_matmul_peak(size: int = 1024, repeats: int = 8) -> float:
+    """The f32 matmul rate (FLOP/s) of the default device: best of a few timed runs of
+    `matmul_chain`."""
+    run, flops = matmul_chain(size, repeats)
     best = float("inf")
     for _ in range(3):
         start = time.perf_counter()
-        jax.block_until_ready(chain(a))
+        run()
         best = min(best, time.perf_counter() - start)
-    return 2.0 * size ** 3 * repeats / best
+    return flops / best
 
 
 def device_peak_flops(device: Optional[jax.Device] = None) -> tuple[float, str]:
