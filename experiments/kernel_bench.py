@@ -59,7 +59,7 @@ import numpy as np
 
 from lexjax.attention import MaskSpec, attend
 from lexjax.attention.kernels import BlockGrid
-from lexjax.attention.kernels.flash import block_sizes
+from lexjax.attention.kernels.pallas_attention import block_sizes
 from lexjax.attention.kernels.impl import lowering_for_backend
 from lexjax.positions import ALiBi
 

@@ -9,17 +9,19 @@ import numpy as np
 import pytest
 
 from lexjax.attention import IMPLEMENTATIONS, MaskSpec, attend
+from lexjax.attention.reference import attend_at_positions
 
 
 # ----------------------------------------------------------------------------------------------
 # Independent references
 # ----------------------------------------------------------------------------------------------
 
-def ref_mask(n, spec_args):
-    """Visibility `[n, n]` (query, key) from the documented semantics of each mask kind."""
+def ref_visible(q_pos, k_pos, spec_args):
+    """Visibility `[len(q_pos), len(k_pos)]` (query, key) from the documented semantics of each
+    mask kind, for queries and keys at the given positions."""
     causal = spec_args.get("causal", True)
-    q = np.arange(n)[:, None]
-    k = np.arange(n)[None, :]
+    q = np.asarray(q_pos)[:, None]
+    k = np.asarray(k_pos)[None, :]
     if "window" in spec_args:
         w = spec_args["window"]
         return ((q - w < k) & (k <= q)) if causal else (np.abs(q - k) < w)
@@ -30,12 +32,24 @@ def ref_mask(n, spec_args):
     if "blockwise" in spec_args:
         b = spec_args["blockwise"]
         return (k // b >= q // b - 1) & (k <= q)
-    return (k <= q) if causal else np.ones((n, n), bool)
+    return (k <= q) if causal else np.ones((q.shape[0], k.shape[1]), bool)
+
+
+def ref_mask(n, spec_args):
+    """Visibility `[n, n]` of self-attention over positions 0..n-1."""
+    return ref_visible(np.arange(n), np.arange(n), spec_args)
+
+
+def ref_segment_mask(n, spec_args, segments):
+    """`[batch, n, n]`: the mask AND same segment (`segments [batch, n]`)."""
+    segments = np.asarray(segments)
+    return ref_mask(n, spec_args)[None] & (segments[:, :, None] == segments[:, None, :])
 
 
 def ref_attention(q, k, v, mask, bias=None):
     """float64 softmax(q k^T / sqrt(d) + bias) v with GQA (query head h uses kv head
-    h // (heads / kv_heads)). `mask [n, n]`, `bias [heads, n, n]` or None."""
+    h // (heads / kv_heads)). `mask [q_len, k_len]` or per batch row `[batch, q_len, k_len]`,
+    `bias [heads, q_len, k_len]` or None."""
     q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
     group = q.shape[2] // k.shape[2]
     k = np.repeat(k, group, axis=2)
@@ -43,7 +57,8 @@ def ref_attention(q, k, v, mask, bias=None):
     logits = np.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(q.shape[-1])
     if bias is not None:
         logits = logits + bias[None]
-    logits = np.where(mask[None, None], logits, -np.inf)
+    mask = mask[:, None] if mask.ndim == 3 else mask[None, None]
+    logits = np.where(mask, logits, -np.inf)
     logits = logits - logits.max(-1, keepdims=True)
     p = np.exp(logits)
     p = p / p.sum(-1, keepdims=True)
@@ -76,9 +91,12 @@ def jax_bias_family(coefficients):
     return bias
 
 
-def np_bias_family(coefficients, n):
-    """float64 `[heads, n, n]` bias matrix of the same family."""
-    rel = (np.arange(n)[:, None] - np.arange(n)[None, :]).astype(np.float64)[None]
+def np_bias_family(coefficients, n, q_pos=None, k_pos=None):
+    """float64 `[heads, n, n]` bias matrix of the same family (or `[heads, q_len, k_len]` for
+    queries and keys at positions `q_pos`, `k_pos`)."""
+    q_pos = np.arange(n) if q_pos is None else np.asarray(q_pos)
+    k_pos = np.arange(n) if k_pos is None else np.asarray(k_pos)
+    rel = (q_pos[:, None] - k_pos[None, :]).astype(np.float64)[None]
     c0, c1, c2 = (x[:, None, None] for x in coefficients)
     return c0 * np.abs(rel) + c1 * np.sin(0.37 * rel + 0.5) + c2 * rel
 
@@ -234,6 +252,111 @@ def test_attend_gradient_matches_finite_differences(rng):
     np.testing.assert_allclose(np.asarray(g), fd, rtol=1e-3, atol=1e-4)
 
 
+# ----------------------------------------------------------------------------------------------
+# Packed documents (segment ids): reference == numpy, xla == reference (outputs and gradients)
+# ----------------------------------------------------------------------------------------------
+
+# window1 is left out: a query sees only itself, so segments change nothing.
+SEGMENT_MASKS = sorted(set(MASKS) - {"window1"})
+
+
+def packed_segments(n):
+    """Two rows of documents with different boundaries (not aligned with any block or mask
+    size): row 0 three documents, row 1 four with a one-token document and non-sorted ids."""
+    rows = [[0] * 5 + [1] * 14 + [2] * (n - 19),
+            [3] * 11 + [7] * 1 + [2] * 12 + [5] * (n - 24)]
+    return jnp.asarray(rows, jnp.int32)
+
+
+@pytest.mark.parametrize("mask_name", SEGMENT_MASKS)
+def test_reference_with_segments_matches_numpy(mask_name, rng):
+    """A query sees only keys its mask allows AND of its own segment; GQA, asymmetric bias."""
+    b, n, heads, kv_heads, d = 2, 37, 4, 2, 8
+    spec_args = MASKS[mask_name]
+    q, k, v = _qkv(rng, b, n, heads, kv_heads, d)
+    segments = packed_segments(n)
+    c = bias_coefficients("asym", heads)
+    got = jax.jit(lambda q, k, v, s: attend(q, k, v, mask=MaskSpec(**spec_args),
+                                            bias=jax_bias_family(c), impl="reference",
+                                            segment_ids=s))(q, k, v, segments)
+    want = ref_attention(q, k, v, ref_segment_mask(n, spec_args, segments),
+                         np_bias_family(c, n))
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=2e-5)
+    # The segments matter: without them the answer differs.
+    assert np.max(np.abs(want - ref_attention(q, k, v, ref_mask(n, spec_args),
+                                              np_bias_family(c, n)))) > 1e-2
+
+
+@pytest.mark.parametrize("mask_name,block", [(name, 8) for name in SEGMENT_MASKS] + [
+    ("full", 16), ("window13_bidir", 5), ("chunk6_bidir", 4)])
+def test_xla_with_segments_equals_reference(mask_name, block, rng):
+    """Blocked attention (local spans; for full masks the map over query blocks, since the block
+    is shorter than the ragged length) under segment ids: outputs and dq, dk, dv."""
+    b, n, heads, kv_heads, d = 2, 37, 4, 2, 8
+    spec = MaskSpec(**MASKS[mask_name])
+    q, k, v = _qkv(rng, b, n, heads, kv_heads, d)
+    segments = packed_segments(n)
+    cotangent = jnp.asarray(rng.standard_normal((b, n, heads, d)), jnp.float32)
+    jax_bias, _ = make_bias("asym", heads)
+
+    def out_and_grads(impl):
+        def f(q, k, v):
+            return attend(q, k, v, mask=spec, bias=jax_bias, impl=impl, block_size=block,
+                          segment_ids=segments)
+
+        def run(q, k, v):
+            out, pullback = jax.vjp(f, q, k, v)
+            return out, pullback(cotangent)
+        return jax.jit(run)(q, k, v)
+
+    want_out, want_grads = out_and_grads("reference")
+    got_out, got_grads = out_and_grads("xla")
+    np.testing.assert_allclose(np.asarray(got_out), np.asarray(want_out), rtol=1e-5, atol=2e-5)
+    assert all(float(jnp.max(jnp.abs(g))) > 1e-3 for g in want_grads)
+    chex.assert_trees_all_close(got_grads, want_grads, rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# attend_at_positions: queries and keys at explicit positions
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mask_name", ["full", "full_bidir", "window8", "chunk6_bidir",
+                                       "blockwise5"])
+def test_attend_at_positions_matches_numpy(mask_name, rng):
+    """Non-contiguous query and key positions (keys also after the queries), different
+    lengths, a per-row `k_valid`, grouped-query heads (6 query heads over 2 kv heads), an
+    asymmetric bias of q_pos - k_pos; with and without segments."""
+    b, heads, kv_heads, d = 2, 6, 2, 8
+    q_pos = np.asarray([3, 7, 8, 15, 20, 26], np.int32)
+    k_pos = np.asarray([0, 2, 3, 5, 7, 8, 11, 14, 15, 19, 20, 22, 26, 31], np.int32)
+    q = jnp.asarray(rng.standard_normal((b, len(q_pos), heads, d)), jnp.float32)
+    k, v = (jnp.asarray(rng.standard_normal((b, len(k_pos), kv_heads, d)), jnp.float32)
+            for _ in range(2))
+    k_valid = rng.random((b, len(k_pos))) < 0.6
+    k_valid[:, np.isin(k_pos, q_pos)] = True  # every query sees at least itself
+    q_segments = np.asarray([[0, 0, 1, 1, 1, 2], [4, 4, 4, 4, 9, 9]], np.int32)
+    k_segments = np.asarray([[0, 0, 0, 1, 0, 1, 1, 1, 1, 2, 1, 2, 2, 2],
+                             [4, 4, 4, 4, 4, 4, 9, 4, 4, 9, 9, 9, 9, 4]], np.int32)
+    assert all((q_segments[r] == k_segments[r][np.searchsorted(k_pos, q_pos)]).all()
+               for r in range(b))
+    spec_args = MASKS[mask_name]
+    c = bias_coefficients("asym", heads)
+    bias = np_bias_family(c, None, q_pos, k_pos)
+    visible = ref_visible(q_pos, k_pos, spec_args)[None] & k_valid[:, None, :]
+
+    f = jax.jit(lambda q, k, v, kv, qs, ks: attend_at_positions(
+        q, k, v, jnp.asarray(q_pos), jnp.asarray(k_pos), mask=MaskSpec(**spec_args),
+        bias=jax_bias_family(c), k_valid=kv, q_segments=qs, k_segments=ks))
+    got = f(q, k, v, jnp.asarray(k_valid), None, None)
+    chex.assert_shape(got, (b, len(q_pos), heads, d))
+    np.testing.assert_allclose(np.asarray(got), ref_attention(q, k, v, visible, bias),
+                               rtol=1e-5, atol=2e-5)
+    got = f(q, k, v, jnp.asarray(k_valid), jnp.asarray(q_segments), jnp.asarray(k_segments))
+    same = q_segments[:, :, None] == k_segments[:, None, :]
+    np.testing.assert_allclose(np.asarray(got), ref_attention(q, k, v, visible & same, bias),
+                               rtol=1e-5, atol=2e-5)
+
+
 @pytest.mark.parametrize("mask_name", ["full", "window8", "chunk8", "blockwise8"])
 def test_attend_bfloat16(mask_name, rng):
     b, n, heads, kv_heads, d = 1, 40, 4, 2, 16
@@ -291,6 +414,27 @@ def test_maskspec_kind_and_locality():
     assert MaskSpec(chunk=3).kind == "chunk" and MaskSpec(blockwise=3).kind == "blockwise"
     with pytest.raises(ValueError):
         MaskSpec().key_blocks_around(8)
+
+
+@pytest.mark.parametrize("kind", ["full", "window", "window_bidir", "chunk", "chunk_bidir",
+                                  "blockwise"])
+def test_maskspec_max_lookback_is_the_largest_allowed_distance(kind):
+    """Brute force over positions 0..63: the largest query - key that `allows` permits."""
+    pos = jnp.arange(64, dtype=jnp.int32)
+    sizes = [None] if kind == "full" else [1, 2, 3, 5, 8, 13, 32]
+    for size in sizes:
+        spec_args = {} if size is None else {kind.split("_")[0]: size}
+        if kind.endswith("bidir"):
+            spec_args["causal"] = False
+        spec = MaskSpec(**spec_args)
+        allowed = np.asarray(spec.allows(pos[:, None], pos[None, :]))
+        rel = np.arange(64)[:, None] - np.arange(64)[None, :]
+        largest = int(rel[allowed].max())
+        if size is None:
+            assert spec.max_lookback is None and largest == 63  # unbounded: grows with length
+        else:
+            assert spec.max_lookback == largest, (spec_args, spec.max_lookback, largest)
+    assert MaskSpec(causal=False).max_lookback is None
 
 
 @pytest.mark.parametrize("spec_args", list(MASKS.values()), ids=list(MASKS))

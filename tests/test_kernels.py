@@ -10,7 +10,6 @@
   logic runs in Pallas' GPU interpreter.
 - Dispatch and gin select the kernels without other changes.
 """
-import math
 import re
 
 import flax.linen as nn
@@ -23,9 +22,9 @@ import lexjax
 from lexjax import partitioning
 from lexjax import positions as P
 from lexjax.attention import IMPLEMENTATIONS, MaskSpec, attend
-from lexjax.attention.kernels import BlockGrid, HeadBias, cost, flash_attention
-from lexjax.attention.kernels.impl import lowering_for_backend
-from lexjax.attention.kernels.spec import KernelSpec, mask_allows
+from lexjax.attention.kernels import BlockGrid, HeadBias, cost, pallas_attention
+from lexjax.attention.kernels.impl import attend_with_kernels, lowering_for_backend
+from lexjax.attention.kernels.plan import KernelPlan, mask_allows
 
 MASKS = {
     "full": MaskSpec(),
@@ -119,13 +118,13 @@ def test_cost_estimates_count_only_visited_blocks(kind):
     pairs = closed_form_pairs(kind, n // b, 512 // b)
     assert grid.visited_pairs == pairs
     assert int(grid.q_counts.sum()) == pairs
-    spec = KernelSpec(grid=grid, num_heads=heads, num_kv_heads=kv_heads, scale=1.0)
+    plan = KernelPlan(grid=grid, num_heads=heads, num_kv_heads=kv_heads, scale=1.0)
     per_pair = b * b * batch * heads
-    fwd = cost.forward(spec, batch, d, d, 2)
+    fwd = cost.forward(plan, batch, d, d, 2)
     assert fwd.flops == 4 * d * per_pair * pairs  # q k^T and p v
     assert fwd.transcendentals == per_pair * pairs
-    assert cost.dq(spec, batch, d, d, 2).flops == 6 * d * per_pair * pairs
-    assert cost.dkv(spec, batch, d, d, 2).flops == 8 * d * per_pair * pairs
+    assert cost.dq(plan, batch, d, d, 2).flops == 6 * d * per_pair * pairs
+    assert cost.dkv(plan, batch, d, d, 2).flops == 8 * d * per_pair * pairs
     # k and v blocks are read once per visited pair and query head.
     assert fwd.bytes_accessed > 2 * d * 2 * b * pairs * batch * heads
 
@@ -196,8 +195,8 @@ def test_interpret_kernels_equal_reference(case, rng):
         def f(q, k, v, variables):
             bias = make_bias(variables)
             if kernel:
-                return flash_attention(q, k, v, mask=mask, bias=bias, segment_ids=segments,
-                                       block_q=bq, block_kv=bk, interpret=True)
+                return pallas_attention(q, k, v, mask=mask, bias=bias, segment_ids=segments,
+                                        block_q=bq, block_kv=bk, interpret=True)
             return attend(q, k, v, mask=mask, bias=bias, impl="reference", segment_ids=segments)
 
         def out_and_grads(q, k, v, variables):
@@ -254,25 +253,6 @@ def test_pallas_lowering_follows_the_backend():
     assert lowering_for_backend("gpu") == ("gpu", False)
 
 
-def test_reference_with_segments_matches_numpy(rng):
-    batch, n, heads, kv_heads, d = 2, 30, 4, 2, 8
-    q = rng.standard_normal((batch, n, heads, d))
-    k, v = (rng.standard_normal((batch, n, kv_heads, d)) for _ in range(2))
-    segments = np.asarray(packed_segments(batch, n))
-    mask = MaskSpec(window=9)
-    got = jax.jit(lambda q, k, v, s: attend(q, k, v, mask=mask, impl="reference", segment_ids=s))(
-        *(jnp.asarray(x, jnp.float32) for x in (q, k, v)), jnp.asarray(segments))
-    rel = np.arange(n)[:, None] - np.arange(n)[None, :]
-    visible = (rel >= 0) & (rel < 9)
-    visible = visible[None] & (segments[:, :, None] == segments[:, None, :])  # [b, q, k]
-    kg, vg = np.repeat(k, 2, axis=2), np.repeat(v, 2, axis=2)
-    logits = np.einsum("bqhd,bkhd->bhqk", q, kg) / math.sqrt(d)
-    logits = np.where(visible[:, None], logits, -np.inf)
-    p = np.exp(logits - logits.max(-1, keepdims=True))
-    want = np.einsum("bhqk,bkhd->bqhd", p / p.sum(-1, keepdims=True), vg)
-    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
-
-
 @pytest.mark.parametrize("scheme", [P.ALiBi(), P.Sandwich(), P.Kerple(),
                                     P.Kerple(variant="power"), P.T5Buckets(),
                                     P.T5Buckets(bidirectional=True)],
@@ -301,7 +281,7 @@ def test_learned_plain_callable_bias_raises_clear_error(rng):
 
     def loss(slopes):
         bias = lambda rel: -slopes.reshape(2, *(1,) * rel.ndim) * jnp.abs(rel)  # noqa: E731
-        return flash_attention(q, q, q, mask=MaskSpec(), bias=bias, interpret=True).sum()
+        return pallas_attention(q, q, q, mask=MaskSpec(), bias=bias, interpret=True).sum()
     with pytest.raises(ValueError, match="HeadBias"):
         jax.grad(loss)(slopes)
 
@@ -309,20 +289,31 @@ def test_learned_plain_callable_bias_raises_clear_error(rng):
 def test_invalid_configurations_raise(rng):
     q = jnp.asarray(rng.standard_normal((1, 16, 2, 8)), jnp.float32)
     with pytest.raises(ValueError, match="multiple of 128"):
-        flash_attention(q, q, q, mask=MaskSpec(), block_q=64, backend="tpu")
+        pallas_attention(q, q, q, mask=MaskSpec(), block_q=64, lowering="tpu")
     with pytest.raises(ValueError, match="multiple of 8"):
-        flash_attention(q, q, q, mask=MaskSpec(), block_q=12, interpret=True)
+        pallas_attention(q, q, q, mask=MaskSpec(), block_q=12, interpret=True)
     with pytest.raises(ValueError, match="bfloat16 or float16"):
-        flash_attention(q, q, q, mask=MaskSpec(), backend="gpu")
-    with pytest.raises(ValueError, match="does not take segment_ids"):
-        attend(q, q, q, impl="xla", segment_ids=jnp.zeros((1, 16), jnp.int32))
+        pallas_attention(q, q, q, mask=MaskSpec(), lowering="gpu")
+    with pytest.raises(ValueError, match="unknown Pallas lowering"):
+        pallas_attention(q, q, q, mask=MaskSpec(), lowering="cuda", interpret=True)
+    with pytest.raises(TypeError, match="backend"):  # the keyword is `lowering`
+        pallas_attention(q, q, q, mask=MaskSpec(), backend="tpu", interpret=True)
+    with pytest.raises(ValueError, match="segment_ids must be"):
+        pallas_attention(q, q, q, mask=MaskSpec(), interpret=True,
+                         segment_ids=jnp.zeros((1, 15), jnp.int32))
+    with pytest.raises(ValueError, match="segment_ids must be"):
+        attend(q, q, q, impl="xla", segment_ids=jnp.zeros((1, 15), jnp.int32))
     with pytest.raises(ValueError, match="heads"):
-        flash_attention(q, q, q, mask=MaskSpec(), interpret=True,
-                        bias=HeadBias(fn=lambda th, r: th[0] * r, params=jnp.ones((3, 1))))
+        pallas_attention(q, q, q, mask=MaskSpec(), interpret=True,
+                         bias=HeadBias(fn=lambda th, r: th[0] * r, params=jnp.ones((3, 1))))
 
 
 def test_pallas_implementations_are_registered():
     assert {"pallas", "pallas_tpu", "pallas_gpu"} <= set(IMPLEMENTATIONS)
+    assert IMPLEMENTATIONS["pallas"] is attend_with_kernels  # lowering from the backend
+    for lowering in ("tpu", "gpu"):
+        forced = IMPLEMENTATIONS[f"pallas_{lowering}"]
+        assert forced.func is attend_with_kernels and forced.keywords == {"lowering": lowering}
 
 
 def test_gin_selects_the_kernel_without_other_changes(rng):
@@ -431,8 +422,8 @@ def test_gpu_forward_kernel_in_the_gpu_interpreter_equals_reference(rng):
     softmax (matmuls run as jnp.dot: the interpreter has no transposed WGMMA)."""
     (q, k, v), segments, mask = _gpu_interpreter_problem(rng, 1, 1)
     alibi = P.ALiBi().relative_bias(1, q.shape[-1])
-    got = flash_attention(q, k, v, mask=mask, bias=alibi, segment_ids=segments, backend="gpu",
-                          interpret=True)
+    got = pallas_attention(q, k, v, mask=mask, bias=alibi, segment_ids=segments, lowering="gpu",
+                           interpret=True)
     want = attend(q, k, v, mask=mask, bias=alibi, impl="reference", segment_ids=segments)
     assert max(_relative_errors(got, want)) < 2e-2
 
@@ -448,8 +439,8 @@ def test_gpu_kernel_gradients_in_the_gpu_interpreter_equal_reference(rng):
         def f(q, k, v, params):
             bias = make_bias(params)
             if kernel:
-                return flash_attention(q, k, v, mask=mask, bias=bias, segment_ids=segments,
-                                       backend="gpu", interpret=True).astype(jnp.float32)
+                return pallas_attention(q, k, v, mask=mask, bias=bias, segment_ids=segments,
+                                        lowering="gpu", interpret=True).astype(jnp.float32)
             return attend(q, k, v, mask=mask, bias=bias, impl="reference",
                           segment_ids=segments).astype(jnp.float32)
         out, pullback = jax.vjp(f, q, k, v, params)

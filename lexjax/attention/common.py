@@ -32,8 +32,9 @@ def grouped_bias(bias: RelativeBias, rel: jnp.ndarray, kv_heads: int) -> jnp.nda
 
 def masked_softmax_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray,
                              q_pos: jnp.ndarray, k_pos: jnp.ndarray, *, mask: MaskSpec,
-                             bias: Optional[RelativeBias], k_valid: Optional[jnp.ndarray] = None
-                             ) -> jnp.ndarray:
+                             bias: Optional[RelativeBias], k_valid: Optional[jnp.ndarray] = None,
+                             q_segments: Optional[jnp.ndarray] = None,
+                             k_segments: Optional[jnp.ndarray] = None) -> jnp.ndarray:
     """Softmax attention of grouped queries over one span of keys, logits in float32.
 
     Computed head-major (`[..., kv_heads, (group,) q, k]` logits), with the group axis dropped
@@ -47,6 +48,8 @@ def masked_softmax_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray,
       k, v: `[..., k_len, kv_heads, d]`.
       q_pos: `[..., q_len]` int32 positions; k_pos: `[..., k_len]`.
       k_valid: optional `[..., k_len]` bool, False for padding keys.
+      q_segments, k_segments: optional int32 `[..., q_len]`, `[..., k_len]` segment ids (packed
+        documents): a query sees only keys of its own segment. Both or neither.
     Returns:
       `[..., q_len, kv_heads, group, d]`.
     """
@@ -66,6 +69,8 @@ def masked_softmax_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray,
     visible = mask.allows(q_pos[..., :, None], k_pos[..., None, :])
     if k_valid is not None:
         visible = visible & k_valid[..., None, :]
+    if q_segments is not None:
+        visible = visible & (q_segments[..., :, None] == k_segments[..., None, :])
     visible = visible.reshape(visible.shape[:-2] + (1,) * len(heads) + visible.shape[-2:])
     logits = jnp.where(visible, logits, NEG_INF)
     probs = jax.nn.softmax(logits, axis=-1)

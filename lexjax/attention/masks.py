@@ -22,7 +22,7 @@ import gin
 import jax.numpy as jnp
 
 
-@gin.configurable(module="lexjax.attention")
+@gin.register(module="lexjax.attention")
 @dataclasses.dataclass(frozen=True)
 class MaskSpec:
     """Which keys each query sees. Immutable and hashable (usable as a static jit argument)."""
@@ -84,6 +84,18 @@ class MaskSpec:
             b = min(self.blockwise, length)
             return b + (b + 1) / 2 if length > b else (b + 1) / 2
         return (length + 1) / 2 if self.causal else length
+
+    @property
+    def max_lookback(self) -> Optional[int]:
+        """The largest `query - key` distance a query may see (what a decoding cache must keep):
+        w - 1 for a window, c - 1 for chunks, 2b - 1 for BCA; None for a full mask (unbounded)."""
+        if self.window is not None:
+            return self.window - 1
+        if self.chunk is not None:
+            return self.chunk - 1
+        if self.blockwise is not None:
+            return 2 * self.blockwise - 1
+        return None
 
     def key_blocks_around(self, block: int) -> tuple[int, int]:
         """How many key blocks before and after a query block can hold visible keys.

@@ -16,54 +16,54 @@ from __future__ import annotations
 
 from jax.experimental import pallas as pl
 
-from lexjax.attention.kernels.spec import KernelSpec
+from lexjax.attention.kernels.plan import KernelPlan
 
 F32 = 4
 
 
-def _extras(spec: KernelSpec, pairs: int) -> int:
+def _extras(plan: KernelPlan, pairs: int) -> int:
     """Bytes per (batch, head) for segment ids and bias tiles over `pairs` visited pairs."""
-    g = spec.grid
+    g = plan.grid
     total = 0
-    if spec.segmented:
+    if plan.segmented:
         total += F32 * (g.padded_length + pairs * g.block_kv)
-    if spec.bias == "table":
+    if plan.bias == "table":
         total += F32 * pairs * g.block_q * g.block_kv
     return total
 
 
-def forward(spec: KernelSpec, batch: int, d: int, dv: int, itemsize: int) -> pl.CostEstimate:
-    g = spec.grid
+def forward(plan: KernelPlan, batch: int, d: int, dv: int, itemsize: int) -> pl.CostEstimate:
+    g = plan.grid
     pairs, n = g.visited_pairs, g.padded_length
     per_head = pairs * g.block_q * g.block_kv
     bytes_per_head = (itemsize * (n * (d + dv) + pairs * g.block_kv * (d + dv)) + F32 * n
-                      + _extras(spec, pairs))
-    heads = batch * spec.num_heads
+                      + _extras(plan, pairs))
+    heads = batch * plan.num_heads
     return pl.CostEstimate(flops=heads * 2 * per_head * (d + dv),
                            transcendentals=heads * per_head,
                            bytes_accessed=heads * bytes_per_head)
 
 
-def dq(spec: KernelSpec, batch: int, d: int, dv: int, itemsize: int) -> pl.CostEstimate:
-    g = spec.grid
+def dq(plan: KernelPlan, batch: int, d: int, dv: int, itemsize: int) -> pl.CostEstimate:
+    g = plan.grid
     pairs, n = g.visited_pairs, g.padded_length
     per_head = pairs * g.block_q * g.block_kv
     bytes_per_head = (itemsize * (n * (2 * d + dv) + pairs * g.block_kv * (d + dv))
-                      + 2 * F32 * n + _extras(spec, pairs))
-    heads = batch * spec.num_heads
+                      + 2 * F32 * n + _extras(plan, pairs))
+    heads = batch * plan.num_heads
     return pl.CostEstimate(flops=heads * 2 * per_head * (2 * d + dv),
                            transcendentals=heads * per_head,
                            bytes_accessed=heads * bytes_per_head)
 
 
-def dkv(spec: KernelSpec, batch: int, d: int, dv: int, itemsize: int) -> pl.CostEstimate:
-    g = spec.grid
+def dkv(plan: KernelPlan, batch: int, d: int, dv: int, itemsize: int) -> pl.CostEstimate:
+    g = plan.grid
     pairs, n = int(g.q_counts.sum()), g.padded_length
     per_head = pairs * g.block_q * g.block_kv
     q_side = itemsize * pairs * g.block_q * (d + dv) + 2 * F32 * pairs * g.block_q
     kv_side = itemsize * n * 2 * (d + dv)
-    heads, kv_heads = batch * spec.num_heads, batch * spec.num_kv_heads
+    heads, kv_heads = batch * plan.num_heads, batch * plan.num_kv_heads
     return pl.CostEstimate(
         flops=heads * 4 * per_head * (d + dv),
         transcendentals=heads * per_head,
-        bytes_accessed=heads * (q_side + _extras(spec, pairs)) + kv_heads * kv_side)
+        bytes_accessed=heads * (q_side + _extras(plan, pairs)) + kv_heads * kv_side)

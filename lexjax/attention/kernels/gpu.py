@@ -8,7 +8,7 @@ issued before step t computes. Matmuls run on the tensor cores (`plgpu.wgmma`, b
 float32 accumulators); softmax statistics live in registers in the WGMMA row layout. The dk/dv
 kernel computes transposed tiles (keys on rows) so every matmul operand is already in place.
 
-Constraints (checked in `flash_attention`): 16-bit inputs; block_q and block_kv multiples of 64
+Constraints (checked in `pallas_attention`): 16-bit inputs; block_q and block_kv multiples of 64
 up to 256; the head dim is zero-padded to a multiple of 64 (at most 256). Mosaic GPU ignores cost
 estimates, so none is declared here.
 """
@@ -22,7 +22,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from lexjax.attention.common import NEG_INF
 from lexjax.attention.kernels.geometry import BlockGrid, div, rem
-from lexjax.attention.kernels.spec import (KernelSpec, head_bias, head_param_grads, scores,
+from lexjax.attention.kernels.plan import (KernelPlan, head_bias, head_param_grads, scores,
                                            visibility)
 
 SLOTS = 2  # double buffering of the streamed blocks
@@ -53,19 +53,19 @@ def _mma_smem(shape, dtype):
                                                 plgpu.SwizzleTransform(SWIZZLE)))
 
 
-def _interpret(spec: KernelSpec):
-    if not spec.interpret:
+def _interpret(plan: KernelPlan):
+    if not plan.interpret:
         return None
     from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
     return InterpretGPUParams()
 
 
-def _matmul(spec: KernelSpec, shape, a, b, transpose_b: bool = False):
+def _matmul(plan: KernelPlan, shape, a, b, transpose_b: bool = False):
     """`a @ b` (or `a @ b.T`), float32 `shape`, with `a` an SMEM ref or a register array and `b`
     an SMEM ref. On the tensor cores via WGMMA into a fresh accumulator (callers add it up);
     in interpret mode as `jnp.dot`, since Pallas' GPU interpreter cannot run transposed or
     accumulator-initialised WGMMAs."""
-    if spec.interpret:
+    if plan.interpret:
         a = a if isinstance(a, jax.Array) else a[...]
         b = b[...].T if transpose_b else b[...]
         return jnp.dot(a, b, preferred_element_type=jnp.float32)
@@ -76,24 +76,24 @@ def _matmul(spec: KernelSpec, shape, a, b, transpose_b: bool = False):
     return pl.run_scoped(compute, plgpu.ACC(shape, jnp.float32))
 
 
-def _cast(spec: KernelSpec, x, layout):
+def _cast(plan: KernelPlan, x, layout):
     """Assigns a register layout (a no-op in interpret mode, whose interpreter has no layouts)."""
-    return x if spec.interpret else plgpu.layout_cast(x, layout)
+    return x if plan.interpret else plgpu.layout_cast(x, layout)
 
 
-def _load(spec: KernelSpec, ref, layout, optimized: bool = True):
+def _load(plan: KernelPlan, ref, layout, optimized: bool = True):
     """Reads an SMEM ref into registers in `layout` (a plain read in interpret mode)."""
-    if spec.interpret:
+    if plan.interpret:
         return ref[...]
     return plgpu.load(ref, (), layout=layout, optimized=optimized)
 
 
-def _zeros(spec: KernelSpec, shape):
-    return _cast(spec, jnp.zeros(shape, jnp.float32), plgpu.Layout.WGMMA)
+def _zeros(plan: KernelPlan, shape):
+    return _cast(plan, jnp.zeros(shape, jnp.float32), plgpu.Layout.WGMMA)
 
 
-def _iota(spec: KernelSpec, shape, dim):
-    return _cast(spec, jax.lax.broadcasted_iota(jnp.int32, shape, dim), plgpu.Layout.WGMMA)
+def _iota(plan: KernelPlan, shape, dim):
+    return _cast(plan, jax.lax.broadcasted_iota(jnp.int32, shape, dim), plgpu.Layout.WGMMA)
 
 
 def _rows(vector, shape):
@@ -104,14 +104,14 @@ def _columns(vector, shape):
     return lax.broadcast_in_dim(vector, shape, [1])
 
 
-def _theta(spec: KernelSpec, theta_smem, h) -> tuple:
-    return tuple(theta_smem[h, p] for p in range(spec.num_params))
+def _theta(plan: KernelPlan, theta_smem, h) -> tuple:
+    return tuple(theta_smem[h, p] for p in range(plan.num_params))
 
 
-def _param_lanes(spec: KernelSpec) -> int:
+def _param_lanes(plan: KernelPlan) -> int:
     """Per-head parameter row length: P rounded up to 128 bytes (GMEM <-> SMEM copies move
     a multiple of the warpgroup's 128 lanes in bytes)."""
-    return -(-max(spec.num_params, 1) // 32) * 32
+    return -(-max(plan.num_params, 1) // 32) * 32
 
 
 class _Stream:
@@ -142,67 +142,67 @@ def _stream_scratch(shape, dtype, mma: bool):
     return smem, plgpu.Barrier(num_barriers=SLOTS)
 
 
-def _kernel(body, spec: KernelSpec, *, out_type, scratch, grid, names):
+def _kernel(body, plan: KernelPlan, *, out_type, scratch, grid, names):
     return plgpu.kernel(body, out_type=out_type, scratch_types=scratch, grid=grid,
                         grid_names=names, compiler_params=plgpu.CompilerParams(),
-                        interpret=_interpret(spec))
+                        interpret=_interpret(plan))
 
 
 # ----------------------------------------------------------------------------------------------
 # Forward
 # ----------------------------------------------------------------------------------------------
 
-def forward(spec: KernelSpec, q, k, v, segment_ids, bias_input):
+def forward(plan: KernelPlan, q, k, v, segment_ids, bias_input):
     """Returns `out [b, h, n_pad, d]` and float32 `lse [b, h, 1, n_pad]`."""
-    g = spec.grid
+    g = plan.grid
     b, h, n_pad, d = q.shape
     dv = v.shape[-1]
     bq, bk = g.block_q, g.block_kv
     dtype = q.dtype
-    streamed = ["k", "v"] + (["seg_k"] if spec.segmented else []) + (
-        ["tile"] if spec.bias == "table" else [])
+    streamed = ["k", "v"] + (["seg_k"] if plan.segmented else []) + (
+        ["tile"] if plan.bias == "table" else [])
     scratch = {"q": _mma_smem((bq, d), dtype), "lse": plgpu.SMEM((bq,), jnp.float32),
                "once": plgpu.Barrier(num_barriers=3),
                "k": _stream_scratch((bk, d), dtype, True),
                "v": _stream_scratch((bk, dv), dtype, True)}
-    if spec.segmented:
+    if plan.segmented:
         scratch["seg_q"] = plgpu.SMEM((bq,), jnp.int32)
         scratch["seg_k"] = _stream_scratch((bk,), jnp.int32, False)
-    if spec.bias == "head":
-        scratch["theta"] = plgpu.SMEM((h, _param_lanes(spec)), jnp.float32)
-    if spec.bias == "table":
+    if plan.bias == "head":
+        scratch["theta"] = plgpu.SMEM((h, _param_lanes(plan)), jnp.float32)
+    if plan.bias == "table":
         scratch["tile"] = _stream_scratch((bq, bk), jnp.float32, False)
 
     def body(*refs, **sc):
-        (q_gmem, k_gmem, v_gmem), seg_gmem, bias_gmem, (o_gmem, lse_gmem) = _unpack(spec, refs, 3)
+        (q_gmem, k_gmem, v_gmem), seg_gmem, bias_gmem, (o_gmem, lse_gmem) = _unpack(plan, refs, 3)
         bb, hh, i = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("i")
-        kvh = div(hh, spec.group)
+        kvh = div(hh, plan.group)
         start, count = g.kv_range(i)
         streams = _streams(streamed, sc)
         once = sc["once"]
         _copy_in(q_gmem.at[bb, hh, pl.ds(i * bq, bq)], sc["q"], once.at[0])
         seg_q = None
-        if spec.segmented:
+        if plan.segmented:
             _copy_in(seg_gmem.at[bb, 0, pl.ds(i * bq, bq)], sc["seg_q"], once.at[1])
-            seg_q = _load(spec, sc["seg_q"], ROW)
+            seg_q = _load(plan, sc["seg_q"], ROW)
         theta = None
-        if spec.bias == "head":
+        if plan.bias == "head":
             _copy_in(bias_gmem, sc["theta"], once.at[2])
-            theta = _theta(spec, sc["theta"], hh)
+            theta = _theta(plan, sc["theta"], hh)
 
         def fetch(t, slot):
             j = start + t
             keys = pl.ds(j * bk, bk)
             streams["k"].fetch(k_gmem.at[bb, kvh, keys], slot)
             streams["v"].fetch(v_gmem.at[bb, kvh, keys], slot)
-            if spec.segmented:
+            if plan.segmented:
                 streams["seg_k"].fetch(seg_gmem.at[bb, 0, keys], slot)
-            if spec.bias == "table":
-                streams["tile"].fetch(bias_gmem.at[hh, spec.table.index(i, j, g)], slot)
+            if plan.bias == "table":
+                streams["tile"].fetch(bias_gmem.at[hh, plan.table.index(i, j, g)], slot)
 
         fetch(0, 0)
         shape = (bq, bk)
-        q_pos = i * bq + _iota(spec, shape, 0)
+        q_pos = i * bq + _iota(plan, shape, 0)
 
         def step(t, carry):
             acc, m, l = carry
@@ -213,31 +213,31 @@ def forward(spec: KernelSpec, q, k, v, segment_ids, bias_input):
                 fetch(t + 1, 1 - slot)
 
             k_smem = streams["k"].wait(slot)
-            s = _matmul(spec, shape, sc["q"], k_smem, transpose_b=True)
-            k_pos = (start + t) * bk + _iota(spec, shape, 1)
+            s = _matmul(plan, shape, sc["q"], k_smem, transpose_b=True)
+            k_pos = (start + t) * bk + _iota(plan, shape, 1)
             segs = ()
-            if spec.segmented:
-                seg_k = _load(spec, streams["seg_k"].wait(slot), COLUMN)
+            if plan.segmented:
+                seg_k = _load(plan, streams["seg_k"].wait(slot), COLUMN)
                 segs = (_rows(seg_q, shape), _columns(seg_k, shape))
-            visible = visibility(spec, q_pos, k_pos, *segs)
+            visible = visibility(plan, q_pos, k_pos, *segs)
             bias = None
-            if spec.bias == "head":
-                bias = head_bias(spec, theta, q_pos - k_pos)
-            elif spec.bias == "table":
-                bias = _load(spec, streams["tile"].wait(slot), plgpu.Layout.WGMMA,
+            if plan.bias == "head":
+                bias = head_bias(plan, theta, q_pos - k_pos)
+            elif plan.bias == "table":
+                bias = _load(plan, streams["tile"].wait(slot), plgpu.Layout.WGMMA,
                                   optimized=False)
-            s = scores(spec, s, visible, bias)
+            s = scores(plan, s, visible, bias)
             m_next = jnp.maximum(m, s.max(axis=1))
             alpha = jnp.exp(m - m_next)
             p = jnp.where(visible, jnp.exp(s - _rows(m_next, shape)), 0.0)
             l = alpha * l + p.sum(axis=1)
             acc = acc * _rows(alpha, acc.shape)
-            acc = acc + _matmul(spec, acc.shape, p.astype(dtype), streams["v"].wait(slot))
+            acc = acc + _matmul(plan, acc.shape, p.astype(dtype), streams["v"].wait(slot))
             return acc, m_next, l
 
-        m0 = _cast(spec, jnp.full((bq,), NEG_INF, jnp.float32), ROW)
-        l0 = _cast(spec, jnp.zeros((bq,), jnp.float32), ROW)
-        acc, m, l = lax.fori_loop(0, count, step, (_zeros(spec, (bq, dv)), m0, l0))
+        m0 = _cast(plan, jnp.full((bq,), NEG_INF, jnp.float32), ROW)
+        l0 = _cast(plan, jnp.zeros((bq,), jnp.float32), ROW)
+        acc, m, l = lax.fori_loop(0, count, step, (_zeros(plan, (bq, dv)), m0, l0))
         seen = l > 0.0
         safe_l = jnp.where(seen, l, 1.0)
         sc["q"][...] = (acc / _rows(safe_l, acc.shape)).astype(dtype)
@@ -249,29 +249,29 @@ def forward(spec: KernelSpec, q, k, v, segment_ids, bias_input):
 
     out_type = (jax.ShapeDtypeStruct((b, h, n_pad, dv), dtype),
                 jax.ShapeDtypeStruct((b, h, 1, n_pad), jnp.float32))
-    call = _kernel(body, spec, out_type=out_type, scratch=scratch,
+    call = _kernel(body, plan, out_type=out_type, scratch=scratch,
                    grid=(b, h, g.num_q_blocks), names=("b", "h", "i"))
-    return call(q, k, v, *_optional_inputs(spec, segment_ids, _head_params(spec, bias_input)))
+    return call(q, k, v, *_optional_inputs(plan, segment_ids, _head_params(plan, bias_input)))
 
 
-def _head_params(spec: KernelSpec, bias_input):
+def _head_params(plan: KernelPlan, bias_input):
     """Head-bias params padded to `_param_lanes` columns (tables pass through)."""
-    if spec.bias != "head":
+    if plan.bias != "head":
         return bias_input
-    return jnp.pad(bias_input, [(0, 0), (0, _param_lanes(spec) - spec.num_params)])
+    return jnp.pad(bias_input, [(0, 0), (0, _param_lanes(plan) - plan.num_params)])
 
 
-def _optional_inputs(spec: KernelSpec, segment_ids, bias_input) -> list:
-    return ([segment_ids] if spec.segmented else []) + (
-        [bias_input] if spec.bias != "none" else [])
+def _optional_inputs(plan: KernelPlan, segment_ids, bias_input) -> list:
+    return ([segment_ids] if plan.segmented else []) + (
+        [bias_input] if plan.bias != "none" else [])
 
 
-def _unpack(spec: KernelSpec, refs, tensors: int):
+def _unpack(plan: KernelPlan, refs, tensors: int):
     """kernel refs -> (tensor refs, segment ids ref, bias ref, output refs)."""
     refs = list(refs)
     head, refs = refs[:tensors], refs[tensors:]
-    seg = refs.pop(0) if spec.segmented else None
-    bias = refs.pop(0) if spec.bias != "none" else None
+    seg = refs.pop(0) if plan.segmented else None
+    bias = refs.pop(0) if plan.bias != "none" else None
     return head, seg, bias, refs
 
 
@@ -279,38 +279,38 @@ def _unpack(spec: KernelSpec, refs, tensors: int):
 # Backward: dq (+ head-bias parameter gradients)
 # ----------------------------------------------------------------------------------------------
 
-def dq(spec: KernelSpec, q, k, v, do, lse, delta, segment_ids, bias_input, param_grads: bool):
+def dq(plan: KernelPlan, q, k, v, do, lse, delta, segment_ids, bias_input, param_grads: bool):
     """Returns dq `[b, h, n_pad, d]` and, with `param_grads`, float32 `[h, P]` gradients of the
     head-bias parameters (each program writes its per-row partial sums `[P, block_q]`; XLA adds
     them up, as Mosaic GPU reduces one axis at a time)."""
-    g = spec.grid
+    g = plan.grid
     b, h, n_pad, d = q.shape
     dv = v.shape[-1]
     bq, bk = g.block_q, g.block_kv
     dtype = q.dtype
-    lanes = _param_lanes(spec)
-    streamed = ["k", "v"] + (["seg_k"] if spec.segmented else []) + (
-        ["tile"] if spec.bias == "table" else [])
+    lanes = _param_lanes(plan)
+    streamed = ["k", "v"] + (["seg_k"] if plan.segmented else []) + (
+        ["tile"] if plan.bias == "table" else [])
     scratch = {"q": _mma_smem((bq, d), dtype), "do": _mma_smem((bq, dv), dtype),
                "lse": plgpu.SMEM((bq,), jnp.float32), "delta": plgpu.SMEM((bq,), jnp.float32),
                "once": plgpu.Barrier(num_barriers=6),
                "k": _stream_scratch((bk, d), dtype, True),
                "v": _stream_scratch((bk, dv), dtype, True)}
-    if spec.segmented:
+    if plan.segmented:
         scratch["seg_q"] = plgpu.SMEM((bq,), jnp.int32)
         scratch["seg_k"] = _stream_scratch((bk,), jnp.int32, False)
-    if spec.bias == "head":
+    if plan.bias == "head":
         scratch["theta"] = plgpu.SMEM((h, lanes), jnp.float32)
-        scratch["dtheta"] = plgpu.SMEM((spec.num_params, bq), jnp.float32)
-    if spec.bias == "table":
+        scratch["dtheta"] = plgpu.SMEM((plan.num_params, bq), jnp.float32)
+    if plan.bias == "table":
         scratch["tile"] = _stream_scratch((bq, bk), jnp.float32, False)
 
     def body(*refs, **sc):
-        tensors, seg_gmem, bias_gmem, outs = _unpack(spec, refs, 6)
+        tensors, seg_gmem, bias_gmem, outs = _unpack(plan, refs, 6)
         q_gmem, k_gmem, v_gmem, do_gmem, lse_gmem, delta_gmem = tensors
         dq_gmem, dtheta_gmem = outs if param_grads else (outs[0], None)
         bb, hh, i = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("i")
-        kvh = div(hh, spec.group)
+        kvh = div(hh, plan.group)
         start, count = g.kv_range(i)
         streams = _streams(streamed, sc)
         once = sc["once"]
@@ -320,29 +320,29 @@ def dq(spec: KernelSpec, q, k, v, do, lse, delta, segment_ids, bias_input, param
         _copy_in(lse_gmem.at[bb, hh, 0, rows], sc["lse"], once.at[2])
         _copy_in(delta_gmem.at[bb, hh, 0, rows], sc["delta"], once.at[3])
         shape = (bq, bk)
-        lse_rows = _rows(_load(spec, sc["lse"], ROW), shape)
-        delta_rows = _rows(_load(spec, sc["delta"], ROW), shape)
+        lse_rows = _rows(_load(plan, sc["lse"], ROW), shape)
+        delta_rows = _rows(_load(plan, sc["delta"], ROW), shape)
         seg_q = None
-        if spec.segmented:
+        if plan.segmented:
             _copy_in(seg_gmem.at[bb, 0, rows], sc["seg_q"], once.at[4])
-            seg_q = _load(spec, sc["seg_q"], ROW)
+            seg_q = _load(plan, sc["seg_q"], ROW)
         theta = None
-        if spec.bias == "head":
+        if plan.bias == "head":
             _copy_in(bias_gmem, sc["theta"], once.at[5])
-            theta = _theta(spec, sc["theta"], hh)
+            theta = _theta(plan, sc["theta"], hh)
 
         def fetch(t, slot):
             j = start + t
             keys = pl.ds(j * bk, bk)
             streams["k"].fetch(k_gmem.at[bb, kvh, keys], slot)
             streams["v"].fetch(v_gmem.at[bb, kvh, keys], slot)
-            if spec.segmented:
+            if plan.segmented:
                 streams["seg_k"].fetch(seg_gmem.at[bb, 0, keys], slot)
-            if spec.bias == "table":
-                streams["tile"].fetch(bias_gmem.at[hh, spec.table.index(i, j, g)], slot)
+            if plan.bias == "table":
+                streams["tile"].fetch(bias_gmem.at[hh, plan.table.index(i, j, g)], slot)
 
         fetch(0, 0)
-        q_pos = i * bq + _iota(spec, shape, 0)
+        q_pos = i * bq + _iota(plan, shape, 0)
 
         def step(t, carry):
             acc, grads = carry
@@ -353,34 +353,34 @@ def dq(spec: KernelSpec, q, k, v, do, lse, delta, segment_ids, bias_input, param
                 fetch(t + 1, 1 - slot)
 
             k_smem, v_smem = streams["k"].wait(slot), streams["v"].wait(slot)
-            s = _matmul(spec, shape, sc["q"], k_smem, transpose_b=True)
-            k_pos = (start + t) * bk + _iota(spec, shape, 1)
+            s = _matmul(plan, shape, sc["q"], k_smem, transpose_b=True)
+            k_pos = (start + t) * bk + _iota(plan, shape, 1)
             rel = q_pos - k_pos
             segs = ()
-            if spec.segmented:
-                seg_k = _load(spec, streams["seg_k"].wait(slot), COLUMN)
+            if plan.segmented:
+                seg_k = _load(plan, streams["seg_k"].wait(slot), COLUMN)
                 segs = (_rows(seg_q, shape), _columns(seg_k, shape))
-            visible = visibility(spec, q_pos, k_pos, *segs)
+            visible = visibility(plan, q_pos, k_pos, *segs)
             bias = None
-            if spec.bias == "head":
-                bias = head_bias(spec, theta, rel)
-            elif spec.bias == "table":
-                bias = _load(spec, streams["tile"].wait(slot), plgpu.Layout.WGMMA,
+            if plan.bias == "head":
+                bias = head_bias(plan, theta, rel)
+            elif plan.bias == "table":
+                bias = _load(plan, streams["tile"].wait(slot), plgpu.Layout.WGMMA,
                                   optimized=False)
-            s = scores(spec, s, visible, bias)
+            s = scores(plan, s, visible, bias)
             p = jnp.where(visible, jnp.exp(s - lse_rows), 0.0)
-            dp = _matmul(spec, shape, sc["do"], v_smem, transpose_b=True)
+            dp = _matmul(plan, shape, sc["do"], v_smem, transpose_b=True)
             ds = p * (dp - delta_rows)
-            acc = acc + _matmul(spec, acc.shape, ds.astype(dtype), k_smem)
+            acc = acc + _matmul(plan, acc.shape, ds.astype(dtype), k_smem)
             if param_grads:
                 grads = tuple(a + c for a, c in
-                              zip(grads, head_param_grads(spec, theta, rel, ds)))
+                              zip(grads, head_param_grads(plan, theta, rel, ds)))
             return acc, grads
 
-        grads0 = tuple(_cast(spec, jnp.zeros((bq,), jnp.float32), ROW)
-                       for _ in range(spec.num_params)) if param_grads else ()
-        acc, grads = lax.fori_loop(0, count, step, (_zeros(spec, (bq, d)), grads0))
-        sc["q"][...] = (spec.scale * acc).astype(dtype)
+        grads0 = tuple(_cast(plan, jnp.zeros((bq,), jnp.float32), ROW)
+                       for _ in range(plan.num_params)) if param_grads else ()
+        acc, grads = lax.fori_loop(0, count, step, (_zeros(plan, (bq, d)), grads0))
+        sc["q"][...] = (plan.scale * acc).astype(dtype)
         for p_index, grad_rows in enumerate(grads):
             sc["dtheta"][p_index] = grad_rows
         plgpu.commit_smem()
@@ -391,12 +391,12 @@ def dq(spec: KernelSpec, q, k, v, do, lse, delta, segment_ids, bias_input, param
 
     out_type = [jax.ShapeDtypeStruct(q.shape, dtype)]
     if param_grads:
-        out_type.append(jax.ShapeDtypeStruct((b, h, g.num_q_blocks, spec.num_params, bq),
+        out_type.append(jax.ShapeDtypeStruct((b, h, g.num_q_blocks, plan.num_params, bq),
                                              jnp.float32))
-    call = _kernel(body, spec, out_type=tuple(out_type), scratch=scratch,
+    call = _kernel(body, plan, out_type=tuple(out_type), scratch=scratch,
                    grid=(b, h, g.num_q_blocks), names=("b", "h", "i"))
     outs = call(q, k, v, do, lse, delta,
-                *_optional_inputs(spec, segment_ids, _head_params(spec, bias_input)))
+                *_optional_inputs(plan, segment_ids, _head_params(plan, bias_input)))
     if not param_grads:
         return outs[0], None
     return outs[0], outs[1].sum(axis=(0, 2, 4))
@@ -406,34 +406,34 @@ def dq(spec: KernelSpec, q, k, v, do, lse, delta, segment_ids, bias_input, param
 # Backward: dk / dv (transposed tiles: keys on rows, queries on columns)
 # ----------------------------------------------------------------------------------------------
 
-def dkv(spec: KernelSpec, q, k, v, do, lse, delta, segment_ids, bias_input):
+def dkv(plan: KernelPlan, q, k, v, do, lse, delta, segment_ids, bias_input):
     """Returns dk, dv `[b, kv_heads, n_pad, d]` (summed over each kv head's query group)."""
-    g = spec.grid
+    g = plan.grid
     b, kv_heads, n_pad, d = k.shape
     dv = v.shape[-1]
     bq, bk = g.block_q, g.block_kv
     dtype = q.dtype
-    streamed = ["q", "do", "lse", "delta"] + (["seg_q"] if spec.segmented else []) + (
-        ["tile"] if spec.bias == "table" else [])
+    streamed = ["q", "do", "lse", "delta"] + (["seg_q"] if plan.segmented else []) + (
+        ["tile"] if plan.bias == "table" else [])
     scratch = {"k": _mma_smem((bk, d), dtype), "v": _mma_smem((bk, dv), dtype),
                "once": plgpu.Barrier(num_barriers=4),
                "q": _stream_scratch((bq, d), dtype, True),
                "do": _stream_scratch((bq, dv), dtype, True),
                "lse": _stream_scratch((bq,), jnp.float32, False),
                "delta": _stream_scratch((bq,), jnp.float32, False)}
-    if spec.segmented:
+    if plan.segmented:
         scratch["seg_k"] = plgpu.SMEM((bk,), jnp.int32)
         scratch["seg_q"] = _stream_scratch((bq,), jnp.int32, False)
-    if spec.bias == "head":
-        scratch["theta"] = plgpu.SMEM((spec.num_heads, _param_lanes(spec)), jnp.float32)
-    if spec.bias == "table":
+    if plan.bias == "head":
+        scratch["theta"] = plgpu.SMEM((plan.num_heads, _param_lanes(plan)), jnp.float32)
+    if plan.bias == "table":
         scratch["tile"] = _stream_scratch((bk, bq), jnp.float32, False)
-    bias_input = _head_params(spec, bias_input)
-    if spec.bias == "table":
+    bias_input = _head_params(plan, bias_input)
+    if plan.bias == "table":
         bias_input = jnp.swapaxes(bias_input, -1, -2)  # tiles with keys on rows
 
     def body(*refs, **sc):
-        tensors, seg_gmem, bias_gmem, (dk_gmem, dv_gmem) = _unpack(spec, refs, 6)
+        tensors, seg_gmem, bias_gmem, (dk_gmem, dv_gmem) = _unpack(plan, refs, 6)
         q_gmem, k_gmem, v_gmem, do_gmem, lse_gmem, delta_gmem = tensors
         bb, kvh, j = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("j")
         start, count = g.q_range(j)
@@ -443,17 +443,17 @@ def dkv(spec: KernelSpec, q, k, v, do, lse, delta, segment_ids, bias_input):
         _copy_in(k_gmem.at[bb, kvh, keys], sc["k"], once.at[0])
         _copy_in(v_gmem.at[bb, kvh, keys], sc["v"], once.at[1])
         shape = (bk, bq)
-        k_pos = j * bk + _iota(spec, shape, 0)
+        k_pos = j * bk + _iota(plan, shape, 0)
         seg_k = None
-        if spec.segmented:
+        if plan.segmented:
             _copy_in(seg_gmem.at[bb, 0, keys], sc["seg_k"], once.at[2])
-            seg_k = _rows(_load(spec, sc["seg_k"], ROW), shape)
-        if spec.bias == "head":
+            seg_k = _rows(_load(plan, sc["seg_k"], ROW), shape)
+        if plan.bias == "head":
             _copy_in(bias_gmem, sc["theta"], once.at[3])
-        total = spec.group * count  # steps: (group head, query block) pairs
+        total = plan.group * count  # steps: (group head, query block) pairs
 
         def locate(step_index):
-            return kvh * spec.group + div(step_index, count), start + rem(step_index, count)
+            return kvh * plan.group + div(step_index, count), start + rem(step_index, count)
 
         def fetch(step_index, slot):
             hh, i = locate(step_index)
@@ -462,10 +462,10 @@ def dkv(spec: KernelSpec, q, k, v, do, lse, delta, segment_ids, bias_input):
             streams["do"].fetch(do_gmem.at[bb, hh, rows], slot)
             streams["lse"].fetch(lse_gmem.at[bb, hh, 0, rows], slot)
             streams["delta"].fetch(delta_gmem.at[bb, hh, 0, rows], slot)
-            if spec.segmented:
+            if plan.segmented:
                 streams["seg_q"].fetch(seg_gmem.at[bb, 0, rows], slot)
-            if spec.bias == "table":
-                streams["tile"].fetch(bias_gmem.at[hh, spec.table.index(i, j, g)], slot)
+            if plan.bias == "table":
+                streams["tile"].fetch(bias_gmem.at[hh, plan.table.index(i, j, g)], slot)
 
         @pl.when(total > 0)
         def _first():
@@ -481,32 +481,32 @@ def dkv(spec: KernelSpec, q, k, v, do, lse, delta, segment_ids, bias_input):
                 fetch(step_index + 1, 1 - slot)
 
             q_smem, do_smem = streams["q"].wait(slot), streams["do"].wait(slot)
-            s_t = _matmul(spec, shape, sc["k"], q_smem, transpose_b=True)
-            q_pos = i * bq + _iota(spec, shape, 1)
+            s_t = _matmul(plan, shape, sc["k"], q_smem, transpose_b=True)
+            q_pos = i * bq + _iota(plan, shape, 1)
             segs = ()
-            if spec.segmented:
-                seg_q = _load(spec, streams["seg_q"].wait(slot), COLUMN)
+            if plan.segmented:
+                seg_q = _load(plan, streams["seg_q"].wait(slot), COLUMN)
                 segs = (_columns(seg_q, shape), seg_k)
-            visible = visibility(spec, q_pos, k_pos, *segs)
+            visible = visibility(plan, q_pos, k_pos, *segs)
             bias = None
-            if spec.bias == "head":
-                bias = head_bias(spec, _theta(spec, sc["theta"], hh), q_pos - k_pos)
-            elif spec.bias == "table":
-                bias = _load(spec, streams["tile"].wait(slot), plgpu.Layout.WGMMA,
+            if plan.bias == "head":
+                bias = head_bias(plan, _theta(plan, sc["theta"], hh), q_pos - k_pos)
+            elif plan.bias == "table":
+                bias = _load(plan, streams["tile"].wait(slot), plgpu.Layout.WGMMA,
                                   optimized=False)
-            s_t = scores(spec, s_t, visible, bias)
-            lse_cols = _columns(_load(spec, streams["lse"].wait(slot), COLUMN), shape)
+            s_t = scores(plan, s_t, visible, bias)
+            lse_cols = _columns(_load(plan, streams["lse"].wait(slot), COLUMN), shape)
             p_t = jnp.where(visible, jnp.exp(s_t - lse_cols), 0.0)
-            dv_acc = dv_acc + _matmul(spec, dv_acc.shape, p_t.astype(dtype), do_smem)
-            dp_t = _matmul(spec, shape, sc["v"], do_smem, transpose_b=True)
-            delta_cols = _columns(_load(spec, streams["delta"].wait(slot), COLUMN),
+            dv_acc = dv_acc + _matmul(plan, dv_acc.shape, p_t.astype(dtype), do_smem)
+            dp_t = _matmul(plan, shape, sc["v"], do_smem, transpose_b=True)
+            delta_cols = _columns(_load(plan, streams["delta"].wait(slot), COLUMN),
                                   shape)
             ds_t = p_t * (dp_t - delta_cols)
-            dk_acc = dk_acc + _matmul(spec, dk_acc.shape, ds_t.astype(dtype), q_smem)
+            dk_acc = dk_acc + _matmul(plan, dk_acc.shape, ds_t.astype(dtype), q_smem)
             return dk_acc, dv_acc
 
-        dk_acc, dv_acc = lax.fori_loop(0, total, step, (_zeros(spec, (bk, d)), _zeros(spec, (bk, dv))))
-        sc["k"][...] = (spec.scale * dk_acc).astype(dtype)
+        dk_acc, dv_acc = lax.fori_loop(0, total, step, (_zeros(plan, (bk, d)), _zeros(plan, (bk, dv))))
+        sc["k"][...] = (plan.scale * dk_acc).astype(dtype)
         sc["v"][...] = dv_acc.astype(dtype)
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(sc["k"], dk_gmem.at[bb, kvh, keys])
@@ -514,6 +514,6 @@ def dkv(spec: KernelSpec, q, k, v, do, lse, delta, segment_ids, bias_input):
         plgpu.wait_smem_to_gmem(0)
 
     out_type = (jax.ShapeDtypeStruct(k.shape, dtype), jax.ShapeDtypeStruct(v.shape, dtype))
-    call = _kernel(body, spec, out_type=out_type, scratch=scratch,
+    call = _kernel(body, plan, out_type=out_type, scratch=scratch,
                    grid=(b, kv_heads, g.num_kv_blocks), names=("b", "h", "j"))
-    return call(q, k, v, do, lse, delta, *_optional_inputs(spec, segment_ids, bias_input))
+    return call(q, k, v, do, lse, delta, *_optional_inputs(plan, segment_ids, bias_input))

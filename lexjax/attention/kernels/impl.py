@@ -1,5 +1,5 @@
-"""The kernels as `attend` implementations: "pallas" (lowering picked from the backend) and the
-forced lowerings "pallas_tpu" / "pallas_gpu" (for export, AOT compilation and tests)."""
+"""The kernels as `attend` implementations: "pallas" (kernels picked from the JAX backend) and
+the forced lowerings "pallas_tpu" / "pallas_gpu" (for export, AOT compilation and tests)."""
 from __future__ import annotations
 
 import functools
@@ -8,7 +8,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from lexjax.attention.kernels.flash import flash_attention
+from lexjax.attention.kernels.pallas_attention import pallas_attention
 from lexjax.attention.masks import MaskSpec
 
 
@@ -20,10 +20,10 @@ def lowering_for_backend(backend: str) -> tuple[str, bool]:
     return "tpu", True
 
 
-def pallas_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, *, mask: MaskSpec,
-                     bias=None, block_size: Optional[int] = None,
-                     segment_ids: Optional[jnp.ndarray] = None,
-                     lowering: Optional[str] = None) -> jnp.ndarray:
+def attend_with_kernels(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, *, mask: MaskSpec,
+                        bias=None, block_size: Optional[int] = None,
+                        segment_ids: Optional[jnp.ndarray] = None,
+                        lowering: Optional[str] = None) -> jnp.ndarray:
     """`attend`'s contract on the Pallas kernels; `block_size` sets both block lengths.
 
     `lowering=None` follows `jax.default_backend()` (`lowering_for_backend`); "tpu" or "gpu"
@@ -32,13 +32,13 @@ def pallas_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, *, mask: Ma
     interpret = False
     if lowering is None:
         lowering, interpret = lowering_for_backend(jax.default_backend())
-    return flash_attention(q, k, v, mask=mask, bias=bias, segment_ids=segment_ids,
-                           block_q=block_size, block_kv=block_size, backend=lowering,
-                           interpret=interpret)
+    return pallas_attention(q, k, v, mask=mask, bias=bias, segment_ids=segment_ids,
+                            block_q=block_size, block_kv=block_size, lowering=lowering,
+                            interpret=interpret)
 
 
 PALLAS_IMPLEMENTATIONS = {
-    "pallas": pallas_attention,
-    "pallas_tpu": functools.partial(pallas_attention, lowering="tpu"),
-    "pallas_gpu": functools.partial(pallas_attention, lowering="gpu"),
+    "pallas": attend_with_kernels,
+    "pallas_tpu": functools.partial(attend_with_kernels, lowering="tpu"),
+    "pallas_gpu": functools.partial(attend_with_kernels, lowering="gpu"),
 }

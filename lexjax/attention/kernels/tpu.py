@@ -24,7 +24,7 @@ from jax.experimental.pallas import tpu as pltpu
 from lexjax.attention.common import NEG_INF
 from lexjax.attention.kernels import cost
 from lexjax.attention.kernels.geometry import div, rem
-from lexjax.attention.kernels.spec import (KernelSpec, head_bias, head_param_grads, positions,
+from lexjax.attention.kernels.plan import (KernelPlan, head_bias, head_param_grads, positions,
                                            scores, visibility)
 
 NUM_LANES = 128
@@ -45,50 +45,50 @@ def _row(column: jnp.ndarray) -> jnp.ndarray:
     return jnp.expand_dims(column[:, 0], 0)
 
 
-def _theta(spec: KernelSpec, theta_ref, h) -> tuple:
-    return tuple(theta_ref[h, p] for p in range(spec.num_params))
+def _theta(plan: KernelPlan, theta_ref, h) -> tuple:
+    return tuple(theta_ref[h, p] for p in range(plan.num_params))
 
 
-def _block_bias(spec: KernelSpec, bias_ref, h, q_pos, k_pos) -> Optional[jnp.ndarray]:
-    if spec.bias == "head":
-        return head_bias(spec, _theta(spec, bias_ref, h), q_pos - k_pos)
-    if spec.bias == "table":
+def _block_bias(plan: KernelPlan, bias_ref, h, q_pos, k_pos) -> Optional[jnp.ndarray]:
+    if plan.bias == "head":
+        return head_bias(plan, _theta(plan, bias_ref, h), q_pos - k_pos)
+    if plan.bias == "table":
         return bias_ref[...]
     return None
 
 
-def _split_inputs(spec: KernelSpec, refs, count: int):
+def _split_inputs(plan: KernelPlan, refs, count: int):
     """`count` tensor refs, then (seg_q, seg_k) or Nones, then the bias ref or None, then rest."""
     refs = list(refs)
     tensors, refs = refs[:count], refs[count:]
     seg_q = seg_k = None
-    if spec.segmented:
+    if plan.segmented:
         (seg_q, seg_k), refs = refs[:2], refs[2:]
     bias_ref = None
-    if spec.bias != "none":
+    if plan.bias != "none":
         bias_ref, refs = refs[0], refs[1:]
     return tensors, seg_q, seg_k, bias_ref, refs
 
 
-def _bias_spec(spec: KernelSpec, head_of, pair_of) -> list:
+def _bias_spec(plan: KernelPlan, head_of, pair_of) -> list:
     """BlockSpec of the bias input, if any. `head_of(*ids)` -> query head; `pair_of(*ids)` ->
     (query block, key block)."""
-    if spec.bias == "head":
+    if plan.bias == "head":
         return [pl.BlockSpec(memory_space=pltpu.SMEM)]
-    if spec.bias == "table":
-        g = spec.grid
+    if plan.bias == "table":
+        g = plan.grid
 
         def index(*ids):
             i, j = pair_of(*ids)
-            return head_of(*ids), spec.table.index(i, j, g), 0, 0
+            return head_of(*ids), plan.table.index(i, j, g), 0, 0
         return [pl.BlockSpec((None, None, g.block_q, g.block_kv), index)]
     return []
 
 
-def _segment_specs(spec: KernelSpec, pair_of) -> list:
-    if not spec.segmented:
+def _segment_specs(plan: KernelPlan, pair_of) -> list:
+    if not plan.segmented:
         return []
-    g = spec.grid
+    g = plan.grid
     return [pl.BlockSpec((None, 1, g.block_q), lambda b, *ids: (b, 0, pair_of(b, *ids)[0])),
             pl.BlockSpec((None, 1, g.block_kv), lambda b, *ids: (b, 0, pair_of(b, *ids)[1]))]
 
@@ -98,7 +98,7 @@ def _inputs(segment_ids, bias_input) -> list:
         [bias_input] if bias_input is not None else [])
 
 
-def _call(kernel, spec: KernelSpec, *, grid, in_specs, out_specs, out_shape, scratch, estimate,
+def _call(kernel, plan: KernelPlan, *, grid, in_specs, out_specs, out_shape, scratch, estimate,
           semantics, name):
     return pl.pallas_call(
         kernel,
@@ -108,7 +108,7 @@ def _call(kernel, spec: KernelSpec, *, grid, in_specs, out_specs, out_shape, scr
         out_shape=out_shape,
         compiler_params=pltpu.CompilerParams(dimension_semantics=semantics),
         cost_estimate=estimate,
-        interpret=spec.interpret,
+        interpret=plan.interpret,
         name=name,
     )
 
@@ -117,10 +117,10 @@ def _call(kernel, spec: KernelSpec, *, grid, in_specs, out_specs, out_shape, scr
 # Forward
 # ----------------------------------------------------------------------------------------------
 
-def _forward_kernel(*refs, spec: KernelSpec):
-    (q_ref, k_ref, v_ref), seg_q, seg_k, bias_ref, rest = _split_inputs(spec, refs, 3)
+def _forward_kernel(*refs, plan: KernelPlan):
+    (q_ref, k_ref, v_ref), seg_q, seg_k, bias_ref, rest = _split_inputs(plan, refs, 3)
     o_ref, lse_ref, m_ref, l_ref, acc_ref = rest
-    g = spec.grid
+    g = plan.grid
     h, i, t = pl.program_id(1), pl.program_id(2), pl.program_id(3)
     j = g.kv_block(i, t)
     _, count = g.kv_range(i)
@@ -135,11 +135,11 @@ def _forward_kernel(*refs, spec: KernelSpec):
     def _step():
         shape = (g.block_q, g.block_kv)
         q_pos, k_pos = positions(i, g.block_q, shape, 0), positions(j, g.block_kv, shape, 1)
-        visible = visibility(spec, q_pos, k_pos,
-                             *((_column(seg_q[...]), seg_k[...]) if spec.segmented else ()))
+        visible = visibility(plan, q_pos, k_pos,
+                             *((_column(seg_q[...]), seg_k[...]) if plan.segmented else ()))
         s = jax.lax.dot_general(q_ref[...], k_ref[...], (((1,), (1,)), ((), ())),
                                 preferred_element_type=jnp.float32)
-        s = scores(spec, s, visible, _block_bias(spec, bias_ref, h, q_pos, k_pos))
+        s = scores(plan, s, visible, _block_bias(plan, bias_ref, h, q_pos, k_pos))
         m_prev = m_ref[...]
         m_next = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
         alpha = jnp.exp(m_prev - m_next)
@@ -158,17 +158,17 @@ def _forward_kernel(*refs, spec: KernelSpec):
         lse_ref[...] = _row(jnp.where(seen, m_ref[...] + jnp.log(jnp.where(seen, l, 1.0)), 0.0))
 
 
-def forward(spec: KernelSpec, q, k, v, segment_ids, bias_input):
+def forward(plan: KernelPlan, q, k, v, segment_ids, bias_input):
     """Returns `out [b, h, n_pad, d]` (q's dtype) and float32 `lse [b, h, 1, n_pad]`."""
-    g = spec.grid
+    g = plan.grid
     b, h, n_pad, d = q.shape
-    group = spec.group
+    group = plan.group
     kv_of = lambda bb, hh, i, t: (bb, div(hh, group), g.kv_block(i, t), 0)  # noqa: E731
     pair = lambda bb, hh, i, t: (i, g.kv_block(i, t))  # noqa: E731
     in_specs = [pl.BlockSpec((None, None, g.block_q, d), lambda bb, hh, i, t: (bb, hh, i, 0)),
                 pl.BlockSpec((None, None, g.block_kv, d), kv_of),
                 pl.BlockSpec((None, None, g.block_kv, v.shape[-1]), kv_of)]
-    in_specs += _segment_specs(spec, pair) + _bias_spec(spec, lambda bb, hh, i, t: hh, pair)
+    in_specs += _segment_specs(plan, pair) + _bias_spec(plan, lambda bb, hh, i, t: hh, pair)
     out_specs = [pl.BlockSpec((None, None, g.block_q, v.shape[-1]),
                               lambda bb, hh, i, t: (bb, hh, i, 0)),
                  pl.BlockSpec((None, None, 1, g.block_q), lambda bb, hh, i, t: (bb, hh, 0, i))]
@@ -176,10 +176,10 @@ def forward(spec: KernelSpec, q, k, v, segment_ids, bias_input):
                  jax.ShapeDtypeStruct((b, h, 1, n_pad), jnp.float32)]
     scratch = [pltpu.VMEM((g.block_q, 1), jnp.float32), pltpu.VMEM((g.block_q, 1), jnp.float32),
                pltpu.VMEM((g.block_q, v.shape[-1]), jnp.float32)]
-    call = _call(functools.partial(_forward_kernel, spec=spec), spec,
+    call = _call(functools.partial(_forward_kernel, plan=plan), plan,
                  grid=(b, h, g.num_q_blocks, g.kv_steps), in_specs=in_specs, out_specs=out_specs,
                  out_shape=out_shape, scratch=scratch,
-                 estimate=cost.forward(spec, b, d, v.shape[-1], q.dtype.itemsize),
+                 estimate=cost.forward(plan, b, d, v.shape[-1], q.dtype.itemsize),
                  semantics=("parallel", "parallel", "parallel", "arbitrary"),
                  name="lexjax_attention_fwd")
     return call(q, k, v, *_inputs(segment_ids, bias_input))
@@ -189,13 +189,13 @@ def forward(spec: KernelSpec, q, k, v, segment_ids, bias_input):
 # Backward: dq (+ head-bias parameter gradients) and dk/dv
 # ----------------------------------------------------------------------------------------------
 
-def _dq_kernel(*refs, spec: KernelSpec, param_grads: bool):
+def _dq_kernel(*refs, plan: KernelPlan, param_grads: bool):
     (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref), seg_q, seg_k, bias_ref, rest = \
-        _split_inputs(spec, refs, 6)
+        _split_inputs(plan, refs, 6)
     dq_ref, *rest = rest
     dtheta_ref = rest.pop(0) if param_grads else None
     (acc_ref,) = rest
-    g = spec.grid
+    g = plan.grid
     h, i, t = pl.program_id(1), pl.program_id(2), pl.program_id(3)
     j = g.kv_block(i, t)
     _, count = g.kv_range(i)
@@ -210,22 +210,22 @@ def _dq_kernel(*refs, spec: KernelSpec, param_grads: bool):
     def _step():
         shape = (g.block_q, g.block_kv)
         q_pos, k_pos = positions(i, g.block_q, shape, 0), positions(j, g.block_kv, shape, 1)
-        visible = visibility(spec, q_pos, k_pos,
-                             *((_column(seg_q[...]), seg_k[...]) if spec.segmented else ()))
+        visible = visibility(plan, q_pos, k_pos,
+                             *((_column(seg_q[...]), seg_k[...]) if plan.segmented else ()))
         k = k_ref[...]
         s = jax.lax.dot_general(q_ref[...], k, (((1,), (1,)), ((), ())),
                                 preferred_element_type=jnp.float32)
-        s = scores(spec, s, visible, _block_bias(spec, bias_ref, h, q_pos, k_pos))
+        s = scores(plan, s, visible, _block_bias(plan, bias_ref, h, q_pos, k_pos))
         p = jnp.where(visible, jnp.exp(s - _column(lse_ref[...])), 0.0)
         dp = jax.lax.dot_general(do_ref[...], v_ref[...], (((1,), (1,)), ((), ())),
                                  preferred_element_type=jnp.float32)
         ds = p * (dp - _column(delta_ref[...]))
-        acc_ref[...] += spec.scale * jax.lax.dot_general(
+        acc_ref[...] += plan.scale * jax.lax.dot_general(
             ds.astype(k.dtype), k, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
         if param_grads:
             lane = jax.lax.broadcasted_iota(jnp.int32, dtheta_ref.shape, 1)
             update = jnp.zeros(dtheta_ref.shape, jnp.float32)
-            grads = head_param_grads(spec, _theta(spec, bias_ref, h), q_pos - k_pos, ds)
+            grads = head_param_grads(plan, _theta(plan, bias_ref, h), q_pos - k_pos, ds)
             for p_index, rows in enumerate(grads):
                 update = jnp.where(lane == p_index, jnp.sum(rows), update)
             dtheta_ref[...] += update
@@ -235,13 +235,13 @@ def _dq_kernel(*refs, spec: KernelSpec, param_grads: bool):
         dq_ref[...] = acc_ref[...].astype(dq_ref.dtype)
 
 
-def dq(spec: KernelSpec, q, k, v, do, lse, delta, segment_ids, bias_input, param_grads: bool):
+def dq(plan: KernelPlan, q, k, v, do, lse, delta, segment_ids, bias_input, param_grads: bool):
     """Returns dq `[b, h, n_pad, d]` and, with `param_grads`, float32 per-head parameter
     gradients summed over batch and query blocks `[h, P]`."""
-    g = spec.grid
+    g = plan.grid
     b, h, n_pad, d = q.shape
     dv_dim = v.shape[-1]
-    group = spec.group
+    group = plan.group
     q_of = lambda bb, hh, i, t: (bb, hh, i, 0)  # noqa: E731
     kv_of = lambda bb, hh, i, t: (bb, div(hh, group), g.kv_block(i, t), 0)  # noqa: E731
     row_of = lambda bb, hh, i, t: (bb, hh, 0, i)  # noqa: E731
@@ -252,36 +252,36 @@ def dq(spec: KernelSpec, q, k, v, do, lse, delta, segment_ids, bias_input, param
                 pl.BlockSpec((None, None, g.block_q, dv_dim), q_of),
                 pl.BlockSpec((None, None, 1, g.block_q), row_of),
                 pl.BlockSpec((None, None, 1, g.block_q), row_of)]
-    in_specs += _segment_specs(spec, pair) + _bias_spec(spec, lambda bb, hh, i, t: hh, pair)
+    in_specs += _segment_specs(plan, pair) + _bias_spec(plan, lambda bb, hh, i, t: hh, pair)
     out_specs = [pl.BlockSpec((None, None, g.block_q, d), q_of)]
     out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype)]
-    lanes = -(-max(spec.num_params, 1) // NUM_LANES) * NUM_LANES
+    lanes = -(-max(plan.num_params, 1) // NUM_LANES) * NUM_LANES
     if param_grads:
         out_specs.append(pl.BlockSpec((None, None, None, 1, lanes),
                                       lambda bb, hh, i, t: (bb, hh, i, 0, 0)))
         out_shape.append(jax.ShapeDtypeStruct((b, h, g.num_q_blocks, 1, lanes), jnp.float32))
-    call = _call(functools.partial(_dq_kernel, spec=spec, param_grads=param_grads), spec,
+    call = _call(functools.partial(_dq_kernel, plan=plan, param_grads=param_grads), plan,
                  grid=(b, h, g.num_q_blocks, g.kv_steps), in_specs=in_specs,
                  out_specs=out_specs, out_shape=out_shape,
                  scratch=[pltpu.VMEM((g.block_q, d), jnp.float32)],
-                 estimate=cost.dq(spec, b, d, dv_dim, q.dtype.itemsize),
+                 estimate=cost.dq(plan, b, d, dv_dim, q.dtype.itemsize),
                  semantics=("parallel", "parallel", "parallel", "arbitrary"),
                  name="lexjax_attention_dq")
     outs = call(q, k, v, do, lse, delta, *_inputs(segment_ids, bias_input))
     if not param_grads:
         return outs[0], None
     dq_out, dtheta = outs
-    return dq_out, dtheta.sum(axis=(0, 2, 3))[:, :spec.num_params]
+    return dq_out, dtheta.sum(axis=(0, 2, 3))[:, :plan.num_params]
 
 
-def _dkv_kernel(*refs, spec: KernelSpec):
+def _dkv_kernel(*refs, plan: KernelPlan):
     (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref), seg_q, seg_k, bias_ref, rest = \
-        _split_inputs(spec, refs, 6)
+        _split_inputs(plan, refs, 6)
     dk_ref, dv_ref, dk_acc, dv_acc = rest
-    g = spec.grid
+    g = plan.grid
     kv_head, j, step = pl.program_id(1), pl.program_id(2), pl.program_id(3)
     steps = g.q_steps
-    h = kv_head * spec.group + div(step, steps)
+    h = kv_head * plan.group + div(step, steps)
     t = rem(step, steps)
     i = g.q_block(j, t)
     _, count = g.q_range(j)
@@ -295,19 +295,19 @@ def _dkv_kernel(*refs, spec: KernelSpec):
     def _step():
         shape = (g.block_q, g.block_kv)
         q_pos, k_pos = positions(i, g.block_q, shape, 0), positions(j, g.block_kv, shape, 1)
-        visible = visibility(spec, q_pos, k_pos,
-                             *((_column(seg_q[...]), seg_k[...]) if spec.segmented else ()))
+        visible = visibility(plan, q_pos, k_pos,
+                             *((_column(seg_q[...]), seg_k[...]) if plan.segmented else ()))
         q, do = q_ref[...], do_ref[...]
         s = jax.lax.dot_general(q, k_ref[...], (((1,), (1,)), ((), ())),
                                 preferred_element_type=jnp.float32)
-        s = scores(spec, s, visible, _block_bias(spec, bias_ref, h, q_pos, k_pos))
+        s = scores(plan, s, visible, _block_bias(plan, bias_ref, h, q_pos, k_pos))
         p = jnp.where(visible, jnp.exp(s - _column(lse_ref[...])), 0.0)
         dv_acc[...] += jax.lax.dot_general(p.astype(do.dtype).T, do, (((1,), (0,)), ((), ())),
                                            preferred_element_type=jnp.float32)
         dp = jax.lax.dot_general(do, v_ref[...], (((1,), (1,)), ((), ())),
                                  preferred_element_type=jnp.float32)
         ds = p * (dp - _column(delta_ref[...]))
-        dk_acc[...] += spec.scale * jax.lax.dot_general(
+        dk_acc[...] += plan.scale * jax.lax.dot_general(
             ds.astype(q.dtype).T, q, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
 
     @pl.when(step == pl.num_programs(3) - 1)
@@ -316,12 +316,12 @@ def _dkv_kernel(*refs, spec: KernelSpec):
         dv_ref[...] = dv_acc[...].astype(dv_ref.dtype)
 
 
-def dkv(spec: KernelSpec, q, k, v, do, lse, delta, segment_ids, bias_input):
+def dkv(plan: KernelPlan, q, k, v, do, lse, delta, segment_ids, bias_input):
     """Returns dk, dv `[b, kv_heads, n_pad, d]` (summed over each kv head's query group)."""
-    g = spec.grid
+    g = plan.grid
     b, kv_heads, n_pad, d = k.shape
     dv_dim = v.shape[-1]
-    group, steps = spec.group, g.q_steps
+    group, steps = plan.group, g.q_steps
 
     def head(bb, hh, j, s):
         return hh * group + div(s, steps)
@@ -338,16 +338,16 @@ def dkv(spec: KernelSpec, q, k, v, do, lse, delta, segment_ids, bias_input):
                 pl.BlockSpec((None, None, g.block_q, dv_dim), q_of),
                 pl.BlockSpec((None, None, 1, g.block_q), row_of),
                 pl.BlockSpec((None, None, 1, g.block_q), row_of)]
-    in_specs += _segment_specs(spec, pair) + _bias_spec(spec, head, pair)
+    in_specs += _segment_specs(plan, pair) + _bias_spec(plan, head, pair)
     out_specs = [pl.BlockSpec((None, None, g.block_kv, d), kv_of),
                  pl.BlockSpec((None, None, g.block_kv, dv_dim), kv_of)]
     out_shape = [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)]
     scratch = [pltpu.VMEM((g.block_kv, d), jnp.float32),
                pltpu.VMEM((g.block_kv, dv_dim), jnp.float32)]
-    call = _call(functools.partial(_dkv_kernel, spec=spec), spec,
+    call = _call(functools.partial(_dkv_kernel, plan=plan), plan,
                  grid=(b, kv_heads, g.num_kv_blocks, group * steps), in_specs=in_specs,
                  out_specs=out_specs, out_shape=out_shape, scratch=scratch,
-                 estimate=cost.dkv(spec, b, d, dv_dim, q.dtype.itemsize),
+                 estimate=cost.dkv(plan, b, d, dv_dim, q.dtype.itemsize),
                  semantics=("parallel", "parallel", "parallel", "arbitrary"),
                  name="lexjax_attention_dkv")
     return call(q, k, v, do, lse, delta, *_inputs(segment_ids, bias_input))

@@ -1,6 +1,6 @@
 """The static description of one kernel call and the per-block math every lowering shares.
 
-`KernelSpec` is hashable (a `custom_vjp` non-differentiable argument). The helpers below work on
+`KernelPlan` is hashable (a `custom_vjp` non-differentiable argument). The helpers below work on
 values (not refs) so the TPU, GPU and interpret kernels compute a block identically: scaled
 scores, the relative bias for the block's positions, the mask, segment ids.
 """
@@ -21,7 +21,7 @@ BIAS_KINDS = ("none", "head", "table")
 
 
 @dataclasses.dataclass(frozen=True)
-class KernelSpec:
+class KernelPlan:
     """Everything static about one attention call in kernel layout.
 
     Attributes:
@@ -72,40 +72,40 @@ def mask_allows(mask: MaskSpec, q_pos: jnp.ndarray, k_pos: jnp.ndarray) -> jnp.n
     return ok
 
 
-def visibility(spec: KernelSpec, q_pos: jnp.ndarray, k_pos: jnp.ndarray,
+def visibility(plan: KernelPlan, q_pos: jnp.ndarray, k_pos: jnp.ndarray,
                seg_q: Optional[jnp.ndarray] = None, seg_k: Optional[jnp.ndarray] = None
                ) -> jnp.ndarray:
     """bool: the mask, real (non-padding) keys, and equal segments."""
-    visible = mask_allows(spec.grid.mask, q_pos, k_pos) & (k_pos < spec.grid.length)
+    visible = mask_allows(plan.grid.mask, q_pos, k_pos) & (k_pos < plan.grid.length)
     if seg_q is not None:
         visible = visible & (seg_q == seg_k)
     return visible
 
 
-def head_bias(spec: KernelSpec, theta, rel: jnp.ndarray) -> jnp.ndarray:
+def head_bias(plan: KernelPlan, theta, rel: jnp.ndarray) -> jnp.ndarray:
     """`HeadBias.fn` for one head on a tile of relative distances, float32."""
-    return spec.bias_fn(theta, rel).astype(jnp.float32)
+    return plan.bias_fn(theta, rel).astype(jnp.float32)
 
 
-def head_param_grads(spec: KernelSpec, theta, rel: jnp.ndarray, ds: jnp.ndarray) -> tuple:
+def head_param_grads(plan: KernelPlan, theta, rel: jnp.ndarray, ds: jnp.ndarray) -> tuple:
     """Per-row parts of d(loss)/d(theta_p): `sum_k ds[r, k] * d fn(theta, rel)[r, k] / d theta_p`
     for each parameter p, each `[rows]`. Forward mode, one parameter at a time, so the kernel
     sees only single-axis reductions (and no tangent fan-in when fn uses each parameter once,
     which Mosaic GPU needs)."""
     theta = tuple(theta)
     grads = []
-    for p in range(spec.num_params):
+    for p in range(plan.num_params):
         def one(x, p=p):
-            return head_bias(spec, theta[:p] + (x,) + theta[p + 1:], rel)
+            return head_bias(plan, theta[:p] + (x,) + theta[p + 1:], rel)
         _, slope = jax.jvp(one, (theta[p],), (jnp.float32(1.0),))
         grads.append(jnp.sum(ds * slope, axis=1))
     return tuple(grads)
 
 
-def scores(spec: KernelSpec, s: jnp.ndarray, visible: jnp.ndarray,
+def scores(plan: KernelPlan, s: jnp.ndarray, visible: jnp.ndarray,
            bias: Optional[jnp.ndarray]) -> jnp.ndarray:
     """Scaled float32 logits plus bias, masked with a finite -inf."""
-    s = s * spec.scale
+    s = s * plan.scale
     if bias is not None:
         s = s + bias
     return jnp.where(visible, s, NEG_INF)

@@ -1,12 +1,13 @@
-"""Flash attention over a block-sparse `MaskSpec` walk: the public entry point and its `custom_vjp`.
+"""Pallas attention kernels over a block-sparse `MaskSpec` walk (the FlashAttention-2 algorithm):
+the public entry point and its `custom_vjp`.
 
-`flash_attention` takes `attend`'s layout (`[batch, length, heads, head_dim]`), moves to kernel
+`pallas_attention` takes `attend`'s layout (`[batch, length, heads, head_dim]`), moves to kernel
 layout (`[batch, heads, n_pad, d]`, padded to whole blocks), runs the lowering's forward kernel,
 and differentiates with the lowering's dq and dk/dv kernels (FlashAttention-2: the backward
 recomputes each visited block's probabilities from the saved log-sum-exp). Lowerings:
 
 - "tpu": Pallas Mosaic TPU kernels (`kernels/tpu.py`); with `interpret=True` the same kernels run
-  on any backend (the CPU path of `attend(impl="pallas")`).
+  on any JAX backend (the CPU path of `attend(impl="pallas")`).
 - "gpu": Pallas Mosaic GPU kernels for Hopper (`kernels/gpu.py`); `interpret=True` runs them in
   Pallas' GPU interpreter.
 """
@@ -24,7 +25,7 @@ from jax.sharding import PartitionSpec
 from lexjax.attention.kernels import gpu, tpu
 from lexjax.attention.kernels.bias import HeadBias, offset_table
 from lexjax.attention.kernels.geometry import BlockGrid
-from lexjax.attention.kernels.spec import KernelSpec
+from lexjax.attention.kernels.plan import KernelPlan
 from lexjax.attention.masks import MaskSpec
 
 LOWERINGS = {"tpu": tpu, "gpu": gpu}
@@ -40,20 +41,20 @@ def _round_up(x: int, multiple: int) -> int:
     return -(-x // multiple) * multiple
 
 
-def block_sizes(backend: str, length: int, block_q: Optional[int], block_kv: Optional[int],
+def block_sizes(lowering: str, length: int, block_q: Optional[int], block_kv: Optional[int],
                 interpret: bool) -> tuple[int, int]:
     """Resolved (block_q, block_kv); raises ValueError for blocks the lowering cannot tile."""
-    default_q, default_kv = DEFAULT_BLOCKS[backend]
-    if interpret and backend == "tpu":
+    default_q, default_kv = DEFAULT_BLOCKS[lowering]
+    if interpret and lowering == "tpu":
         # Interpret mode has no tiling constraint: keep short test sequences in one block.
         short = _round_up(length, INTERPRET_BLOCK_MULTIPLE)
         default_q, default_kv = min(default_q, short), min(default_kv, short)
     blocks = (block_q or default_q, block_kv or default_kv)
-    multiple = INTERPRET_BLOCK_MULTIPLE if (interpret and backend == "tpu") else \
-        BLOCK_MULTIPLE[backend]
+    multiple = INTERPRET_BLOCK_MULTIPLE if (interpret and lowering == "tpu") else \
+        BLOCK_MULTIPLE[lowering]
     for name, size in zip(("block_q", "block_kv"), blocks):
         if size % multiple:
-            raise ValueError(f"{name}={size} does not tile the {backend} lowering"
+            raise ValueError(f"{name}={size} does not tile the {lowering} lowering"
                              f"{' (interpret)' if interpret else ''}: use a multiple of "
                              f"{multiple}")
     return blocks
@@ -66,35 +67,35 @@ def _to_kernel_layout(x: jnp.ndarray, n_pad: int, d_pad: int) -> jnp.ndarray:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _attention(spec: KernelSpec, backend: str, q, k, v, segment_ids, bias_input):
-    out, _ = LOWERINGS[backend].forward(spec, q, k, v, segment_ids, bias_input)
+def _attention(plan: KernelPlan, lowering: str, q, k, v, segment_ids, bias_input):
+    out, _ = LOWERINGS[lowering].forward(plan, q, k, v, segment_ids, bias_input)
     return out
 
 
-def _attention_fwd(spec, backend, q, k, v, segment_ids, bias_input):
+def _attention_fwd(plan, lowering, q, k, v, segment_ids, bias_input):
     values = jax.custom_derivatives.custom_vjp_primal_tree_values
     param_grads = bias_input is not None and bias_input.perturbed
-    if param_grads and spec.bias == "table":
+    if param_grads and plan.bias == "table":
         raise ValueError(
             "the relative bias passed to a Pallas attention kernel has trainable parameters but "
             "is a plain callable; kernels differentiate only HeadBias parameters: build it as "
             "lexjax.attention.kernels.HeadBias(fn, params) (see lexjax/positions for examples)")
     q, k, v, segment_ids, bias_input = values((q, k, v, segment_ids, bias_input))
-    out, lse = LOWERINGS[backend].forward(spec, q, k, v, segment_ids, bias_input)
+    out, lse = LOWERINGS[lowering].forward(plan, q, k, v, segment_ids, bias_input)
     grad_target = bias_input if param_grads else None
     return out, (q, k, v, segment_ids, bias_input, grad_target, out, lse)
 
 
-def _attention_bwd(spec, backend, residuals, d_out):
+def _attention_bwd(plan, lowering, residuals, d_out):
     q, k, v, segment_ids, bias_input, grad_target, out, lse = residuals
     if isinstance(d_out, jax.custom_derivatives.SymbolicZero):
         d_out = jnp.zeros(out.shape, out.dtype)
-    lowering = LOWERINGS[backend]
+    kernels = LOWERINGS[lowering]
     delta = jnp.sum(out.astype(jnp.float32) * d_out.astype(jnp.float32), axis=-1)[:, :, None]
     d_out = d_out.astype(q.dtype)
-    dq, dtheta = lowering.dq(spec, q, k, v, d_out, lse, delta, segment_ids, bias_input,
+    dq, dtheta = kernels.dq(plan, q, k, v, d_out, lse, delta, segment_ids, bias_input,
                              param_grads=grad_target is not None)
-    dk, dv = lowering.dkv(spec, q, k, v, d_out, lse, delta, segment_ids, bias_input)
+    dk, dv = kernels.dkv(plan, q, k, v, d_out, lse, delta, segment_ids, bias_input)
     return dq, dk, dv, None, dtheta
 
 
@@ -129,10 +130,10 @@ def _mesh_specs(q_shape, kv_heads: int):
     return mesh, batch_axes or None, heads_axes or None
 
 
-def flash_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, *, mask: MaskSpec,
+def pallas_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, *, mask: MaskSpec,
                     bias: Optional[Union[HeadBias, Callable]] = None,
                     segment_ids: Optional[jnp.ndarray] = None, block_q: Optional[int] = None,
-                    block_kv: Optional[int] = None, backend: str = "tpu",
+                    block_kv: Optional[int] = None, lowering: str = "tpu",
                     interpret: bool = False) -> jnp.ndarray:
     """Self-attention under `mask` with Pallas kernels that visit only the blocks it needs.
 
@@ -144,24 +145,24 @@ def flash_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, *, mask: Mas
         callable `rel -> [heads, *rel.shape]` (tabulated per block offset; not differentiable).
       segment_ids: optional int32 `[batch, length]`; queries see only keys of their own segment
         (packed sequences).
-      block_q, block_kv: block lengths (defaults per backend, `DEFAULT_BLOCKS`).
-      backend: "tpu" or "gpu" lowering.
+      block_q, block_kv: block lengths (defaults per lowering, `DEFAULT_BLOCKS`).
+      lowering: "tpu" or "gpu" kernels.
       interpret: run in Pallas interpret mode (any platform, e.g. CPU tests).
     Returns:
       `[batch, length, heads, head_dim]` in q's dtype. Under a mesh with logical-axis rules the
       kernels run per device on their batch and head shards (`_mesh_specs`).
     """
-    if backend not in LOWERINGS:
-        raise ValueError(f"unknown Pallas lowering {backend!r}; have {sorted(LOWERINGS)}")
+    if lowering not in LOWERINGS:
+        raise ValueError(f"unknown Pallas lowering {lowering!r}; have {sorted(LOWERINGS)}")
     b, n, heads, d = q.shape
     if k.shape[1] != n:
         raise ValueError(f"Pallas attention is self-attention: query length {n} != key length "
                          f"{k.shape[1]}")
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    bq, bk = block_sizes(backend, n, block_q, block_kv, interpret)
+    bq, bk = block_sizes(lowering, n, block_q, block_kv, interpret)
     grid = BlockGrid(mask=mask, length=n, block_q=bq, block_kv=bk)
-    if backend == "gpu":
+    if lowering == "gpu":
         gpu.check(grid, q.dtype, d)
 
     kind, fn, table, bias_input = "none", None, None, None
@@ -186,12 +187,12 @@ def flash_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, *, mask: Mas
 
     def local(q, k, v, segment_ids, bias_input):
         """The kernels on one device's `[b, n, h, d]` shards."""
-        spec = KernelSpec(grid=grid, num_heads=q.shape[2], num_kv_heads=k.shape[2],
+        plan = KernelPlan(grid=grid, num_heads=q.shape[2], num_kv_heads=k.shape[2],
                           scale=d ** -0.5, segmented=segment_ids is not None, bias=kind,
                           bias_fn=fn, num_params=0 if kind != "head" else bias_input.shape[1],
                           table=table, interpret=interpret)
-        n_pad, d_pad = grid.padded_length, LOWERINGS[backend].padded_head_dim(d)
-        out = _attention(spec, backend, *(_to_kernel_layout(x, n_pad, d_pad) for x in (q, k, v)),
+        n_pad, d_pad = grid.padded_length, LOWERINGS[lowering].padded_head_dim(d)
+        out = _attention(plan, lowering, *(_to_kernel_layout(x, n_pad, d_pad) for x in (q, k, v)),
                          segment_ids, bias_input)
         return jnp.swapaxes(out[:, :, :n, :d], 1, 2)
 
