@@ -1,8 +1,9 @@
 """lexjax: a JAX/Flax model zoo for long-context language models and length-extrapolating
 position encodings.
 
-Entry points: `build_model(gin_files, bindings)` returns the configured flax module; the CLIs
-`python -m lexjax.train / evaluate / bench` run it.
+Entry points: `build_model(gin_files, bindings)` returns the configured flax module;
+`load(model_dir)` a trained run's `(model, variables)`; the CLIs
+`python -m lexjax.train / evaluate / bench` run them.
 """
 from lexjax import _platforms
 
@@ -13,9 +14,10 @@ from lexjax.config import ConfigError, build_model  # noqa: E402
 
 def load(model_dir: str, step: int | None = None, bindings: tuple[str, ...] = ()):
     """`(model, variables)` of a trained run in `model_dir` (latest checkpoint unless `step`);
-    `bindings` adjust the rebuilt model, e.g. `("BCA_BLOCK=64",)` with a BCA config."""
-    from lexjax.training.checkpoints import load_run
-    return load_run(model_dir, step, tuple(bindings))
+    `bindings` adjust the rebuilt model, e.g. `("BCA_BLOCK=64",)` with a BCA config. See
+    `lexjax.runs.load_run` for the run's config and checkpoint record as well."""
+    from lexjax.runs import load
+    return load(model_dir, step, bindings)
 
 
 __all__ = ["build_model", "load", "ConfigError"]

@@ -11,8 +11,9 @@ Estimated (`--topology`): the step compiled ahead of time for a Cloud TPU topolo
 (needs `pip install 'lexjax[tpu]'`), per mesh: fits HBM or by how much it does not, FLOPs and
 bytes per chip, and the compiler's roofline step time with the tokens/s and MFU it implies.
 
-The batch shape and model come from the gin files (the run's BATCH_SIZE, TRAIN_LENGTH, %MODEL);
-writes DIR/bench.{json,csv,md,png} and prints the table.
+The model and the run (its TrainConfig: BATCH_SIZE, TRAIN_LENGTH, the data, the optimizer) come
+from the gin files, read exactly as the trainer reads them; writes DIR/bench.{json,csv,md,png} and
+prints the table.
 """
 from __future__ import annotations
 
@@ -66,15 +67,15 @@ def main(argv=None) -> int:
 
     from lexjax import partitioning
     from lexjax.benchmarking import report
-    from lexjax.benchmarking.spec import spec_from_gin, train_setting
     from lexjax.config import parse_gin
+    from lexjax.runs import configured_training
 
     partitioning.initialize_distributed(args.distributed or None)
     parse_gin(args.gin_file, bindings)
-    spec = spec_from_gin()
-    meshes = args.mesh or [train_setting("mesh") or "data:-1"]
-    name = type(spec.model).__name__
-    shape = f"batch {spec.batch_size} x length {spec.length}"
+    model, config = configured_training()
+    meshes = args.mesh or [config.mesh or "data:-1"]
+    name = type(model).__name__
+    shape = f"batch {config.batch_size} x length {config.train_length}"
     if args.topology:
         from lexjax.benchmarking.topology import estimate_mesh, load_topology
 
@@ -85,31 +86,31 @@ def main(argv=None) -> int:
         print(f"{title}: {len(topology.devices)} chips", file=sys.stderr)
         rows = []
         for mesh in meshes:
-            row = estimate_mesh(spec, mesh, topology)
+            row = estimate_mesh(model, config, mesh, topology)
             print(f"  {mesh}: {row['hbm_note']}", file=sys.stderr)
             rows.append(row)
         extra = {"mode": "estimated", "topology": topology.name, "model": name,
-                 "batch_size": spec.batch_size, "length": spec.length}
+                 "batch_size": config.batch_size, "length": config.train_length}
     else:
         from lexjax.benchmarking.measure import first_batch, measure_mesh
         from lexjax.training.flops import device_peak_flops
 
         for mesh in meshes:  # every mesh string checked before any data or compiling
             partitioning.parse_mesh(mesh, jax.device_count())
-        tokens = first_batch(spec)
+        batch = first_batch(model, config)
         device_peak = device_peak_flops()
         title = (f"{name} ({shape}): measured on {jax.device_count()} "
                  f"{jax.devices()[0].platform} devices")
         print(title, file=sys.stderr)
         rows = []
         for mesh in meshes:
-            row = measure_mesh(spec, mesh, args.steps, tokens, device_peak)
+            row = measure_mesh(model, config, mesh, args.steps, batch, device_peak)
             print(f"  {mesh}: loss {row['loss']:.4f}, {row['tokens_per_sec']:.0f} tokens/s",
                   file=sys.stderr)
             rows.append(row)
-        extra = {"mode": "measured", "model": name, "batch_size": spec.batch_size,
-                 "length": spec.length, "steps": args.steps, "platform": jax.devices()[0].platform,
-                 "peak_source": rows[0]["peak_source"]}
+        extra = {"mode": "measured", "model": name, "batch_size": config.batch_size,
+                 "length": config.train_length, "steps": args.steps,
+                 "platform": jax.devices()[0].platform, "peak_source": rows[0]["peak_source"]}
     print(report.write_bench(args.out, rows, title=title, extra=extra))
     return 0
 

@@ -1,8 +1,11 @@
-"""Gin configuration: parsing with clear errors, and building the configured model.
+"""Gin configuration: parsing with clear errors, and reading the objects a config binds.
 
 Gin binds the objects handed to the top-level entry points (the model, its position scheme, its
-masks) at the moment they are constructed; no internal module reads gin at apply time, so a model
-returned by `build_model` does not change when gin's global config changes later.
+masks, the run's `TrainConfig`) at the moment they are constructed; no internal module reads gin
+at apply time, so a model returned by `build_model` does not change when gin's global config
+changes later. Every model gin sets the macro `MODEL`; every run gin binds
+`lexjax.training.train.model = %MODEL` and `lexjax.training.train.config`, which the trainer,
+the bench and `lexjax.load` read.
 
 Gin files are looked up relative to the working directory first, then relative to the repository
 root (the folder that holds `configs/`), so `configs/models/transformer.gin` works from anywhere.
@@ -13,28 +16,17 @@ import contextlib
 import logging
 import os
 import re
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import flax.linen as nn
 import gin
 
-from lexjax.errors import UserError
+from lexjax.errors import ConfigError
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-
-# Every model gin sets the macro MODEL; the entry points read it through `configured_model`.
-MODEL_BINDING = "lexjax.configured_model.model = %MODEL"
-
-
-class ConfigError(UserError, ValueError):
-    """A gin file or binding that cannot be used; the message names it and the fix."""
-
-
-@gin.configurable(module="lexjax")
-def configured_model(model: nn.Module = gin.REQUIRED) -> nn.Module:
-    """The model bound to `%MODEL` by a `configs/models/*.gin` file."""
-    return model
+__all__ = ["ConfigError", "REPO_ROOT", "build_model", "configured_model", "configured_value",
+           "parse_gin", "unset_required_macros"]
 
 
 def _resolve_gin_file(path: str) -> str:
@@ -47,15 +39,16 @@ def _resolve_gin_file(path: str) -> str:
 
 
 def _import_configurables() -> None:
-    """Registers every gin configurable of the package (models, positions, masks, ...)."""
+    """Registers the gin configurables of the package that import no TensorFlow (models,
+    positions, masks, training); run gins `import lexjax.data` for the data configurables."""
     import lexjax.attention  # noqa: F401
     import lexjax.models  # noqa: F401
     import lexjax.positions  # noqa: F401
     import lexjax.training  # noqa: F401
 
 
-def parse_gin(gin_files: Sequence[str] = (), bindings: Iterable[str] = (),
-              *, clear: bool = True) -> None:
+def parse_gin(gin_files: Sequence[str] = (), bindings: Iterable[str] = (), *,
+              clear: bool = True) -> None:
     """Parses gin files then bindings (later ones win), raising `ConfigError` on any problem.
 
     Args:
@@ -70,8 +63,7 @@ def parse_gin(gin_files: Sequence[str] = (), bindings: Iterable[str] = (),
     files = [_resolve_gin_file(f) for f in gin_files]
     try:
         with _quiet_include_probes():
-            gin.parse_config_files_and_bindings(files, [MODEL_BINDING, *bindings],
-                                                finalize_config=False)
+            gin.parse_config_files_and_bindings(files, list(bindings), finalize_config=False)
     except (ValueError, KeyError, SyntaxError, ImportError, IOError) as e:
         gin.clear_config()
         raise ConfigError(f"bad gin config: {_first_line(e)}; check the names against "
@@ -118,13 +110,28 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0]
 
 
-def build_configured_model() -> nn.Module:
-    """Constructs `%MODEL` from the gin config that is currently parsed."""
+def configured_value(name: str, what: str, fix: str) -> Any:
+    """The value the parsed gin config gives `name` — a macro (`"%MODEL"`) or a parameter
+    (`"lexjax.training.train.config"`) — with any `@configurable()` reference constructed now.
+    `ConfigError` if it is unbound (naming `what` is missing, and the `fix`) or cannot be
+    built."""
     try:
-        return configured_model()
-    except (ValueError, TypeError, RuntimeError) as e:
-        raise ConfigError(f"cannot build the model: {_first_line(e)}; a model gin file "
-                          "(configs/models/<name>.gin) must set MODEL and its size macros") from None
+        value = gin.query_parameter(name)
+    except ValueError:
+        raise ConfigError(f"no {what}: the gin files bind no {name.lstrip('%')}; {fix}") from None
+    if isinstance(value, gin.config.ConfigurableReference):
+        try:
+            value = value.scoped_configurable_fn()
+        except (ValueError, TypeError, RuntimeError) as e:
+            raise ConfigError(f"cannot build the {what}: {_first_line(e)}") from None
+    return value
+
+
+def configured_model() -> nn.Module:
+    """Constructs `%MODEL` (set by every configs/models/<name>.gin) from the parsed config."""
+    return configured_value("%MODEL", "model",
+                            "pass a model gin (configs/models/<name>.gin sets MODEL and its size "
+                            "macros)")
 
 
 def build_model(gin_files: Sequence[str] = (), bindings: Iterable[str] = ()) -> nn.Module:
@@ -137,6 +144,6 @@ def build_model(gin_files: Sequence[str] = (), bindings: Iterable[str] = ()) -> 
     """
     parse_gin(gin_files, bindings)
     try:
-        return build_configured_model()
+        return configured_model()
     finally:
         gin.clear_config()

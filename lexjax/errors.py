@@ -4,3 +4,7 @@ The CLIs print such errors as one line and exit 2. No heavy imports here."""
 
 class UserError(Exception):
     """An error whose message names the problem and the fix."""
+
+
+class ConfigError(UserError, ValueError):
+    """A gin file, binding or setting that cannot be used; the message names it and the fix."""

@@ -8,6 +8,7 @@ Prints a table (loss, perplexity, bits per byte, attention resolution per length
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
 from lexjax import cli
@@ -49,33 +50,35 @@ def main(argv=None) -> int:
 
     from lexjax import partitioning
     from lexjax.evaluation import evaluate_lengths, write_report
-    from lexjax.training.checkpoints import Checkpointer, load_run
+    from lexjax.runs import load_run
+    from lexjax.training.checkpoints import Checkpointer
 
-    meta = Checkpointer(args.model_dir, read_only=True).meta(args.step)
-    train_length = meta.get("train_length")
     gin_files = list(args.gin_file)
     if args.bca:
+        train_length = Checkpointer(args.model_dir, read_only=True).meta(args.step)["train_length"]
         gin_files.append("configs/features/bca.gin")
-        bindings.append(f"BCA_BLOCK = {max(1, (train_length or 2) // 2)}")
+        bindings.append(f"BCA_BLOCK = {max(1, train_length // 2)}")
     mesh = partitioning.make_mesh(args.mesh) if args.mesh else None
-    model, variables = load_run(args.model_dir, args.step, tuple(bindings), tuple(gin_files),
-                                mesh=mesh, keep_config=True)
-    task = args.task or meta["task"]
+    run = load_run(args.model_dir, args.step, gin_files=gin_files, bindings=bindings, mesh=mesh)
+    data = run.config.data
+    if args.task:
+        data = dataclasses.replace(data, task=args.task)
     name = args.name or ("extrapolation" + ("_bca" if args.bca else "")
                          + (f"_stride{args.stride}" if args.stride else ""))
-    print(f"evaluating {type(model).__name__} (step {meta.get('step')}, trained at length "
-          f"{train_length}) on {task}:{args.split} at lengths {args.lengths}", file=sys.stderr)
+    print(f"evaluating {type(run.model).__name__} (step {run.step}, trained at length "
+          f"{run.train_length}) on {data.task}:{args.split} at lengths {args.lengths}",
+          file=sys.stderr)
     results = evaluate_lengths(
-        model, variables, task, args.lengths, max_tokens=args.max_tokens,
+        run.model, run.variables, data, args.lengths, max_tokens=args.max_tokens,
         batch_size=args.batch_size, split=args.split, respect_documents=args.respect_documents,
-        stride=args.stride,
+        stride=args.stride, mesh=mesh, rules=run.config.logical_axis_rules,
         progress=lambda r: print(f"  length {r.length}: loss {r.loss:.4f}, ppl "
                                  f"{r.perplexity:.3f}", file=sys.stderr))
-    rows = [r.row(train_length) for r in results]
+    rows = [r.row(run.train_length) for r in results]
     title = f"{os.path.basename(os.path.abspath(args.model_dir))}: {name}"
     table = write_report(os.path.join(args.model_dir, "eval"), name, rows, title=title,
-                         train_length=train_length,
-                         extra={"task": task, "split": args.split, "step": meta.get("step"),
+                         train_length=run.train_length,
+                         extra={"task": data.task, "split": args.split, "step": run.step,
                                 "per_position_loss": {r.length: r.per_position_loss
                                                       for r in results}})
     print(table)

@@ -16,17 +16,18 @@ shape then picks the strategy, since a mesh axis of size 1 splits nothing:
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from typing import Any, Optional, Sequence
 
 import flax.linen as nn
-
-from lexjax.errors import UserError
 import jax
 import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from lexjax.errors import UserError
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -69,6 +70,38 @@ LOGICAL_AXIS_RULES: Rules = combine_rules(DATA_PARALLEL, FSDP, TENSOR_PARALLEL)
 
 class MeshError(UserError, ValueError):
     """A mesh string that does not fit the devices at hand."""
+
+
+def check_rules(rules: Any) -> Rules:
+    """`rules` as a tuple of `(logical name, mesh axes)` pairs (mesh axes: None, one of
+    `MESH_AXES`, or a tuple of them), or `MeshError` naming the bad entry."""
+    checked = []
+    for entry in rules:
+        if not (isinstance(entry, (tuple, list)) and len(entry) == 2
+                and isinstance(entry[0], str)):
+            raise MeshError(f"bad logical axis rule {entry!r}: use (logical_name, mesh_axes), "
+                            "e.g. ('activation_batch', ('data', 'fsdp'))")
+        name, axes = entry
+        axes = tuple(axes) if isinstance(axes, (tuple, list)) else axes
+        for axis in (axes if isinstance(axes, tuple) else () if axes is None else (axes,)):
+            if axis not in MESH_AXES:
+                raise MeshError(f"logical axis rule {entry!r} names mesh axis {axis!r}; the "
+                                f"mesh axes are {MESH_AXES}")
+        checked.append((name, axes))
+    return tuple(checked)
+
+
+@contextlib.contextmanager
+def mesh_context(mesh: Mesh, rules: Rules = LOGICAL_AXIS_RULES):
+    """The mesh and the logical-axis rules, for tracing (activation constraints, kernels)."""
+    with mesh, nn.logical_axis_rules(list(rules)):
+        yield
+
+
+def global_batch(sharding: NamedSharding, rows: np.ndarray) -> jax.Array:
+    """A global `[batch, ...]` array from the whole batch `rows`, which every process holds;
+    each process transfers only the shards its devices need."""
+    return jax.make_array_from_callback(rows.shape, sharding, lambda index: rows[index])
 
 
 def parse_mesh(spec: str, num_devices: int) -> dict[str, int]:
@@ -127,12 +160,6 @@ def make_mesh(spec: str = "", devices: Optional[Sequence[jax.Device]] = None) ->
     except (ValueError, AssertionError, NotImplementedError):
         grid = np.asarray(devices).reshape(shape)
     return Mesh(grid, MESH_AXES)
-
-
-def logical_shardings(logical_specs: Any, mesh: Mesh, rules: Rules = LOGICAL_AXIS_RULES) -> Any:
-    """A tree of logical `PartitionSpec`s -> `NamedSharding`s on `mesh` (no shape checks; see
-    `state_shardings` for boxed variables)."""
-    return nn.logical_to_mesh_sharding(logical_specs, mesh, list(rules))
 
 
 def fit_spec(spec: PartitionSpec, shape: Sequence[int], mesh: Mesh
@@ -196,9 +223,14 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(BATCH_AXES, None))
 
 
+def batch_ways(mesh: Mesh) -> int:
+    """How many ways the mesh splits a batch (the product of its batch axes)."""
+    return int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+
+
 def check_batch_divides(mesh: Mesh, batch_size: int) -> None:
     """Raises `MeshError` unless the global batch splits evenly over the batch axes."""
-    ways = int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+    ways = batch_ways(mesh)
     if batch_size % ways:
         raise MeshError(f"BATCH_SIZE={batch_size} does not split over the {ways} data-parallel "
                         f"devices of mesh {dict(mesh.shape)}; use a multiple of {ways}")

@@ -21,9 +21,11 @@ def main(argv=None) -> int:
     args, bindings = cli.parse_args(parser, sys.argv[1:] if argv is None else argv)
 
     from lexjax.config import parse_gin
+    from lexjax.runs import configured_training
     from lexjax.training import train
     parse_gin(args.gin_file, bindings)
-    train(args.model_dir, args.init_from)
+    model, config = configured_training()  # what the run gin binds to train: one-line errors
+    train(model, config, args.model_dir, args.init_from)
     return 0
 
 

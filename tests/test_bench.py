@@ -9,8 +9,8 @@ import pytest
 
 from lexjax import bench
 from lexjax.benchmarking import topology as topo
-from lexjax.benchmarking.spec import spec_from_gin, train_setting
 from lexjax.config import ConfigError, parse_gin
+from lexjax.runs import configured_training
 from lexjax.partitioning import MeshError
 
 TINY = ["--gin.NUM_LAYERS=2", "--gin.EMBED_DIM=64", "--gin.NUM_HEADS=4", "--gin.MLP_DIM=128"]
@@ -24,17 +24,18 @@ def _rows(out_dir) -> list[dict]:
         return json.load(f)["rows"]
 
 
-def test_train_setting_reads_macros_and_defaults():
+def test_the_bench_reads_the_trainers_model_and_config():
+    """The bench reads the run exactly as the trainer does: the model and TrainConfig the run gin
+    binds to `lexjax.training.train`; a gin without a run is a clear error."""
     parse_gin(["configs/runs/quickstart.gin"], ["BATCH_SIZE=8", "MESH='fsdp:-1'"])
     try:
-        assert train_setting("batch_size") == 8
-        assert train_setting("mesh") == "fsdp:-1"
-        assert train_setting("seed") == 0  # train's default, unbound
-        spec = spec_from_gin()
-        assert (spec.batch_size, spec.length, spec.task) == (8, 128, "lexjax.stdlib_code")
+        model, config = configured_training()
+        assert (config.batch_size, config.mesh, config.seed) == (8, "fsdp:-1", 0)
+        assert (config.train_length, config.data.task) == (128, "lexjax.stdlib_code")
+        assert type(model).__name__ == "Transformer"
         parse_gin(["configs/models/transformer.gin"])
-        with pytest.raises(ConfigError, match="batch_size"):
-            train_setting("batch_size")
+        with pytest.raises(ConfigError, match="run gin"):
+            configured_training()
     finally:
         gin.clear_config()
 

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import lexjax
+from helpers import decode_all
 from lexjax.attention import MaskSpec
 from lexjax.layers.recurrent import StateGate
 from lexjax.models import Transformer
@@ -117,18 +118,13 @@ def test_decoding_equals_forward(bindings):
     model, variables = initialized("block_recurrent", *bindings)
     length = 3 * BLOCK + 2  # three block boundaries, then part of a block
     toks = tokens(2, length, seed=6)
-    full = jax.jit(model.apply)(variables, toks)
-    step = jax.jit(lambda v, t: model.apply(v, t, decode=True, mutable=["cache"]))
-    cache, outs = model.init_cache(2), []
+    decoded, cache = decode_all(model, variables, toks, prompt=3, max_length=length)
     assert cache["layer_0_state"].shape == (2, 6, 32)
-    for t in range(length):
-        logits, updated = step({"params": variables["params"], "cache": cache}, toks[:, t:t + 1])
-        cache = updated["cache"]
-        outs.append(logits[:, 0])
-    np.testing.assert_allclose(jnp.stack(outs, 1), full, rtol=1e-4, atol=1e-4)
+    assert cache["layer_0_keys"].shape == (2, 2 * BLOCK, 4, 8)  # previous and current block
+    np.testing.assert_allclose(decoded, jax.jit(model.apply)(variables, toks), rtol=1e-4,
+                               atol=1e-4)
     with pytest.raises(ValueError, match="one token per call"):
-        model.apply({"params": variables["params"], "cache": cache}, toks[:, :2], decode=True,
-                    mutable=["cache"])
+        model.decode(variables, cache, toks[:, :2])
 
 
 def as_transformer_params(params):
@@ -157,7 +153,8 @@ def test_window_attention_equals_transformer_with_blockwise_mask(position):
                              f"configs/positions/{position}.gin"], TINY)
     toks = tokens(2, 5 * BLOCK, seed=7)
     variables = xl.init(jax.random.PRNGKey(1), toks)
-    reference = Transformer(VOCAB, 2, 32, 4, 64, position=xl.position,
+    reference = Transformer(vocab_size=VOCAB, num_layers=2, embed_dim=32, num_heads=4,
+                            mlp_dim=64, position=xl.position,
                             mask=MaskSpec(blockwise=BLOCK), attention_impl="reference")
     expected = reference.apply({"params": as_transformer_params(nn.unbox(variables["params"]))},
                                toks)

@@ -114,8 +114,8 @@ def test_unknown_binding_names_the_configurable(cli):
 
 def test_missing_data_glob_for_text_files(cli):
     results, _ = cli
-    line = assert_one_clear_error(results["missing_glob"], "lexjax.text_files", "glob")
-    assert "TEXT_FILES_GLOB" in line  # says how to fix it
+    line = assert_one_clear_error(results["missing_glob"], "TEXT_FILES_GLOB")
+    assert "--gin.TEXT_FILES_GLOB=" in line  # says how to fix it
 
 
 def test_model_dir_of_another_model(cli):

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from helpers import step_through
 from lexjax.layers.ema import DampedEMA, ema_flops_per_token
 from lexjax.training.state import check_logical_axes
 
@@ -71,13 +72,8 @@ def test_hand_worked_kernels_follow_the_papers_alpha_and_delta():
 def test_recurrent_step_equals_fft(rng):
     layer, variables = init_ema(length=20)
     x = jnp.asarray(rng.normal(size=(2, 20, 3)), jnp.float32)
-    full = layer.apply(variables, x)
-    step = jax.jit(lambda v, xt, s: layer.apply(v, xt, s, method=DampedEMA.step))
-    state, outs = layer.initial_state(2), []
-    for t in range(20):
-        y, state = step(variables, x[:, t], state)
-        outs.append(y)
-    np.testing.assert_allclose(jnp.stack(outs, 1), full, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(step_through(layer, variables, x, DampedEMA.step),
+                               layer.apply(variables, x), rtol=1e-4, atol=1e-5)
 
 
 def test_gradients_equal_direct_convolution(rng):

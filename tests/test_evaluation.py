@@ -7,7 +7,6 @@ import csv
 import json
 import math
 import os
-import random
 import subprocess
 import sys
 
@@ -18,8 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from helpers import write_corpus
 from lexjax.config import build_model, parse_gin
-from lexjax.evaluation import evaluate_lengths, resolution, sliding_windows
+from lexjax.evaluation import Scorer, evaluate_lengths, resolution, sliding_windows
 from lexjax.evaluation.extrapolation import summarize
 from lexjax.evaluation.resolution import mean_score_by_distance
 
@@ -135,28 +135,6 @@ def test_sliding_windows_rejects_bad_stride():
 # evaluate_lengths on a tiny model and a tiny corpus
 # ----------------------------------------------------------------------------------------------
 
-def write_corpus(root, *, min_per_split=2, train_files=12, words=300, seed=0):
-    """Plain-text files named so that every split gets some (see lexjax.data.split_of)."""
-    from lexjax.data import split_of
-
-    vocab = ["def", "return", "class", "import", "self", "for", "in", "if", "else", "x", "y",
-             "print", "(", ")", ":", "=", "+", "\n", "lambda", "yield"]
-    rng = random.Random(seed)
-    os.makedirs(root, exist_ok=True)
-    counts = {"train": 0, "validation": 0, "test": 0}
-    i = 0
-    while counts["train"] < train_files or min(counts.values()) < min_per_split:
-        name = f"doc{i:04d}.txt"
-        i += 1
-        split = split_of(name)
-        if split == "train" and counts["train"] >= train_files:
-            continue
-        counts[split] += 1
-        with open(os.path.join(root, name), "w") as f:
-            f.write(" ".join(rng.choice(vocab) for _ in range(words)))
-    return os.path.join(root, "*.txt")
-
-
 def tiny_bindings(glob, **overrides):
     values = dict(NUM_LAYERS=2, EMBED_DIM=32, NUM_HEADS=4, MLP_DIM=64, TRAIN_STEPS=2,
                   BATCH_SIZE=2, TRAIN_LENGTH=16, CHECKPOINT_EVERY=2, LOG_EVERY=1, EVAL_EVERY=0,
@@ -171,7 +149,7 @@ def corpus(tmp_path_factory):
     cache = str(tmp_path_factory.mktemp("data_cache"))
     mp.setenv("LEXJAX_DATA_CACHE", cache)
     root = str(tmp_path_factory.mktemp("corpus"))
-    yield write_corpus(root), root, cache
+    yield write_corpus(root, train_files=12), root, cache
     gin.clear_config()
     mp.undo()
 
@@ -208,14 +186,18 @@ def fresh_model(corpus):
     return model, variables
 
 
+def data_config(glob):
+    from lexjax.data import DataConfig
+    return DataConfig(task=TASK, text_files_glob=glob)
+
+
 def test_evaluate_lengths_against_numpy(corpus, fresh_model):
     glob, root, _ = corpus
     model, variables = fresh_model
-    parse_gin(GIN_FILES, tiny_bindings(glob))
     lengths, max_tokens = [16, 48], 192
     # batch_size 3 does not divide 4 windows of 48: the last batch is padded and cut again.
-    results = evaluate_lengths(model, variables, TASK, lengths, max_tokens=max_tokens,
-                               batch_size=3, resolution_max_length=16)
+    results = evaluate_lengths(model, variables, data_config(glob), lengths,
+                               max_tokens=max_tokens, batch_size=3, resolution_max_length=16)
     stream = stream_from_files(root)
     apply = jax.jit(model.apply)
     assert [r.length for r in results] == lengths
@@ -239,10 +221,10 @@ def test_evaluate_lengths_against_numpy(corpus, fresh_model):
 def test_evaluate_lengths_sliding_against_numpy(corpus, fresh_model):
     glob, root, _ = corpus
     model, variables = fresh_model
-    parse_gin(GIN_FILES, tiny_bindings(glob))
     length, stride, max_tokens = 32, 8, 256
-    (r,) = evaluate_lengths(model, variables, TASK, [length], max_tokens=max_tokens,
-                            batch_size=4, stride=stride, resolution_max_length=0)
+    (r,) = evaluate_lengths(model, variables, data_config(glob), [length],
+                            max_tokens=max_tokens, batch_size=4, stride=stride,
+                            resolution_max_length=0)
     stream = stream_from_files(root)
     w = max_tokens // length
     windows = np.stack([stream[j * stride:j * stride + length] for j in range(w)])
@@ -257,15 +239,57 @@ def test_evaluate_lengths_sliding_against_numpy(corpus, fresh_model):
 # python -m lexjax.evaluate
 # ----------------------------------------------------------------------------------------------
 
+def test_the_scorer_gives_the_same_losses_on_a_sharded_mesh(corpus, fresh_model):
+    """The one scoring path (validation, evaluate, studies): batches laid out over the data
+    axis of a mesh score exactly as on one device, and as numpy does."""
+    from lexjax import partitioning
+
+    _, root, _ = corpus
+    model, variables = fresh_model
+    windows = stream_from_files(root)[:6 * 16].reshape(6, 16)
+    one = Scorer(model, batch_size=4)(variables, windows)
+    mesh = partitioning.make_mesh("data:2,tensor:2", jax.devices()[:4])
+    sharded = Scorer(model, batch_size=4, mesh=mesh)
+    placed = jax.device_put(variables, partitioning.replicated(mesh))
+    np.testing.assert_allclose(sharded(placed, windows), one, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(one, np_token_losses(jax.jit(model.apply), variables, windows),
+                               rtol=1e-5)
+    three = Scorer(model, batch_size=3, mesh=mesh)  # rounded up to the mesh's 2 batch ways
+    assert three.batch_size == 4
+    np.testing.assert_allclose(three(placed, windows), one, rtol=1e-5, atol=1e-6)
+
+
+def test_resolution_is_none_for_a_model_without_softmax_attention(corpus):
+    from lexjax.evaluation import attention_resolution
+
+    model = build_model(["configs/models/gss.gin"], ["NUM_LAYERS=1", "EMBED_DIM=16",
+                                                     "MLP_DIM=32", "VOCAB_SIZE=64"])
+    tokens = jnp.ones((1, 8), jnp.int32)
+    assert attention_resolution(model, model.init(jax.random.PRNGKey(0), tokens), tokens) is None
+
+
 @pytest.fixture(scope="module")
 def tiny_run(corpus, tmp_path_factory):
+    from lexjax.runs import configured_training
     from lexjax.training import train
 
     glob, _, _ = corpus
     model_dir = str(tmp_path_factory.mktemp("eval_run") / "run")
     parse_gin(GIN_FILES, tiny_bindings(glob))
-    train(model_dir, progress=False)
+    train(*configured_training(), model_dir, progress=False)
+    gin.clear_config()
     return model_dir
+
+
+def test_load_run_returns_what_it_read_and_leaves_no_gin_state(tiny_run, corpus):
+    from lexjax.runs import load_run
+
+    glob, _, _ = corpus
+    run = load_run(tiny_run)
+    assert gin.config_str().strip() == ""
+    assert run.config.data.task == TASK and run.config.data.text_files_glob == glob
+    assert (run.config.train_length, run.step, run.meta["model"]) == (16, 2, "Transformer")
+    assert run.model.num_layers == 2 and set(run.variables) == {"params"}
 
 
 def test_evaluate_cli_writes_the_report(tiny_run, corpus, tmp_path):

@@ -1,14 +1,15 @@
-"""FLASH and FLASH-Quad language models: gin builds, causality at any length, position schemes,
-gradients, decoding equals the forward pass, FLOP accounting, and a tiny run whose loss falls."""
+"""FLASH and FLASH-Quad language models: gin builds, position schemes, gradients, decoding with
+every scheme, FLOP accounting. (Causality, training and the decoding contract of every model:
+tests/test_lm_contract.py.)"""
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 import lexjax
-from lexjax.training.losses import shift_right, token_losses
+from helpers import decode_all
+from lexjax.losses import shift_right, token_losses
 from lexjax.training.state import check_logical_axes
 
 TINY = ["NUM_LAYERS=1", "EMBED_DIM=16", "MLP_DIM=32", "VOCAB_SIZE=32", "CHUNK_SIZE=4",
@@ -47,21 +48,6 @@ def test_builds_from_gin_with_annotated_parameters(name, rng):
     assert gau["wz"]["kernel"].shape == (16, 8)
 
 
-@pytest.mark.parametrize("name", ["flash", "flash_quad"])
-@pytest.mark.parametrize("n", [12, 10])  # whole chunks and a ragged length
-def test_causal_at_any_length(name, n, rng):
-    model = build(name)
-    variables = lively(model.init(jax.random.PRNGKey(0), tokens(rng, 1, 8)), rng)
-    x = tokens(rng, 2, n)
-    y = model.apply(variables, x)
-    assert y.shape == (2, n, 32) and y.dtype == jnp.float32
-    assert bool(jnp.all(jnp.isfinite(y)))
-    cut = 5
-    y2 = model.apply(variables, x.at[:, cut:].set((x[:, cut:] + 3) % 32))
-    np.testing.assert_allclose(y[:, :cut], y2[:, :cut], rtol=0, atol=1e-6)
-    assert float(jnp.max(jnp.abs(y[:, cut:] - y2[:, cut:]))) > 1e-4
-
-
 @pytest.mark.parametrize("scheme", ["nope", "sinusoidal", "learned", "xpos", "alibi", "sandwich",
                                     "kerple", "t5"])
 def test_every_position_scheme_runs_causally(scheme, rng):
@@ -89,37 +75,33 @@ def test_gradients_finite_and_reach_the_attention(name, rng):
         assert float(jnp.max(jnp.abs(grads[unit]["gau"]["gamma"]))) > 0
 
 
-@pytest.mark.parametrize("scheme", ["rope", "t5", "sinusoidal"])
-def test_decoding_reproduces_the_forward_pass(scheme, rng):
-    """Token-by-token decoding over three chunks and a partial fourth (ragged) equals the full
-    forward pass; the cache keeps one chunk of keys/values and the cross-chunk state."""
-    model = build("flash", f"configs/positions/{scheme}.gin")
+@pytest.mark.parametrize("name,scheme", [("flash", "rope"), ("flash", "t5"),
+                                         ("flash", "sinusoidal"), ("flash_quad", "xpos"),
+                                         ("flash_quad", "alibi")])
+def test_decoding_reproduces_the_forward_pass(name, scheme, rng):
+    """Decoding over three chunks and a partial fourth (ragged) equals the full forward pass:
+    FLASH token by token from a cache of one chunk of keys/values and the cross-chunk state,
+    FLASH-Quad (which prefills in one pass) from a cache of every key and value."""
+    model = build(name, f"configs/positions/{scheme}.gin")
     variables = lively(model.init(jax.random.PRNGKey(0), tokens(rng, 1, 8)), rng)
     x = tokens(rng, 2, 14)
-    full = model.apply(variables, x)
-
-    step = jax.jit(lambda cache, token: model.apply({**variables, "cache": cache}, token,
-                                                    decode=True, mutable=["cache"]))
-    cache = model.init_cache(2)
-    assert cache["unit_0"]["gau"]["keys"].shape == (2, 4, 8)
-    logits = []
-    for t in range(x.shape[1]):
-        out, state = step(cache, x[:, t:t + 1])
-        cache = state["cache"]
-        logits.append(out)
+    decoded, cache = decode_all(model, variables, x, prompt=3, max_length=16)
+    keys = cache["unit_0"]["gau"]
+    if name == "flash":
+        assert keys["keys"].shape == (2, 4, 8)  # one chunk of 4 keys of width s = 8
+    else:
+        assert keys["kv_cache"]["keys"].shape == (2, 16, 1, 8)  # every key, up to 16
     assert int(cache["index"]) == 14
-    np.testing.assert_allclose(jnp.concatenate(logits, 1), full, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(decoded, model.apply(variables, x), rtol=1e-4, atol=1e-4)
 
 
-def test_decoding_refuses_flash_quad_and_several_tokens(rng):
-    quad = build("flash_quad")
-    with pytest.raises(ValueError, match="decoding"):
-        quad.init_cache(1)
+def test_flash_decoding_refuses_xpos_and_several_tokens(rng):
+    with pytest.raises(ValueError, match="XPos"):
+        build("flash", "configs/positions/xpos.gin").init_cache(1, 8)
     model = build("flash")
     variables = model.init(jax.random.PRNGKey(0), tokens(rng, 1, 8))
-    with pytest.raises(ValueError, match="one token"):
-        model.apply({**variables, "cache": model.init_cache(1)}, tokens(rng, 1, 2), decode=True,
-                    mutable=["cache"])
+    with pytest.raises(ValueError, match="one token per call"):
+        model.decode(variables, model.init_cache(1, 8), tokens(rng, 1, 2))
 
 
 def test_flops_per_token_by_hand():
@@ -133,32 +115,24 @@ def test_flops_per_token_by_hand():
     assert quad.flops_per_token(64) == pytest.approx(2 * (2 * unit + d * 32))
 
 
-def test_bad_chunk_size_is_a_clear_error(rng):
-    model = build("flash", bindings=["CHUNK_SIZE=0"])
-    with pytest.raises(ValueError, match="chunk_size"):
-        model.init(jax.random.PRNGKey(0), tokens(rng, 1, 8))
+def test_bad_chunk_size_is_a_clear_error():
+    with pytest.raises(lexjax.ConfigError, match="chunk_size"):
+        build("flash", bindings=["CHUNK_SIZE=0"])
 
 
-@pytest.mark.parametrize("name", ["flash", "flash_quad"])
-def test_tiny_training_run_loss_falls(name, rng):
-    model = build(name)
-    pattern = np.tile(np.arange(1, 9), 4)[None, :24]  # a periodic sequence: attention helps
-    batch = jnp.asarray(np.repeat(pattern, 4, 0), jnp.int32)
-    params = nn.unbox(model.init(jax.random.PRNGKey(0), batch)["params"])
-    optimizer = optax.adam(1e-2)
-    opt_state = optimizer.init(params)
-
-    @jax.jit
-    def train_step(params, opt_state):
-        def loss(p):
-            return jnp.mean(token_losses(model.apply({"params": p}, shift_right(batch),
-                                                     deterministic=False), batch))
-        value, grads = jax.value_and_grad(loss)(params)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, value
-
-    losses = []
-    for _ in range(40):
-        params, opt_state, value = train_step(params, opt_state)
-        losses.append(float(value))
-    assert losses[-1] < 0.5 * losses[0], losses
+@pytest.mark.parametrize("block", [None, 4])  # one block, and the blocked (mapped) path
+def test_flash_quad_keeps_packed_documents_apart(block, rng):
+    """A query sees, and its normaliser T counts, the keys of its own document only: logits on a
+    packed row equal each document's alone (with T5 biases and RoPE, blocked or not)."""
+    model = build("flash_quad", "configs/positions/t5.gin",
+                  bindings=[f"lexjax.models.Flash.attention_block_size={block}"])
+    assert model.keeps_segments_apart and not build("flash").keeps_segments_apart
+    variables = lively(model.init(jax.random.PRNGKey(0), tokens(rng, 1, 8)), rng)
+    docs = [tokens(rng, 1, n) for n in (5, 9, 3)]
+    segments = jnp.asarray([[1] * 5 + [2] * 9 + [3] * 3], jnp.int32)
+    packed = model.apply(variables, jnp.concatenate(docs, 1), segment_ids=segments)
+    start = 0
+    for doc in docs:
+        np.testing.assert_allclose(packed[:, start:start + doc.shape[1]],
+                                   model.apply(variables, doc), rtol=1e-5, atol=1e-5)
+        start += doc.shape[1]

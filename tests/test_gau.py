@@ -1,5 +1,7 @@
 """The gated attention unit and its attention cores against direct O(N²) references with explicit
-masks (float64 numpy), in outputs and gradients; ragged lengths; decoding steps (PAPERS.md §6)."""
+masks (float64 numpy), in outputs and gradients; ragged lengths; decoding (PAPERS.md §6): the
+cache is created by `init` with `decode=True` (which computes the ordinary forward pass), later
+decode calls read and advance it and reproduce the forward pass."""
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -9,7 +11,7 @@ import pytest
 from lexjax.layers.gau import GatedAttentionUnit
 from lexjax.layers.mixed_chunk import (init_mixed_chunk_cache, mixed_chunk_attention,
                                        mixed_chunk_decode_step, quadratic_attention)
-from lexjax.positions import ALiBi, NoPE, RoPE, XPos
+from lexjax.positions import ALiBi, NoPE, RoPE, T5Buckets, XPos
 
 TOL = dict(rtol=2e-5, atol=2e-5)
 
@@ -262,10 +264,94 @@ def test_gau_relative_biases_add_inside_the_kernel(rng, position, score_bias, sl
                                rtol=1e-4, atol=1e-5)
 
 
+# ----------------------------------------------------------------------------------------------
+# Decoding: `init(..., decode=True)` creates the cache, later calls reproduce the forward pass
+# ----------------------------------------------------------------------------------------------
+
+DECODE_SCHEMES = {
+    "rope": dict(position=RoPE()),
+    "xpos": dict(position=XPos()),
+    "t5_bias": dict(position=NoPE(), score_bias=T5Buckets(num_buckets=8, max_distance=16)),
+    "alibi_rope": dict(position=RoPE(), score_bias=ALiBi()),
+}
+
+
+def decoding_setup(rng, chunk_size, scheme, n=11):
+    """(forward GAU, decoding GAU, params with O(1) gamma/beta, the cache made by init, x)."""
+    x = jnp.asarray(rng.normal(size=(2, n, 8)), jnp.float32)
+    kwargs = dict(expansion_dim=12, qk_dim=6, chunk_size=chunk_size, **DECODE_SCHEMES[scheme])
+    forward, decoding = GatedAttentionUnit(**kwargs), GatedAttentionUnit(decode=True, **kwargs)
+    # The cache is created by init under decode=True, from the full-length input.
+    init_out, variables = decoding.init_with_output(jax.random.PRNGKey(1), x, jnp.arange(n))
+    params = nn.unbox(variables["params"])
+    # ... and that call is the ordinary forward pass.
+    np.testing.assert_allclose(init_out, forward.apply({"params": params}, x, jnp.arange(n)),
+                               rtol=1e-5, atol=1e-6)
+    params["gamma"] = jnp.asarray(rng.normal(size=params["gamma"].shape) * 0.7, jnp.float32)
+    params["beta"] = jnp.asarray(rng.normal(size=params["beta"].shape) * 0.3, jnp.float32)
+    assert all(not np.any(leaf) for leaf in jax.tree_util.tree_leaves(variables["cache"]))
+    return forward, decoding, params, variables["cache"], x
+
+
+def decode_in_calls(decoding, params, cache, x, tokens_per_call):
+    """Decodes x in consecutive calls of the given numbers of tokens; outputs concatenated."""
+    step = jax.jit(lambda params, cache, xs, pos: decoding.apply(
+        {"params": params, "cache": cache}, xs, pos, mutable=["cache"]))
+    outs, t = [], 0
+    for m in tokens_per_call:
+        out, mutated = step(params, cache, x[:, t:t + m], jnp.arange(t, t + m, dtype=jnp.int32))
+        cache = mutated["cache"]
+        outs.append(out)
+        t += m
+    assert t == x.shape[1]
+    return jnp.concatenate(outs, axis=1), cache
+
+
+@pytest.mark.parametrize("scheme", sorted(DECODE_SCHEMES))
+def test_flash_quad_decoding_equals_forward(rng, scheme):
+    """FLASH-Quad keeps every key (unrotated) and value: several tokens per call (a prompt, then
+    single tokens and pairs) and one token per call both equal the forward pass, for rotary
+    (RoPE, XPos) and relative-bias schemes."""
+    forward, decoding, params, cache, x = decoding_setup(rng, None, scheme)
+    n = x.shape[1]
+    assert cache["kv_cache"]["keys"].shape == (2, n, 1, 6)  # keys of every position
+    assert cache["kv_cache"]["values"].shape == (2, n, 1, 12)
+    want = forward.apply({"params": params}, x, jnp.arange(n))
+    for calls in ([4, 1, 3, 1, 2], [1] * n):
+        got, _ = decode_in_calls(decoding, params, cache, x, calls)
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5, err_msg=str(calls))
+    # The comparison is not vacuous: the outputs depend on earlier tokens.
+    changed = forward.apply({"params": params}, x.at[:, 0].set(1.0), jnp.arange(n))
+    assert float(jnp.max(jnp.abs(changed[:, -1] - want[:, -1]))) > 1e-3
+
+
+@pytest.mark.parametrize("scheme", ["rope", "t5_bias"])
+def test_flash_decoding_one_token_per_call_equals_forward(rng, scheme):
+    """FLASH (mixed chunk) decodes one token per call from the cache init creates; a ragged
+    length crosses two chunk boundaries."""
+    forward, decoding, params, cache, x = decoding_setup(rng, 4, scheme, n=10)
+    assert cache["keys"].shape == (2, 4, 6)  # O(chunk) memory
+    want = forward.apply({"params": params}, x, jnp.arange(10))
+    got, _ = decode_in_calls(decoding, params, cache, x, [1] * 10)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
 def test_gau_decoding_rejects_what_it_cannot_reproduce():
-    x = jnp.ones((1, 1, 8))
-    for gau in (GatedAttentionUnit(expansion_dim=8, qk_dim=4, chunk_size=None, decode=True),
-                GatedAttentionUnit(expansion_dim=8, qk_dim=4, chunk_size=4, decode=True,
-                                   position=XPos())):
-        with pytest.raises(ValueError, match="decoding"):
-            gau.init(jax.random.PRNGKey(0), x, jnp.zeros((1,), jnp.int32))
+    x = jnp.ones((1, 8, 8))
+    positions = jnp.arange(8, dtype=jnp.int32)
+    # FLASH with XPos: refused when the cache is created.
+    flash_xpos = GatedAttentionUnit(expansion_dim=8, qk_dim=4, chunk_size=4, decode=True,
+                                    position=XPos())
+    with pytest.raises(ValueError, match="XPos"):
+        flash_xpos.init(jax.random.PRNGKey(0), x, positions)
+    # FLASH takes one token per call once the cache exists.
+    flash = GatedAttentionUnit(expansion_dim=8, qk_dim=4, chunk_size=4, decode=True)
+    variables = flash.init(jax.random.PRNGKey(0), x, positions)
+    with pytest.raises(ValueError, match="one token per call"):
+        flash.apply(variables, x[:, :2], positions[:2], mutable=["cache"])
+    # Neither decodes bidirectionally.
+    for chunk_size in (None, 4):
+        gau = GatedAttentionUnit(expansion_dim=8, qk_dim=4, chunk_size=chunk_size, decode=True,
+                                 causal=False)
+        with pytest.raises(ValueError, match="causal"):
+            gau.init(jax.random.PRNGKey(0), x, positions)

@@ -1,16 +1,17 @@
-"""GSS and GSS-Transformer built through gin: causality at ragged lengths, incremental decoding
-against the full forward, the layer pattern, FLOP accounting against the parameter count,
-logical axes, dtypes, dropout and a tiny training run."""
+"""GSS and GSS-Transformer built through gin: the decoding cache, the layer pattern, FLOP
+accounting against the parameter count, the paper's equations and defaults, dtypes, dropout and
+remat. (Causality, training, decoding and packed documents for every model:
+tests/test_lm_contract.py.)"""
 import functools
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 import lexjax
+from helpers import decode_all, projection_flops
 from lexjax.layers.ssm import fft_conv_flops
 from lexjax.models import GSSTransformer
 from lexjax.models.gss import GSSLayer
@@ -32,45 +33,19 @@ def initialized(name, *bindings):
     return model, jax.jit(model.init)(jax.random.PRNGKey(0), tokens(1, 16))
 
 
-def assert_causal(model, variables, length, positions):
-    """Changing the token at each of `positions` (one sequence each) leaves the logits before it
-    unchanged and moves the logits from it on."""
-    base = tokens(1, length, seed=length)
-    batch = jnp.concatenate([base] + [base.at[:, p].set((base[:, p] + 7) % VOCAB)
-                                      for p in positions])
-    logits = jax.jit(model.apply)(variables, batch)
-    assert logits.shape == (len(batch), length, VOCAB) and logits.dtype == jnp.float32
-    for i, p in enumerate(positions, start=1):
-        np.testing.assert_allclose(logits[i, :p], logits[0, :p], atol=2e-5)
-        assert float(jnp.max(jnp.abs(logits[i, p:] - logits[0, p:]))) > 1e-3
-
-
-@pytest.mark.parametrize("name", ["gss", "gss_transformer"])
-def test_causal_at_ragged_lengths(name):
-    model, variables = initialized(name)
-    assert_causal(model, variables, 1, [0])
-    assert_causal(model, variables, 30, [0, 3, 12, 29])  # chunks of 8: a ragged last chunk
-
-
-def test_decoding_equals_forward():
+def test_decoding_keeps_one_ssm_state_per_layer_and_equals_forward():
     model, variables = initialized("gss")
     toks = tokens(2, 21, seed=3)
-    full = jax.jit(model.apply)(variables, toks)
-    step = jax.jit(lambda v, t: model.apply(v, t, decode=True, mutable=["cache"]))
-    cache, outs = model.init_cache(2), []
-    assert cache["layer_0"]["ssm_state"].shape == (2, 8, 16)  # [batch, H = E/4, N]
-    for t in range(21):
-        logits, updated = step({"params": variables["params"], "cache": cache}, toks[:, t:t + 1])
-        cache = updated["cache"]
-        outs.append(logits[:, 0])
-    np.testing.assert_allclose(jnp.stack(outs, 1), full, rtol=1e-4, atol=1e-4)
+    decoded, cache = decode_all(model, variables, toks, prompt=4, max_length=32)
+    assert cache["layer_0"]["ssm_state"].shape == (2, 8, 16)  # [batch, H = E/4, N]: O(1) in N
+    np.testing.assert_allclose(decoded, jax.jit(model.apply)(variables, toks), rtol=1e-4,
+                               atol=1e-4)
 
 
 def test_decoding_takes_one_token():
     model, variables = initialized("gss")
     with pytest.raises(ValueError, match="one token per call"):
-        model.apply({"params": variables["params"], "cache": model.init_cache(1)}, tokens(1, 2),
-                    decode=True, mutable=["cache"])
+        model.decode(variables, model.init_cache(1, 4), tokens(1, 2))
 
 
 def test_hybrid_layer_pattern():
@@ -79,15 +54,9 @@ def test_hybrid_layer_pattern():
                                                                 True]
     params = initialized("gss_transformer")[1]["params"]
     assert "attention" in params["layer_1"] and "ssm" in params["layer_0"]
-    every = GSSTransformer(VOCAB, 3, 16, 2, 32, attention_every=1)
+    every = GSSTransformer(vocab_size=VOCAB, num_layers=3, embed_dim=16, num_heads=2,
+                           mlp_dim=32, attention_every=1)
     assert all(every.is_attention_layer(i) for i in range(3))
-
-
-def projection_flops(params) -> float:
-    """2 FLOPs per weight of every projection kernel (the per-token matmul cost)."""
-    leaves = jax.tree_util.tree_flatten_with_path(nn.unbox(params))[0]
-    return sum(2.0 * leaf.size for path, leaf in leaves
-               if jax.tree_util.keystr(path).endswith("['kernel']"))
 
 
 def test_flops_per_token_counts_projections_ssm_and_logits():
@@ -155,37 +124,6 @@ def test_gss_layer_matches_the_papers_equations(rng):
     y = y + s["d"] * v
     want = ((y @ p["wy"]["kernel"]) * u) @ p["wo"]["kernel"] + x
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
-
-
-def test_finite_at_long_length():
-    model, variables = initialized("gss")
-    logits = jax.jit(model.apply)(variables, tokens(1, 8192))
-    assert bool(jnp.all(jnp.isfinite(logits)))
-
-
-@pytest.mark.parametrize("name", ["gss", "gss_transformer"])
-def test_tiny_training_run_loss_falls(name):
-    model, variables = initialized(name)
-    params = nn.unbox(variables["params"])
-    toks = tokens(4, 32, seed=7)
-    optimizer = optax.adam(3e-3)
-
-    def loss_fn(p):
-        logits = model.apply({"params": p}, toks[:, :-1])
-        return optax.softmax_cross_entropy_with_integer_labels(logits, toks[:, 1:]).mean()
-
-    @jax.jit
-    def step(p, state):
-        loss, grads = jax.value_and_grad(loss_fn)(p)
-        updates, state = optimizer.update(grads, state, p)
-        return optax.apply_updates(p, updates), state, loss
-
-    state = optimizer.init(params)
-    losses = []
-    for _ in range(25):
-        params, state, loss = step(params, state)
-        losses.append(float(loss))
-    assert np.isfinite(losses).all() and losses[-1] < losses[0] - 0.5
 
 
 def test_remat_gives_the_same_gradients():

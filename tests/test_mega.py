@@ -1,17 +1,17 @@
 """Mega and Mega-chunk built through gin: one Mega layer against the paper's equations (6–15)
-written out in numpy, causality at ragged lengths, incremental decoding against the full forward
-(chunked and full, relative bias and rotary positions), FLOPs, axes, long inputs and a tiny
-training run."""
+written out in numpy, decoding with sharp attention against the full forward (chunked and full,
+relative bias and rotary positions), FLOPs, defaults and errors. (Causality, training, decoding
+and packed documents for every model: tests/test_lm_contract.py.)"""
 import functools
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 import lexjax
+from helpers import decode_all, projection_flops
 from lexjax.attention import MaskSpec
 from lexjax.layers.ema import ema_flops_per_token
 from lexjax.models.mega import MegaLayer
@@ -82,7 +82,7 @@ def numpy_mega_layer(x: np.ndarray, params: dict) -> np.ndarray:
 
 def test_mega_layer_matches_the_papers_equations(rng):
     layer = MegaLayer(qk_dim=6, value_dim=10, ema_dim=3, position=NoPE(), mask=MaskSpec(),
-                      cache_length=16, attention_impl="reference")
+                      attention_impl="reference")
     x = rng.normal(size=(2, 11, 5))
     variables = sharpened(jax.jit(layer.init)(jax.random.PRNGKey(0), jnp.zeros((1, 11, 5)),
                                               jnp.arange(11)))
@@ -91,47 +91,15 @@ def test_mega_layer_matches_the_papers_equations(rng):
                                atol=1e-5)
 
 
-def assert_causal(model, variables, length, positions):
-    """Changing the token at each of `positions` (one sequence each) leaves the logits before it
-    unchanged and moves the logits from it on."""
-    base = tokens(1, length, seed=length)
-    batch = jnp.concatenate([base] + [base.at[:, p].set((base[:, p] + 7) % VOCAB)
-                                      for p in positions])
-    logits = jax.jit(model.apply)(variables, batch)
-    assert logits.shape == (len(batch), length, VOCAB) and logits.dtype == jnp.float32
-    for i, p in enumerate(positions, start=1):
-        np.testing.assert_allclose(logits[i, :p], logits[0, :p], atol=2e-5)
-        assert float(jnp.max(jnp.abs(logits[i, p:] - logits[0, p:]))) > 1e-3
-
-
-@pytest.mark.parametrize("bindings", [(), (f"{M}chunk_size=None",)], ids=["chunk", "full"])
-def test_causal_at_ragged_lengths(bindings):
-    model, variables = initialized(*bindings)
-    variables = sharpened(variables)
-    assert_causal(model, variables, 1, [0])
-    assert_causal(model, variables, 30, [0, 2, 12, 23, 29])  # chunks of 8, a ragged last one
-
-
-def decode_all(model, params, toks):
-    step = jax.jit(lambda v, t: model.apply(v, t, decode=True, mutable=["cache"]))
-    cache, outs = model.init_cache(toks.shape[0]), []
-    for t in range(toks.shape[1]):
-        logits, updated = step({"params": params, "cache": cache}, toks[:, t:t + 1])
-        cache = updated["cache"]
-        outs.append(logits[:, 0])
-    return jnp.stack(outs, 1), cache
-
-
-@pytest.mark.parametrize("bindings,length", [((), 21), ((f"{M}chunk_size=None",
-                                                          f"{M}max_decode_length=16"), 13)],
+@pytest.mark.parametrize("bindings,length,slots", [((), 21, 7), ((f"{M}chunk_size=None",), 13, 16)],
                          ids=["chunk", "full"])
-def test_decoding_equals_forward(bindings, length):
+def test_decoding_equals_forward(bindings, length, slots):
+    """Mega-chunk keeps the EMA state and a ring of chunk - 1 = 7 keys; full Mega every key."""
     model, variables = initialized(*bindings, position="t5")
     variables = sharpened(variables)
     toks = tokens(2, length, seed=5)
-    decoded, cache = decode_all(model, variables["params"], toks)
-    slots = model.chunk_size or model.max_decode_length
-    assert cache["layer_0"]["mega"]["keys"].shape == (2, slots, 1, 16)
+    decoded, cache = decode_all(model, variables, toks, prompt=3, max_length=16)
+    assert cache["layer_0"]["mega"]["kv_cache"]["keys"].shape == (2, slots, 1, 16)
     assert cache["layer_0"]["mega"]["ema_state"].shape == (2, 32, 4)
     np.testing.assert_allclose(decoded, jax.jit(model.apply)(variables, toks), rtol=1e-4,
                                atol=1e-4)
@@ -141,16 +109,14 @@ def test_decoding_with_rotary_positions_equals_forward():
     model, variables = initialized()
     variables = sharpened(variables)
     toks = tokens(1, 11, seed=9)
-    decoded, _ = decode_all(model, variables["params"], toks)
+    decoded, _ = decode_all(model, variables, toks, prompt=3, max_length=16)
     np.testing.assert_allclose(decoded, jax.jit(model.apply)(variables, toks), rtol=1e-4,
                                atol=1e-4)
 
 
 def test_flops_per_token_counts_every_term():
     model, variables = initialized()
-    leaves = jax.tree_util.tree_flatten_with_path(nn.unbox(variables["params"]))[0]
-    projections = sum(2.0 * x.size for path, x in leaves
-                      if jax.tree_util.keystr(path).endswith("['kernel']"))
+    projections = projection_flops(variables["params"])
     length = 100
     keys = MaskSpec(chunk=8).mean_keys_per_query(length)
     per_layer = ema_flops_per_token(32, 4, length) + 2.0 * (16 + 64) * keys
@@ -165,36 +131,6 @@ def test_defaults_axes_and_errors():
         128, 1024, 16, 256)
     _, variables = initialized()
     check_logical_axes(variables["params"])
-    with pytest.raises(ValueError, match="chunk_size must be a positive int"):
-        lexjax.build_model(["configs/models/mega.gin"], TINY + (f"{M}chunk_size=0",)).init(
-            jax.random.PRNGKey(0), tokens(1, 4))
-
-
-def test_finite_at_long_length():
-    model, variables = initialized()
-    logits = jax.jit(model.apply)(variables, tokens(1, 8192))
-    assert bool(jnp.all(jnp.isfinite(logits)))
-
-
-def test_tiny_training_run_loss_falls():
-    model, variables = initialized()
-    params = nn.unbox(variables["params"])
-    toks = tokens(4, 32, seed=7)
-    optimizer = optax.adam(3e-3)
-
-    def loss_fn(p):
-        logits = model.apply({"params": p}, toks[:, :-1])
-        return optax.softmax_cross_entropy_with_integer_labels(logits, toks[:, 1:]).mean()
-
-    @jax.jit
-    def step(p, state):
-        loss, grads = jax.value_and_grad(loss_fn)(p)
-        updates, state = optimizer.update(grads, state, p)
-        return optax.apply_updates(p, updates), state, loss
-
-    state = optimizer.init(params)
-    losses = []
-    for _ in range(25):
-        params, state, loss = step(params, state)
-        losses.append(float(loss))
-    assert np.isfinite(losses).all() and losses[-1] < losses[0] - 0.5
+    with pytest.raises(lexjax.ConfigError,
+                       match=r"chunk_size \(CHUNK_SIZE\) must be a positive int"):
+        lexjax.build_model(["configs/models/mega.gin"], TINY + (f"{M}chunk_size=0",))

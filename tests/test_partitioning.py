@@ -12,14 +12,14 @@ import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
 from lexjax import partitioning
 from lexjax.config import REPO_ROOT, build_model, parse_gin
+from lexjax.data import DataConfig
 from lexjax.partitioning import MeshError
-from lexjax.training.loop import ShardedTrainStep
+from lexjax.training import OptimizerConfig, ShardedTrainStep, TrainConfig
 from lexjax.training.state import TrainState
 
 TINY = ["NUM_LAYERS=2", "EMBED_DIM=64", "NUM_HEADS=8", "MLP_DIM=128"]
@@ -126,17 +126,33 @@ def _tokens() -> np.ndarray:
     return np.random.default_rng(0).integers(1, 259, (BATCH, LENGTH), dtype=np.int32)
 
 
+def _run(batch_size: int = BATCH, optimizer: OptimizerConfig = OptimizerConfig()
+         ) -> TrainConfig:
+    return TrainConfig(data=DataConfig(task="lexjax.stdlib_code"), train_steps=100,
+                       batch_size=batch_size, train_length=LENGTH, optimizer=optimizer)
+
+
+# A smooth, SGD-like update (no moments, eps dominating sqrt(v), no clipping or decay), so that
+# tiny numerical differences between meshes stay tiny in the updated parameters.
+SMOOTH = OptimizerConfig(learning_rate=0.5, warmup_steps=1, b1=0.0, b2=0.0, eps=1.0,
+                         weight_decay=0.0, clip_norm=1e6)
+
+
 def _sharded_step(model, mesh_spec: str, devices) -> ShardedTrainStep:
-    """The SGD train step of `model` laid out on the mesh `mesh_spec` over `devices`."""
+    """The trainer's step of `model` laid out on the mesh `mesh_spec` over `devices`."""
     mesh = partitioning.make_mesh(mesh_spec, devices)
-    return ShardedTrainStep(model, optax.sgd(0.5), optax.constant_schedule(0.5), mesh, BATCH,
-                            LENGTH)
+    return ShardedTrainStep(model, _run(optimizer=SMOOTH), mesh)
 
 
 def _run_step(step: ShardedTrainStep, state: TrainState) -> tuple[float, TrainState]:
-    """Loss and new state after one step from `state` (donated) on the tokens of `_tokens`."""
+    """The second step's loss and the state after two steps from `state` (donated) on the
+    tokens of `_tokens` (the first step has learning rate 0: the warmup starts there)."""
     compiled = step.lower().compile(FAST_COMPILE)
-    state, metrics = compiled(state, step.device_batch(_tokens()), jax.random.PRNGKey(0))
+    tokens = _tokens()
+    rows = {"targets": tokens, "segment_ids": np.ones_like(tokens)}
+    batch = step.device_batch({name: rows[name] for name in step.example})
+    for _ in range(2):
+        state, metrics = compiled(state, batch, jax.random.PRNGKey(0))
     return float(metrics["loss"]), state
 
 
@@ -213,11 +229,9 @@ def _check_rules(model, step, params):
 
 def test_fsdp_holds_under_a_third_of_data_parallel_state():
     model = _tiny_model(MODEL_GINS[0])
-    optimizer = optax.adamw(1e-3)
     bytes_on = {}
     for spec in ("data:8", "fsdp:8"):
-        step = ShardedTrainStep(model, optimizer, optax.constant_schedule(1e-3),
-                                partitioning.make_mesh(spec), BATCH, LENGTH)
+        step = ShardedTrainStep(model, _run(), partitioning.make_mesh(spec))
         bytes_on[spec] = partitioning.bytes_per_device(step.abstract_state)
     params = sum(x.size for x in jax.tree_util.tree_leaves(step.abstract_state.params))
     assert bytes_on["data:8"] >= 3 * 4 * params  # params + Adam's two moments, replicated
@@ -227,31 +241,33 @@ def test_fsdp_holds_under_a_third_of_data_parallel_state():
 def test_batch_must_split_over_the_batch_axes():
     model = _tiny_model(MODEL_GINS[0])
     with pytest.raises(MeshError, match="multiple of 4"):
-        ShardedTrainStep(model, optax.sgd(0.1), optax.constant_schedule(0.1),
-                         partitioning.make_mesh("data:2,fsdp:2,tensor:2"), 6, LENGTH)
+        ShardedTrainStep(model, _run(batch_size=6),
+                         partitioning.make_mesh("data:2,fsdp:2,tensor:2"))
 
 
 def test_checkpoint_saved_on_one_mesh_evaluates_on_another(tmp_path):
     """Train on data:2,tensor:4, then evaluate on fsdp:8 and on one device: same perplexity."""
     from lexjax.evaluation import evaluate_lengths
+    from lexjax.runs import configured_training, load_run
     from lexjax.training import train
-    from lexjax.training.checkpoints import load_run
 
     parse_gin(["configs/runs/quickstart.gin"],
               TINY + ["BATCH_SIZE=8", "TRAIN_LENGTH=32", "TRAIN_STEPS=1", "CHECKPOINT_EVERY=1",
                       "EVAL_EVERY=0", "LOG_EVERY=1", 'MESH="data:2,tensor:4"'])
     try:
-        train(str(tmp_path), progress=False)
+        train(*configured_training(), str(tmp_path), progress=False)
     finally:
         gin.clear_config()
     results = {}
     for spec in ("fsdp:8", ""):
-        model, variables = load_run(str(tmp_path), mesh=partitioning.make_mesh(spec))
+        mesh = partitioning.make_mesh(spec)
+        run = load_run(str(tmp_path), mesh=mesh)
+        model, variables = run.model, run.variables
         if spec:
             embedding = variables["params"]["token_embedding"]["embedding"]
             assert embedding.sharding.spec == PartitionSpec("tensor", "fsdp")
-        results[spec] = evaluate_lengths(model, variables, "lexjax.stdlib_code", [32],
-                                         max_tokens=256, batch_size=4, resolution_max_length=0)[0]
+        results[spec] = evaluate_lengths(model, variables, run.config.data, [32], max_tokens=256,
+                                         batch_size=8, resolution_max_length=0, mesh=mesh)[0]
     assert results["fsdp:8"].perplexity == pytest.approx(results[""].perplexity, rel=1e-5)
 
 

@@ -1,6 +1,7 @@
 """Perceiver AR: the cross-attention against an explicit-mask float64 reference, causality (also
-under input dropout), ragged lengths, generation with a cache equal to the full forward, the
-paper's input dropout, partial rotation, FLOP count, gin, and a short training run."""
+under input dropout), ragged lengths, generation with a cache equal to the full forward for every
+position hook, the paper's input dropout, partial rotation, FLOP count, gin, and a short
+training run with input dropout. (The contract of every model: tests/test_lm_contract.py.)"""
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -13,7 +14,7 @@ from lexjax.layers.latent_cross_attention import LatentCrossAttention, cross_att
 from lexjax.models.perceiver_ar import PartialRotation, PerceiverAR
 from lexjax.positions import (ALiBi, Learned, PositionScheme, RoPE, T5Buckets, XPos,
                               alibi_slopes, sinusoidal_table)
-from lexjax.training.losses import shift_right, token_losses
+from lexjax.losses import shift_right, token_losses
 from lexjax.training.state import check_logical_axes
 
 TINY = dict(vocab_size=64, num_layers=2, embed_dim=32, num_heads=4, mlp_dim=64, num_latents=6)
@@ -231,25 +232,26 @@ def test_generation_with_cache_equals_the_full_forward(rng, position, fraction):
     tokens = tokens_of(rng, 2, total)
     variables = init(model, tokens)
     forward = compiled(model)
-    prefill = jax.jit(lambda tok: model.apply(variables, tok, max_length,
-                                              method=PerceiverAR.prefill))
-    logits, state = prefill(tokens[:, :prompt])
+    prefill = jax.jit(lambda tok: model.prefill(variables, tok, max_length=max_length))
+    logits, cache = prefill(tokens[:, :prompt])
     np.testing.assert_allclose(np.asarray(logits),
                                np.asarray(forward(variables, tokens[:, :prompt])), atol=1e-5)
-    step = jax.jit(lambda s, tok: model.apply(variables, s, tok, method=PerceiverAR.decode_step))
+    assert cache["keys"].shape == (2, max_length, 4, 8)  # every input's key, unrotated
+    assert cache["latent_window"].shape == (2, 4, 32)
+    step = jax.jit(lambda c, tok: model.decode_step(variables, c, tok))
     for t in range(prompt, total):  # the window of 4 latents fills (t <= 3), then slides
-        next_logits, state = step(state, tokens[:, t])
+        next_logits, cache = step(cache, tokens[:, t])
         if t in (2, 8):
             expected = forward(variables, tokens[:, :t + 1])[:, -1]
             np.testing.assert_allclose(np.asarray(next_logits), np.asarray(expected), atol=2e-5,
                                        rtol=1e-4, err_msg=f"t={t}")
-    assert int(state.length) == total
+    assert int(cache["index"]) == total
 
 
 def test_prefill_refuses_a_prompt_longer_than_the_cache(tiny, rng):
     model, variables, _ = tiny
     with pytest.raises(ValueError, match="max_length"):
-        model.apply(variables, tokens_of(rng, 1, 5), 4, method=PerceiverAR.prefill)
+        model.prefill(variables, tokens_of(rng, 1, 5), max_length=4)
 
 
 def test_learned_relative_biases_are_per_layer_and_every_parameter_has_axes(rng):

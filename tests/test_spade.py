@@ -1,16 +1,16 @@
-"""SPADE built through gin: causality at ragged lengths (window and chunk attention), the
-state-space branch in the bottom layer only and reaching past the attention window, FLOPs, axes,
-long inputs and a tiny training run."""
+"""SPADE built through gin: masks, the state-space branch in the bottom layer only and reaching
+past the attention window, decoding with window and chunk attention, FLOPs, defaults. (Causality,
+training, decoding and packed documents for every model: tests/test_lm_contract.py.)"""
 import functools
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 import lexjax
+from helpers import decode_all, projection_flops
 from lexjax.attention import MaskSpec
 from lexjax.layers.ssm import ssm_flops_per_token
 from lexjax.training.state import check_logical_axes
@@ -31,24 +31,17 @@ def initialized(*bindings):
     return model, jax.jit(model.init)(jax.random.PRNGKey(0), tokens(1, 16))
 
 
-def assert_causal(model, variables, length, positions):
-    """Changing the token at each of `positions` (one sequence each) leaves the logits before it
-    unchanged and moves the logits from it on."""
-    base = tokens(1, length, seed=length)
-    batch = jnp.concatenate([base] + [base.at[:, p].set((base[:, p] + 7) % VOCAB)
-                                      for p in positions])
-    logits = jax.jit(model.apply)(variables, batch)
-    assert logits.shape == (len(batch), length, VOCAB) and logits.dtype == jnp.float32
-    for i, p in enumerate(positions, start=1):
-        np.testing.assert_allclose(logits[i, :p], logits[0, :p], atol=2e-5)
-        assert float(jnp.max(jnp.abs(logits[i, p:] - logits[0, p:]))) > 1e-3
-
-
 @pytest.mark.parametrize("local", ["window", "chunk"])
-def test_causal_at_ragged_lengths(local):
+def test_decoding_keeps_a_ring_of_the_local_span_and_equals_forward(local):
+    """Every layer caches the keys of the last chunk_size - 1 = 7 tokens; the bottom layer also
+    its SSM state."""
     model, variables = initialized(f'{S}local_attention="{local}"')
-    assert_causal(model, variables, 1, [0])
-    assert_causal(model, variables, 30, [0, 2, 12, 23, 29])  # blocks of 8, a ragged last one
+    toks = tokens(2, 27, seed=2)
+    decoded, cache = decode_all(model, variables, toks, prompt=4, max_length=32)
+    assert cache["layer_1"]["attention"]["kv_cache"]["keys"].shape == (2, 7, 4, 8)
+    assert cache["layer_0"]["ssm_state"].shape == (2, 32, 8)
+    np.testing.assert_allclose(decoded, jax.jit(model.apply)(variables, toks), rtol=1e-4,
+                               atol=1e-4)
 
 
 def test_masks_and_bad_local_kind():
@@ -87,9 +80,7 @@ def test_bottom_layer_global_path_carries_information_past_the_window():
 
 def test_flops_per_token_counts_every_term():
     model, variables = initialized()
-    leaves = jax.tree_util.tree_flatten_with_path(nn.unbox(variables["params"]))[0]
-    projections = sum(2.0 * x.size for path, x in leaves
-                      if jax.tree_util.keystr(path).endswith("['kernel']"))
+    projections = projection_flops(variables["params"])
     length = 100
     attention = 2 * 2.0 * 32 * MaskSpec(window=8).mean_keys_per_query(length)  # 4 heads x 8
     want = (projections + 2 * attention + ssm_flops_per_token(32, 8, length)
@@ -104,33 +95,3 @@ def test_reference_defaults_and_axes():
     assert type(model.position).__name__ == "T5Buckets"
     _, variables = initialized()
     check_logical_axes(variables["params"])
-
-
-def test_finite_at_long_length():
-    model, variables = initialized()
-    logits = jax.jit(model.apply)(variables, tokens(1, 8192))
-    assert bool(jnp.all(jnp.isfinite(logits)))
-
-
-def test_tiny_training_run_loss_falls():
-    model, variables = initialized()
-    params = nn.unbox(variables["params"])
-    toks = tokens(4, 32, seed=7)
-    optimizer = optax.adam(3e-3)
-
-    def loss_fn(p):
-        logits = model.apply({"params": p}, toks[:, :-1])
-        return optax.softmax_cross_entropy_with_integer_labels(logits, toks[:, 1:]).mean()
-
-    @jax.jit
-    def step(p, state):
-        loss, grads = jax.value_and_grad(loss_fn)(p)
-        updates, state = optimizer.update(grads, state, p)
-        return optax.apply_updates(p, updates), state, loss
-
-    state = optimizer.init(params)
-    losses = []
-    for _ in range(25):
-        params, state, loss = step(params, state)
-        losses.append(float(loss))
-    assert np.isfinite(losses).all() and losses[-1] < losses[0] - 0.5

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from helpers import step_through
 from lexjax.layers.ssm import (VARIANTS, DiagonalSSM, causal_fft_conv, complex_expm1,
                                fft_conv_flops, fft_length, hippo_skew_eigenvalues,
                                initial_eigenvalues, power_kernel)
@@ -135,13 +136,8 @@ def test_layer_equals_explicit_recurrence(rng, variant):
 def test_recurrent_step_equals_convolution(rng, variant):
     layer, variables = init_ssm(variant, length=24)
     u = jnp.asarray(rng.normal(size=(2, 24, 3)), jnp.float32)
-    full = layer.apply(variables, u)
-    step = jax.jit(lambda v, x, s: layer.apply(v, x, s, method=DiagonalSSM.step))
-    state, outs = layer.initial_state(2), []
-    for t in range(24):
-        y, state = step(variables, u[:, t], state)
-        outs.append(y)
-    np.testing.assert_allclose(jnp.stack(outs, 1), full, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(step_through(layer, variables, u, DiagonalSSM.step),
+                               layer.apply(variables, u), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("variant", ["gss", "dss"])

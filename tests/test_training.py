@@ -1,7 +1,8 @@
 """The trainer (lexjax.training) end to end on a tiny model and a tiny local corpus.
 
-Every run is a real `lexjax.training.train(model_dir)` call configured by gin exactly as the CLI
-configures it (configs/runs/quickstart.gin + configs/data/text_files.gin + bindings), on a
+Every run is a real `lexjax.training.train(model, config, model_dir)` call with the model and
+`TrainConfig` that gin binds, exactly as the CLI reads them (configs/runs/quickstart.gin +
+configs/data/text_files.gin + bindings), on a
 1-layer, 32-wide model over a few KB of text written to a tmp dir. The runs are shared by the
 tests through module-scoped fixtures (each run costs a few seconds, mostly XLA compilation), and
 each test checks one property against an independent reference: a second run, a numpy
@@ -11,7 +12,6 @@ from __future__ import annotations
 
 import math
 import os
-import random
 import re
 import shutil
 
@@ -23,14 +23,15 @@ import numpy as np
 import pytest
 
 import lexjax
+from helpers import write_corpus
 from lexjax.attention import MaskSpec
 from lexjax.config import build_model, parse_gin
 from lexjax.models import Transformer
 from lexjax.positions import NoPE
-from lexjax.training import (CheckpointError, Checkpointer, TrainingError, TrainState,
-                             check_logical_axes, learning_rate_schedule, make_optimizer,
-                             make_train_step)
-from lexjax.training import loop as loop_lib
+from lexjax.runs import configured_training
+from lexjax.training import (CheckpointError, Checkpointer, OptimizerConfig, ShardedTrainStep,
+                             TrainingError, TrainState, check_logical_axes,
+                             learning_rate_schedule, make_optimizer, make_train_step, train)
 from lexjax.training import state as state_lib
 from lexjax.training.flops import xla_flops
 from lexjax.training.metrics import read_metrics
@@ -43,29 +44,6 @@ BATCH, LENGTH, STEPS = 4, 16, 8
 # ----------------------------------------------------------------------------------------------
 # A tiny corpus and tiny runs
 # ----------------------------------------------------------------------------------------------
-
-def write_corpus(root, *, min_per_split=2, train_files=24, words=300, seed=0):
-    """Plain-text files under `root`, named so that every split gets files (splits are decided
-    by a hash of the name, see lexjax.data.corpora.split_of). Returns the glob."""
-    from lexjax.data import split_of
-
-    vocab = ["def", "return", "class", "import", "self", "for", "in", "if", "else", "x", "y",
-             "print", "(", ")", ":", "=", "+", "\n", "lambda", "yield"]
-    rng = random.Random(seed)
-    os.makedirs(root, exist_ok=True)
-    counts = {"train": 0, "validation": 0, "test": 0}
-    i = 0
-    while counts["train"] < train_files or min(counts.values()) < min_per_split:
-        name = f"doc{i:04d}.txt"
-        i += 1
-        split = split_of(name)
-        if split == "train" and counts["train"] >= train_files:
-            continue
-        counts[split] += 1
-        with open(os.path.join(root, name), "w") as f:
-            f.write(" ".join(rng.choice(vocab) for _ in range(words)))
-    return os.path.join(root, "*.txt")
-
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
@@ -87,9 +65,16 @@ def bindings(glob, **overrides):
     return [f"{k} = {v}" for k, v in values.items()]
 
 
-def run(model_dir, glob, init_from=None, **overrides):
-    parse_gin(GIN_FILES, bindings(glob, **overrides))
-    return loop_lib.train(str(model_dir), init_from, progress=False)
+def run(model_dir, glob, init_from=None, gin_files=GIN_FILES, **overrides):
+    """One run, configured as `python -m lexjax.train` configures it."""
+    parse_gin(gin_files, bindings(glob, **overrides))
+    model, config = configured_training()
+    return train(model, config, str(model_dir), init_from, progress=False)
+
+
+def data_config(glob):
+    from lexjax.data import DataConfig
+    return DataConfig(task=TASK, text_files_glob=glob)
 
 
 def configured_model(glob, **overrides):
@@ -108,11 +93,18 @@ def restore_params(model_dir, model, step=None):
     return checkpointer.restore_params(abstract_params(model), step)
 
 
-def np_mean_loss(model, params, tokens):
-    """Mean next-token cross entropy, float64 numpy: the model reads BOS (0) + tokens[:, :-1]."""
+def np_mean_loss(model, params, tokens, segments=None):
+    """Mean next-token cross entropy, float64 numpy: the model reads BOS (0) + tokens[:, :-1]
+    (with `segments`: BOS at every segment's first token, and the model keeps them apart)."""
     tokens = np.asarray(tokens, np.int64)
     inputs = np.concatenate([np.zeros_like(tokens[:, :1]), tokens[:, :-1]], axis=1)
-    logits = np.asarray(jax.jit(model.apply)({"params": params}, jnp.asarray(inputs, jnp.int32)),
+    kwargs = {}
+    if segments is not None:
+        starts = np.concatenate([np.ones_like(segments[:, :1], bool),
+                                 segments[:, 1:] != segments[:, :-1]], axis=1)
+        inputs = np.where(starts, 0, inputs)
+        kwargs["segment_ids"] = jnp.asarray(segments, jnp.int32)
+    logits = np.asarray(model.apply({"params": params}, jnp.asarray(inputs, jnp.int32), **kwargs),
                         np.float64)
     top = logits.max(-1, keepdims=True)
     log_z = top[..., 0] + np.log(np.exp(logits - top).sum(-1))
@@ -160,21 +152,21 @@ def runs(corpus, tmp_path_factory):
     out = {"A": root / "A", "B": root / "B"}
 
     captured = {}
-    original_compile = loop_lib._Trainer.compile_train_step
+    original_compile = ShardedTrainStep.compile
 
-    def capturing_compile(trainer):
-        compiled, seconds = original_compile(trainer)
+    def capturing_compile(sharded):
+        compiled, seconds = original_compile(sharded)
 
         def step(*args):
             state, metrics = compiled(*args)
-            captured.update(trainer=trainer, state=state)
+            captured.update(sharded=sharded, state=state)
             return state, metrics
         return step, seconds
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(loop_lib._Trainer, "compile_train_step", capturing_compile)
+        mp.setattr(ShardedTrainStep, "compile", capturing_compile)
         out["A_result"] = run(out["A"], corpus)
-    out["A_model"] = captured["trainer"].model
+    out["A_model"] = captured["sharded"].model
     out["A_state"] = jax.device_get(captured["state"])
 
     original_save = Checkpointer.save
@@ -289,7 +281,7 @@ def finetune(runs, corpus, tmp_path_factory):
     model_dir = tmp_path_factory.mktemp("finetune") / "ft"
     result = run(model_dir, corpus, init_from=str(runs["A"]), TRAIN_LENGTH=2 * LENGTH,
                  TRAIN_STEPS=2, CHECKPOINT_EVERY=2, EVAL_EVERY=2,
-                 **{"lexjax.training.train.eval_windows": 8})
+                 **{"lexjax.training.TrainConfig.eval_windows": 8})
     return model_dir, result
 
 
@@ -300,16 +292,19 @@ def test_init_from_starts_from_the_source_parameters(runs, corpus, finetune):
     model = configured_model(corpus)
     source = restore_params(runs["A"], model)
     # The fine-tune's first loss is the source's final parameters' loss on the fine-tune's first
-    # batch (length 32, the source trained at 16), recomputed here in float64 numpy.
-    parse_gin(GIN_FILES, bindings(corpus))
-    first_batch = next(data.train_batches(TASK, length=2 * LENGTH, batch_size=BATCH, seed=0))
-    expected = np_mean_loss(model, source, first_batch)
+    # batch (length 32, the source trained at 16: packed documents kept apart), recomputed here
+    # in float64 numpy.
+    first_batch = next(data.train_batches(data_config(corpus), length=2 * LENGTH,
+                                          batch_size=BATCH, seed=0))
+    segments = data.segment_ids(first_batch)
+    expected = np_mean_loss(model, source, first_batch, segments)
     metrics = read_metrics(str(model_dir))
     assert [r["step"] for r in metrics] == [1, 2]
     assert metrics[0]["loss"] == pytest.approx(expected, rel=1e-5)
     # ... which a fresh initialisation would not give.
     fresh = nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, LENGTH), jnp.int32)))
-    assert np_mean_loss(model, fresh["params"], first_batch) != pytest.approx(expected, rel=1e-3)
+    assert np_mean_loss(model, fresh["params"], first_batch, segments) != pytest.approx(
+        expected, rel=1e-3)
     meta = Checkpointer(str(model_dir), read_only=True).meta()
     assert meta["train_length"] == 2 * LENGTH and meta["step"] == 2
 
@@ -318,7 +313,7 @@ def test_init_from_uses_a_fresh_optimizer_state(runs, corpus, finetune):
     model_dir, _ = finetune
     model = configured_model(corpus)
     params = abstract_params(model)
-    optimizer, _ = make_optimizer(learning_rate=1e-3, total_steps=2)
+    optimizer, _ = make_optimizer(OptimizerConfig(learning_rate=1e-3), total_steps=2)
     abstract_opt = jax.eval_shape(optimizer.init, params)
     checkpointer = Checkpointer(str(model_dir), read_only=True)
     _, opt_state, _ = checkpointer.restore(params, abstract_opt)
@@ -337,8 +332,8 @@ def test_validation_loss_against_numpy(corpus, finetune):
     model_dir, result = finetune
     model = configured_model(corpus)
     params = restore_params(model_dir, model)  # step 2: the parameters evaluated at step 2
-    parse_gin(GIN_FILES, bindings(corpus))
-    windows = data.eval_windows(TASK, length=2 * LENGTH, split="validation", max_windows=8)
+    windows = data.eval_windows(data_config(corpus), length=2 * LENGTH, split="validation",
+                                max_windows=8)
     assert len(windows) == 8  # two full batches of 4
     (record,) = [r for r in read_metrics(str(model_dir)) if "validation_loss" in r]
     assert record["step"] == 2
@@ -595,11 +590,13 @@ def test_analytic_flops_agree_with_xla_cost_analysis():
         forward = jax.jit(lambda p, t: m.apply({"params": p}, t)).lower(params, tokens).compile()
         assert 1.0 <= xla_flops(forward) / analytic_full <= 1.08, type(m.mask)
 
-    optimizer, schedule = make_optimizer(learning_rate=1e-3, total_steps=10)
+    optimizer, schedule = make_optimizer(OptimizerConfig(learning_rate=1e-3), total_steps=10)
     state = jax.eval_shape(lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p,
                                                 opt_state=optimizer.init(p)), params)
     key = jax.ShapeDtypeStruct((2,), jnp.uint32)
-    step = jax.jit(make_train_step(full, optimizer, schedule)).lower(state, tokens, key).compile()
+    example = {"targets": tokens, "segment_ids": tokens}
+    step = jax.jit(make_train_step(full, optimizer, schedule)).lower(state, example,
+                                                                     key).compile()
     ratio = xla_flops(step) / (3 * analytic_full)
     assert 1.0 <= ratio <= 1.12, ratio
     from lexjax.training.flops import training_flops_per_step
@@ -648,7 +645,7 @@ def test_train_step_carries_the_stream_across_segments():
                                             jnp.pad(stream, ((0, 0), (1, 0)))[:, :-1]))
     for k in range(4):
         segment = stream[:, k * LENGTH:(k + 1) * LENGTH]
-        state, metrics = step(state, segment, jax.random.PRNGKey(1))
+        state, metrics = step(state, {"targets": segment}, jax.random.PRNGKey(1))
         if k < 3:  # segments 0-2 continue one stream
             logits = whole[:, k * LENGTH:(k + 1) * LENGTH]
         else:  # step 3 restarts the stream: segment 3 is read as if it began the stream
@@ -669,8 +666,7 @@ def recurrent_runs(corpus, tmp_path_factory):
     out = {"A": root / "A", "B": root / "B"}
 
     def recurrent_run(model_dir):
-        parse_gin(RECURRENT_FILES, bindings(corpus, **RECURRENT))
-        return loop_lib.train(str(model_dir), progress=False)
+        return run(model_dir, corpus, gin_files=RECURRENT_FILES, **RECURRENT)
 
     recurrent_run(out["A"])
     original_save = Checkpointer.save
@@ -698,3 +694,100 @@ def test_recurrent_resume_restores_the_carry(recurrent_runs):
         None, STEPS)
     assert int(carry["model"]["position"]) == STEPS * LENGTH
     assert np.abs(np.asarray(carry["model"]["states"])).max() > 0
+
+
+# ----------------------------------------------------------------------------------------------
+# The run config: validation intervals, checks, run directories of earlier versions
+# ----------------------------------------------------------------------------------------------
+
+def test_validation_lands_every_eval_every_steps_whatever_log_every_is(corpus, tmp_path):
+    run(tmp_path / "run", corpus, LOG_EVERY=3, EVAL_EVERY=2, TRAIN_STEPS=8,
+        **{"lexjax.training.TrainConfig.eval_windows": 4})
+    records = read_metrics(str(tmp_path / "run"))
+    assert [r["step"] for r in records if "validation_loss" in r] == [2, 4, 6, 8]
+    assert [r["step"] for r in records if "loss" in r] == [3, 6, 8]  # and the last step
+    assert all(math.isfinite(r["validation_loss"]) for r in records if "validation_loss" in r)
+
+
+@pytest.mark.parametrize("binding,words", [
+    ("TRAIN_STEPS = 0", "TRAIN_STEPS"), ("TRAIN_STEPS = 30.5", "TRAIN_STEPS (train_steps) must "
+                                                              "be an integer"),
+    ("BATCH_SIZE = -2", "BATCH_SIZE"), ("TRAIN_LENGTH = 'abc'", "TRAIN_LENGTH"),
+    ("LOG_EVERY = 0", "LOG_EVERY"), ("CHECKPOINT_EVERY = 0", "CHECKPOINT_EVERY"),
+    ("EVAL_EVERY = -1", "EVAL_EVERY"), ("LEARNING_RATE = 'abc'", "LEARNING_RATE"),
+    ("LEARNING_RATE = 0", "LEARNING_RATE"), ("MESH = 3", "MESH"),
+])
+def test_train_config_refuses_bad_values_in_one_line(corpus, binding, words):
+    parse_gin(GIN_FILES, bindings(corpus) + [binding])
+    try:
+        with pytest.raises(lexjax.ConfigError) as info:
+            configured_training()
+    finally:
+        gin.clear_config()
+    message = str(info.value)
+    assert words in message and "\n" not in message.split("\n  In call to configurable")[0]
+
+
+LEGACY_CONFIG = """\
+MODEL = @lexjax.models.Transformer()
+POSITION = @lexjax.positions.ALiBi()
+configured_model.model = %MODEL
+make_optimizer.learning_rate = 0.002
+make_optimizer.warmup_steps = 80
+train.batch_size = 4
+train.checkpoint_every = 4
+train.eval_every = 0
+train.log_every = 1
+train.mesh = ''
+train.seed = 0
+train.task = 'lexjax.text_files'
+train.train_length = 16
+train.train_steps = 8
+text_files_glob.pattern = {glob!r}
+Transformer.embed_dim = 32
+Transformer.mlp_dim = 64
+Transformer.num_heads = 2
+Transformer.num_layers = 1
+Transformer.position = %POSITION
+Transformer.vocab_size = 384
+"""
+
+
+def test_a_run_directory_from_before_the_train_config_still_loads(corpus, tmp_path):
+    """config.gin as lexjax wrote it before TrainConfig (short names, `configured_model`,
+    `train.task`, `make_optimizer`, the gin-bound glob); the parameter layout is unchanged, so
+    its checkpoint loads, with the run's settings upgraded."""
+    from lexjax.runs import is_legacy_config, load_run, upgrade_legacy_config
+
+    text = LEGACY_CONFIG.format(glob=corpus)
+    assert is_legacy_config(text) and not is_legacy_config(upgrade_legacy_config(text))
+    model = Transformer(vocab_size=384, num_layers=1, embed_dim=32, num_heads=2, mlp_dim=64,
+                        position=lexjax.positions.ALiBi())
+    params = nn.unbox(model.init(jax.random.PRNGKey(3), jnp.ones((1, 8), jnp.int32))["params"])
+    model_dir = tmp_path / "old_run"
+    model_dir.mkdir()
+    (model_dir / "config.gin").write_text(text)
+    checkpointer = Checkpointer(str(model_dir))
+    meta = {"model": "Transformer", "fingerprint": state_lib.params_fingerprint(params),
+            "train_length": 16, "task": TASK, "step": 8}
+    opt_state = make_optimizer(OptimizerConfig(), 8)[0].init(params)
+    checkpointer.save(8, params, opt_state, meta)
+    checkpointer.close()
+    run_ = load_run(str(model_dir))
+    assert run_.config.train_steps == 8 and run_.config.train_length == 16
+    assert run_.config.data.text_files_glob == corpus and run_.config.data.task == TASK
+    assert run_.config.optimizer.learning_rate == 0.002
+    assert_trees_close(run_.variables["params"], params, rtol=0, atol=0)
+    assert isinstance(run_.model.position, lexjax.positions.ALiBi) and run_.step == 8
+
+
+def test_a_checkpoint_of_another_parameter_layout_is_refused_in_one_line(runs, tmp_path):
+    from lexjax.runs import load_run
+
+    model_dir = tmp_path / "copy"
+    shutil.copytree(runs["A"], model_dir)
+    config = (model_dir / "config.gin").read_text()
+    (model_dir / "config.gin").write_text(config.replace("EMBED_DIM = 32", "EMBED_DIM = 48"))
+    with pytest.raises(CheckpointError, match="parameter layout changed") as info:
+        load_run(str(model_dir))
+    assert "\n" not in str(info.value)

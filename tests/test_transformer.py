@@ -301,26 +301,18 @@ MASK_WINDOW8 = (F + "mask=@lexjax.attention.MaskSpec()", "lexjax.attention.MaskS
 MASK_CHUNK8 = (F + "mask=@lexjax.attention.MaskSpec()", "lexjax.attention.MaskSpec.chunk=8")
 
 
-@pytest.mark.parametrize("impl", ["xla", "reference"])
-def test_window_mask_one_layer_receptive_field(impl):
-    model, variables = initialized("rope", "NUM_LAYERS=1")
-    windowed = build("rope", "NUM_LAYERS=1", *MASK_WINDOW8, F + f"attention_impl='{impl}'")
+@pytest.mark.parametrize("layers,impl,s", [(1, "xla", 5), (1, "reference", 5), (2, "xla", 3)])
+def test_window_mask_receptive_field(layers, impl, s):
+    """Logits at t see tokens t-7 .. t per layer of window 8: a token at s moves positions
+    s .. s + 7 * layers only."""
+    _, variables = initialized("rope", f"NUM_LAYERS={layers}")
+    windowed = build("rope", f"NUM_LAYERS={layers}", *MASK_WINDOW8,
+                     F + f"attention_impl='{impl}'")
     assert windowed.mask == MaskSpec(window=8)
-    s = 5
     changes = position_changes(jit_apply(windowed)(variables, changed_pair(tokens(length=32), s)))
-    # Logits at t see tokens t-7 .. t: the token at s moves positions s .. s+7 only.
-    assert np.all(changes[:s] <= 1e-5) and np.all(changes[s + 8:] <= 1e-5), changes
-    assert np.all(changes[s:s + 8] > 1e-6), changes
-
-
-def test_window_mask_two_layers_receptive_field():
-    _, variables = initialized("rope")
-    windowed = build("rope", *MASK_WINDOW8)
-    s = 3
-    changes = position_changes(jit_apply(windowed)(variables, changed_pair(tokens(length=32), s)))
-    # Two layers of window 8 reach back 2 * 7 = 14 tokens.
-    assert np.all(changes[:s] <= 1e-5) and np.all(changes[s + 15:] <= 1e-5), changes
-    assert np.all(changes[s:s + 15] > 1e-6), changes
+    reach = s + 7 * layers + 1
+    assert np.all(changes[:s] <= 1e-5) and np.all(changes[reach:] <= 1e-5), changes
+    assert np.all(changes[s:reach] > 1e-6), changes
 
 
 def test_chunk_mask_never_crosses_chunks():
@@ -394,3 +386,71 @@ def test_dropout():
     swapped = train(variables, toks[::-1], jax.random.PRNGKey(1))
     np.testing.assert_allclose(swapped[0, :CHANGED], a[0, :CHANGED], atol=1e-5)
     assert float(jnp.max(jnp.abs(swapped[0, CHANGED:] - a[0, CHANGED:]))) > 1e-6
+
+
+# ----------------------------------------------------------------------------------------------
+# Decoding (a key/value cache) and packed documents, for every position scheme
+# ----------------------------------------------------------------------------------------------
+
+DECODE_MASKS = {"full": (), "window": MASK_WINDOW8}
+
+
+@pytest.mark.parametrize("mask", sorted(DECODE_MASKS))
+@pytest.mark.parametrize("scheme", sorted(set(SCHEMES) - {"learned"}))
+def test_decoding_equals_the_forward_pass_past_the_init_length(scheme, mask):
+    """Prefill 7 tokens, then decode to 3x the init length (N = 16) with two query heads per
+    key/value head; a window mask decodes from a ring of 7 cached keys."""
+    model = build(scheme, F + "num_kv_heads=2", *DECODE_MASKS[mask])
+    variables = model.init(jax.random.PRNGKey(0), tokens())
+    toks = tokens(1, 3 * N, seed=5)
+    want = jit_apply(model)(variables, toks)
+    logits, cache = jax.jit(lambda v, p: model.prefill(v, p, max_length=3 * N))(
+        variables, toks[:, :7])
+    np.testing.assert_allclose(logits, want[:, :7], atol=2e-5)
+    if mask == "window":
+        assert cache["layer_0"]["attention"]["kv_cache"]["keys"].shape[1] == 7
+    step = jax.jit(model.decode_step)
+    for t in range(7, 3 * N):
+        logits, cache = step(variables, cache, toks[:, t])
+        np.testing.assert_allclose(logits, want[:, t], atol=2e-5, err_msg=f"position {t}")
+
+
+def test_decoding_uses_the_inference_mask():
+    """xPos with BCA at inference: decoding attends like the deterministic forward pass."""
+    model = build("xpos", "BCA_BLOCK=8", features=["bca"])
+    variables = model.init(jax.random.PRNGKey(0), tokens())
+    toks = tokens(1, 40, seed=6)
+    want = jit_apply(model)(variables, toks)
+    logits, cache = model.prefill(variables, toks[:, :20], max_length=40)
+    np.testing.assert_allclose(logits, want[:, :20], atol=2e-5)
+    step = jax.jit(model.decode_step)
+    for t in range(20, 40):
+        logits, cache = step(variables, cache, toks[:, t])
+        np.testing.assert_allclose(logits, want[:, t], atol=2e-5)
+
+
+@pytest.mark.parametrize("scheme", sorted(SCHEMES))
+def test_packed_documents_are_kept_apart_for_every_scheme(scheme):
+    """Absolute schemes embed each token at its position within its document; relative ones see
+    in-document distances; no document attends to another."""
+    model, variables = initialized(scheme)
+    docs = [tokens(1, n, seed=i) for i, n in enumerate((5, 9, 2))]
+    row = jnp.concatenate(docs, axis=1)
+    segments = jnp.asarray([[1] * 5 + [2] * 9 + [3] * 2], jnp.int32)
+    packed = jax.jit(lambda v, t, s: model.apply(v, t, segment_ids=s))(variables, row, segments)
+    start = 0
+    for doc in docs:
+        np.testing.assert_allclose(packed[:, start:start + doc.shape[1]],
+                                   model.apply(variables, doc), atol=2e-5)
+        start += doc.shape[1]
+
+
+@pytest.mark.parametrize("impl", ["reference", "pallas"])
+def test_packed_documents_are_kept_apart_by_every_attention_impl(impl):
+    model = build("t5", F + f"attention_impl='{impl}'", *MASK_WINDOW8)
+    _, variables = initialized("t5")
+    docs = [tokens(1, n, seed=i) for i, n in enumerate((11, 13))]
+    segments = jnp.asarray([[1] * 11 + [2] * 13], jnp.int32)
+    packed = model.apply(variables, jnp.concatenate(docs, axis=1), segment_ids=segments)
+    np.testing.assert_allclose(packed[:, :11], model.apply(variables, docs[0]), atol=2e-5)
+    np.testing.assert_allclose(packed[:, 11:], model.apply(variables, docs[1]), atol=2e-5)

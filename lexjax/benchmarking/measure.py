@@ -9,24 +9,18 @@ import jax
 import numpy as np
 
 from lexjax import partitioning
-from lexjax.benchmarking.spec import BenchSpec
 from lexjax.training import flops as flops_lib
-from lexjax.training.loop import ShardedTrainStep
+from lexjax.training.config import TrainConfig
+from lexjax.training.inputs import training_batches
+from lexjax.training.step import ShardedTrainStep
 
 
-def first_batch(spec: BenchSpec) -> np.ndarray:
-    """This process's rows `[batch / processes, length]` of the run's first training batch (the
-    same on every mesh), or seeded random tokens when the config names no task."""
-    rows = spec.batch_size // jax.process_count()
-    if spec.task is None:
-        vocab = getattr(spec.model, "vocab_size", 256)
-        rng = np.random.default_rng([spec.seed, jax.process_index()])
-        return rng.integers(1, vocab, (rows, spec.length), dtype=np.int32)
-    from lexjax import data
-    batches = data.train_batches(spec.task, length=spec.length, batch_size=spec.batch_size,
-                                 seed=spec.seed, shard_index=jax.process_index(),
-                                 num_shards=jax.process_count())
-    return np.asarray(next(batches)[:rows], np.int32)
+def first_batch(model, config: TrainConfig) -> dict[str, np.ndarray]:
+    """This process's rows of the run's first training batch (the same on every mesh), laid out
+    as the trainer reads them for this model (`lexjax.training.inputs`)."""
+    rows = config.batch_size // jax.process_count()
+    batch = next(training_batches(model, config))
+    return {name: np.asarray(value[:rows], np.int32) for name, value in batch.items()}
 
 
 def mesh_peak_flops(mesh, device_peak: tuple[float, str]) -> tuple[float, str]:
@@ -38,40 +32,39 @@ def mesh_peak_flops(mesh, device_peak: tuple[float, str]) -> tuple[float, str]:
     return peak * mesh.size, f"{source} x {mesh.size}"
 
 
-def step_flops(spec: BenchSpec, compiled, num_devices: int) -> Optional[float]:
+def step_flops(model, config: TrainConfig, compiled, num_devices: int) -> Optional[float]:
     """Model FLOPs of one step (the model's own count, else XLA's per-device count x devices)."""
-    counted = flops_lib.training_flops_per_step(spec.model, spec.batch_size, spec.length)
+    counted = flops_lib.training_flops_per_step(model, config.batch_size, config.train_length)
     if counted:
         return counted
     per_device = flops_lib.xla_flops(compiled)
     return per_device * num_devices if per_device else None
 
 
-def measure_mesh(spec: BenchSpec, mesh_spec: str, steps: int, tokens: np.ndarray,
-                 device_peak: tuple[float, str]) -> dict:
-    """Compiles the train step on `mesh_spec` (see `partitioning.make_mesh`), runs `steps` steps on the batch
-    `tokens` from the same initial state, and returns its row: compile time, the median step
+def measure_mesh(model, config: TrainConfig, mesh_spec: str, steps: int,
+                 batch: dict[str, np.ndarray], device_peak: tuple[float, str]) -> dict:
+    """Compiles the train step on `mesh_spec` (see `partitioning.make_mesh`), runs `steps` steps
+    on `batch` from the same initial state, and returns its row: compile time, the median step
     time (of steps after the first, when there are several), tokens/s, MFU, the first step's
     loss, state bytes per device (from the shardings) and XLA's peak temporary bytes.
     `device_peak`: `flops.device_peak_flops()`, measured once per process."""
     mesh = partitioning.make_mesh(mesh_spec)  # "" on CPU: one device, as in training
-    step = ShardedTrainStep(spec.model, spec.optimizer, spec.schedule, mesh, spec.batch_size,
-                            spec.length)
+    step = ShardedTrainStep(model, config, mesh)
     compiled, compile_seconds = step.compile()
-    state = step.init(spec.seed)
-    batch = step.device_batch(tokens)
-    key = jax.random.PRNGKey(spec.seed)
+    state = step.init(config.seed)
+    device_batch = step.device_batch(batch)
+    key = jax.random.PRNGKey(config.seed)
     times, first_loss = [], None
     for i in range(steps):
         start = time.perf_counter()
-        state, metrics = compiled(state, batch, key)
+        state, metrics = compiled(state, device_batch, key)
         jax.block_until_ready((state, metrics))
         times.append(time.perf_counter() - start)
         if i == 0:
             first_loss = float(metrics["loss"])
     median = statistics.median(times[1:] if len(times) > 1 else times)
     peak_flops, peak_source = mesh_peak_flops(mesh, device_peak)
-    flops = step_flops(spec, compiled, mesh.size)
+    flops = step_flops(model, config, compiled, mesh.size)
     memory = compiled.memory_analysis()
     return {
         "mesh": mesh_spec,
@@ -79,7 +72,7 @@ def measure_mesh(spec: BenchSpec, mesh_spec: str, steps: int, tokens: np.ndarray
         "devices": mesh.size,
         "compile_seconds": compile_seconds,
         "step_seconds": median,
-        "tokens_per_sec": spec.tokens_per_step / median,
+        "tokens_per_sec": config.tokens_per_step / median,
         "mfu": flops / median / peak_flops if flops else None,
         "loss": first_loss,
         "state_bytes_per_device": partitioning.bytes_per_device(step.abstract_state),

@@ -18,10 +18,10 @@ import time
 from typing import Optional
 
 from lexjax import partitioning
-from lexjax.benchmarking.spec import BenchSpec
 from lexjax.partitioning import MeshError
 from lexjax.training import flops as flops_lib
-from lexjax.training.loop import ShardedTrainStep
+from lexjax.training.config import TrainConfig
+from lexjax.training.step import ShardedTrainStep
 
 GIB = 1024 ** 3
 
@@ -129,13 +129,12 @@ def estimated_seconds(cost: dict, chip: Chip) -> tuple[Optional[float], str]:
             "roofline of cost_analysis")
 
 
-def estimate_mesh(spec: BenchSpec, mesh_spec: str, topology: Topology) -> dict:
+def estimate_mesh(model, config: TrainConfig, mesh_spec: str, topology: Topology) -> dict:
     """Compiles the train step for `topology` on `mesh_spec` and returns its row of estimates;
     a step that does not fit HBM gives a row with `fits_hbm=False` and a note saying by how
     much."""
     mesh = partitioning.make_mesh(mesh_spec, topology.devices)
-    step = ShardedTrainStep(spec.model, spec.optimizer, spec.schedule, mesh, spec.batch_size,
-                            spec.length)
+    step = ShardedTrainStep(model, config, mesh)
     chip = topology.chip
     state_bytes = partitioning.bytes_per_device(step.abstract_state)
     row = {"mesh": mesh_spec, "topology": topology.name,
@@ -167,13 +166,14 @@ def estimate_mesh(spec: BenchSpec, mesh_spec: str, topology: Topology) -> dict:
     cost = compiled.cost_analysis()
     cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
     seconds, source = estimated_seconds(cost, chip)
-    model_flops = flops_lib.training_flops_per_step(spec.model, spec.batch_size, spec.length)
+    model_flops = flops_lib.training_flops_per_step(model, config.batch_size,
+                                                    config.train_length)
     if not model_flops and cost.get("flops"):
         model_flops = cost["flops"] * mesh.size
     est = {}
     if seconds:
         est = {"est_step_seconds": seconds, "est_source": source,
-               "est_tokens_per_sec": spec.tokens_per_step / seconds,
+               "est_tokens_per_sec": config.tokens_per_step / seconds,
                "est_mfu": (model_flops / seconds / (chip.peak_flops * mesh.size)
                            if model_flops else None)}
     fits = needed <= chip.hbm_bytes

@@ -15,10 +15,10 @@ Two corpora are defined here:
   download.
   `site-packages` (third-party code) and `__pycache__` are skipped. The standard library's own test
   suites (`test/`, `*/tests/`, `idlelib/idle_test/`, ...) are KEPT by default: they are ordinary
-  Python and more than half of the text. Bind `lexjax.data.stdlib_corpus.include_test_suites =
-  False` to drop them (about 12 MB left).
+  Python and more than half of the text. `stdlib_corpus(include_test_suites=False)` drops them
+  (about 12 MB left).
 * `text_files_corpus(pattern)`: any local files matching a glob (`**` recurses); the root is the
-  glob's leading directory without wildcards. The glob comes from gin via `text_files_glob()`.
+  glob's leading directory without wildcards. A run names the glob in its `DataConfig`.
 """
 from __future__ import annotations
 
@@ -28,8 +28,6 @@ import hashlib
 import os
 import sysconfig
 from typing import Sequence
-
-import gin
 
 from lexjax.data.errors import DataError
 
@@ -105,7 +103,6 @@ def _is_test_suite(relpath: str) -> bool:
     return any(part in TEST_SUITE_DIRS for part in relpath.split("/")[:-1])
 
 
-@gin.configurable(module="lexjax.data")
 def stdlib_corpus(include_test_suites: bool = True) -> Corpus:
     """The `.py` files of the Python standard library (see the module docstring).
 
@@ -142,27 +139,17 @@ def glob_root(pattern: str) -> str:
     return os.sep.join(fixed) or os.sep
 
 
-@gin.configurable(module="lexjax.data")
-def text_files_glob(pattern: str | None = None) -> str:
-    """The glob of the `lexjax.text_files` task, bound by gin.
-
-    Bind it with `lexjax.data.text_files_glob.pattern = "/data/**/*.txt"`, or set the
-    `TEXT_FILES_GLOB` macro of `configs/data/text_files.gin`.
-    """
-    if not pattern:
-        raise DataError(
-            "the lexjax.text_files task needs a glob of text files: bind "
-            "lexjax.data.text_files_glob.pattern = '/path/to/corpus/**/*.txt' (or set "
-            "TEXT_FILES_GLOB with configs/data/text_files.gin)")
-    return pattern
-
-
-def text_files_corpus(pattern: str) -> Corpus:
+def text_files_corpus(pattern: str | None) -> Corpus:
     """The files matching the glob `pattern` (`**` matches any number of directories).
 
     Raises:
-      DataError: naming the glob and the fix, if it matches no file.
+      DataError: naming the glob and the fix, if there is none or it matches no file.
     """
+    if not pattern:
+        raise DataError(
+            "the lexjax.text_files task needs a glob of text files: set TEXT_FILES_GLOB with "
+            "configs/data/text_files.gin (DataConfig.text_files_glob), e.g. "
+            "'/path/to/corpus/**/*.txt'")
     root = glob_root(pattern)
     matches = glob.glob(os.path.expanduser(pattern), recursive=True)
     relpaths = sorted({
@@ -170,12 +157,7 @@ def text_files_corpus(pattern: str) -> Corpus:
         for path in matches if os.path.isfile(path)})
     if not relpaths:
         raise DataError(
-            f"the glob {pattern!r} matches no files (searched from {root!r}); bind "
-            "lexjax.data.text_files_glob.pattern (or the TEXT_FILES_GLOB macro) to a glob of "
-            "existing text files, e.g. '/path/to/corpus/**/*.txt'")
+            f"the glob {pattern!r} matches no files (searched from {root!r}); set "
+            "TEXT_FILES_GLOB (DataConfig.text_files_glob) to a glob of existing text files, "
+            "e.g. '/path/to/corpus/**/*.txt'")
     return Corpus(f"the text files {pattern!r}", root, tuple(relpaths))
-
-
-def configured_text_files_corpus() -> Corpus:
-    """The corpus of the gin-configured `text_files_glob()`."""
-    return text_files_corpus(text_files_glob())

@@ -7,6 +7,11 @@ order `epoch_order(M, seed, e)`, and the infinite sequence of examples of all ep
 global batches of B rows, so global batch k holds sequence positions [k * B, (k + 1) * B) and may
 straddle two epochs. Everything is a function of (k, seed), which makes resuming at step k O(1).
 
+Packed examples hold several documents (or pieces of them); `segment_ids` tells them apart from
+the EOS tokens, so a model that keeps documents apart attends within each one. Models that cannot
+(their layers mix the whole row) train on padded examples instead: each document cut into pieces
+of at most L tokens, each piece one example padded with PAD (`document_pieces`, `pad_documents`).
+
 Evaluation windows are non-overlapping slices of L tokens, either of the whole stream or of each
 document separately (see `stream_windows` and `document_windows`).
 """
@@ -16,6 +21,51 @@ import functools
 from typing import Iterable, Iterator
 
 import numpy as np
+
+#: The padding (and BOS) id and the end-of-document id of every lexjax vocabulary.
+PAD_ID = 0
+EOS_ID = 1
+
+
+def segment_ids(tokens: np.ndarray, eos_id: int = EOS_ID, pad_id: int = PAD_ID) -> np.ndarray:
+    """int32 segment ids of examples `[..., length]`: 1 for the first document (piece) of a row,
+    one more after every EOS, and 0 for padding."""
+    tokens = np.asarray(tokens)
+    eos = tokens == eos_id
+    ids = 1 + np.cumsum(eos, axis=-1) - eos  # EOS belongs to the document it ends
+    return np.where(tokens == pad_id, 0, ids).astype(np.int32)
+
+
+def document_pieces(doc_starts: np.ndarray, length: int) -> tuple[np.ndarray, np.ndarray]:
+    """`(starts, ends)` int64 `[P]`: every document `[doc_starts[i], doc_starts[i + 1])` cut into
+    consecutive pieces of `length` tokens, the last one of each document shorter (kept)."""
+    doc_starts = np.asarray(doc_starts, dtype=np.int64)
+    sizes = np.diff(doc_starts)
+    counts = -(-sizes // length)
+    first = np.cumsum(counts) - counts
+    rank = np.arange(int(counts.sum()), dtype=np.int64) - np.repeat(first, counts)
+    starts = np.repeat(doc_starts[:-1], counts) + rank * length
+    ends = np.minimum(starts + length, np.repeat(doc_starts[1:], counts))
+    return starts, ends
+
+
+def gather_pieces(tokens: np.ndarray, starts: np.ndarray, ends: np.ndarray, length: int,
+                  pad_id: int = PAD_ID) -> np.ndarray:
+    """`[len(starts), length]` int32: row i is `tokens[starts[i]:ends[i]]` padded with `pad_id`."""
+    offsets = np.asarray(starts, dtype=np.int64)[:, None] + np.arange(length, dtype=np.int64)
+    inside = offsets < np.asarray(ends, dtype=np.int64)[:, None]
+    rows = np.asarray(tokens[np.where(inside, offsets, 0)], dtype=np.int32)
+    return np.where(inside, rows, pad_id).astype(np.int32)
+
+
+def pad_documents(documents: Iterable[np.ndarray], length: int,
+                  pad_id: int = PAD_ID) -> Iterator[np.ndarray]:
+    """The streaming counterpart of `document_pieces`: each document cut into `[length]` int32
+    pieces, the last one of each padded with `pad_id`."""
+    for document in documents:
+        for start in range(0, document.shape[0], length):
+            piece = np.asarray(document[start:start + length], dtype=np.int32)
+            yield np.pad(piece, (0, length - piece.shape[0]), constant_values=pad_id)
 
 
 @functools.lru_cache(maxsize=4)
@@ -88,11 +138,6 @@ def slices(tokens: np.ndarray, starts: np.ndarray, length: int) -> np.ndarray:
     """`[len(starts), length]` int32: row i is `tokens[starts[i]:starts[i] + length]`."""
     offsets = np.asarray(starts, dtype=np.int64)[:, None] + np.arange(length, dtype=np.int64)
     return np.asarray(tokens[offsets], dtype=np.int32).reshape(len(starts), length)
-
-
-def gather_examples(tokens: np.ndarray, ids: np.ndarray, length: int) -> np.ndarray:
-    """`[len(ids), length]` int32: example i is `tokens[ids[i] * length:(ids[i] + 1) * length]`."""
-    return slices(tokens, np.asarray(ids, dtype=np.int64) * length, length)
 
 
 def pack_documents(documents: Iterable[np.ndarray], length: int) -> Iterator[np.ndarray]:

@@ -1,8 +1,8 @@
 """The data API the trainer and evaluator call: numpy batches, windows and bytes per token.
 
-All functions take a registered task name (`lexjax.stdlib_code`, `lexjax.text_files`,
-`lexjax.pg19`, ...; see `tasks.py`) and an optional `vocabulary` (default: the gin-configured
-`lexjax.data.vocabulary`). They return numpy arrays only.
+All functions take the run's `DataConfig` (its task, vocabulary and text-files glob), or a bare
+registered task name (`lexjax.stdlib_code`, `lexjax.pg19`, ...; see `tasks.py`) meaning that task
+with the byte vocabulary. They return numpy arrays only.
 
 Local tasks (stdlib_code, text_files) are materialised as one flat token array per split and
 cached on disk (see `streams.py`), which makes every batch a pure function of (seed, step): O(1)
@@ -11,14 +11,16 @@ resumption and hosts that read only their own rows. TFDS tasks are streamed (see
 from __future__ import annotations
 
 import itertools
-from typing import Iterator
+from typing import Iterator, Union
 
 import numpy as np
 import seqio
 
 from lexjax.data import packing, streams, tasks
+from lexjax.data.config import DataConfig, as_data_config
 from lexjax.data.errors import DataError
-from lexjax.data.vocab import resolve_vocabulary
+
+Data = Union[DataConfig, str]
 
 #: Default examples held by the shuffle buffer of a streamed (TFDS) task, on top of seqio's
 #: shuffling of documents; it breaks up runs of consecutive examples cut from one long document.
@@ -40,17 +42,19 @@ def _host_rows(length: int, batch_size: int, seed: int, start_step: int, shard_i
     return slice(shard_index * per_host, (shard_index + 1) * per_host)
 
 
-def train_batches(task_name: str, *, length: int, batch_size: int, seed: int = 0,
+def train_batches(data: Data, *, length: int, batch_size: int, seed: int = 0,
                   split: str = "train", start_step: int = 0, shard_index: int = 0,
-                  num_shards: int = 1, shuffle: bool = True,
+                  num_shards: int = 1, shuffle: bool = True, pack: bool = True,
                   shuffle_buffer_size: int = STREAM_SHUFFLE_BUFFER,
-                  vocabulary: seqio.Vocabulary | None = None, cache_dir: str | None = None
-                  ) -> Iterator[np.ndarray]:
+                  cache_dir: str | None = None) -> Iterator[np.ndarray]:
     """Yields the training batches of a task forever, starting at global step `start_step`.
 
-    The split's documents, each followed by EOS, are concatenated and cut into examples of
-    `length` tokens; the packing is exact (every token appears once per epoch, except the final
-    partial example of the stream, which is dropped). Global batch k holds `batch_size` examples;
+    Packed (default): the split's documents, each followed by EOS, are concatenated and cut into
+    examples of `length` tokens; the packing is exact (every token appears once per epoch, except
+    the final partial example of the stream, which is dropped); `packing.segment_ids` tells the
+    documents of an example apart. Padded (`pack=False`, for models that cannot keep documents
+    apart): each document (with its EOS) is cut into pieces of at most `length` tokens, and each
+    piece is one example, padded with PAD (id 0). Global batch k holds `batch_size` examples;
     host `shard_index` of `num_shards` gets rows
     `[shard_index * b, (shard_index + 1) * b)` of it, b = batch_size // num_shards.
 
@@ -64,7 +68,7 @@ def train_batches(task_name: str, *, length: int, batch_size: int, seed: int = 0
     partition the global batch exactly), and `start_step=k` skips k * batch_size examples.
 
     Args:
-      task_name: a registered task name, e.g. "lexjax.stdlib_code".
+      data: the run's `DataConfig`, or a registered task name, e.g. "lexjax.stdlib_code".
       length: L, tokens per example.
       batch_size: global batch size B; a multiple of `num_shards`.
       seed: shuffling seed (>= 0); the same seed gives the same stream.
@@ -73,8 +77,8 @@ def train_batches(task_name: str, *, length: int, batch_size: int, seed: int = 0
       shard_index: this host's index in [0, num_shards).
       num_shards: number of hosts sharing each global batch.
       shuffle: shuffle examples (False: stream order, useful for inspection and tests).
+      pack: packed examples (True) or padded document pieces (False).
       shuffle_buffer_size: examples held for shuffling a streamed task (local tasks need none).
-      vocabulary: tokenizer; default the gin-configured one.
       cache_dir: cache root for local tasks; default as in `streams.cache_root`.
 
     Yields:
@@ -84,36 +88,50 @@ def train_batches(task_name: str, *, length: int, batch_size: int, seed: int = 0
       DataError: for an unknown task or split, an empty split, or one shorter than `length`.
     """
     rows = _host_rows(length, batch_size, seed, start_step, shard_index, num_shards)
-    vocabulary = resolve_vocabulary(vocabulary)
-    task = tasks.get_task(task_name, vocabulary)
-    tasks.check_split(task, split)
-    if tasks.is_local(task_name):
-        stream = streams.materialized_stream(task_name, split, vocabulary, cache_dir)
-        num_examples = stream.num_tokens // length
-        if num_examples == 0:
-            raise DataError(f"split {split!r} of task {task_name!r} has {stream.num_tokens} "
+    data, task, stream = _split_of(data, split, cache_dir)
+    if stream is not None:
+        if pack:
+            starts = np.arange(stream.num_tokens // length, dtype=np.int64) * length
+            ends = starts + length
+        else:
+            starts, ends = packing.document_pieces(stream.doc_starts, length)
+        if len(starts) == 0:
+            raise DataError(f"split {split!r} of task {data.task!r} has {stream.num_tokens} "
                             f"tokens, fewer than one example of length {length}")
-        return _local_batches(stream.tokens, num_examples, length, batch_size, seed,
-                              shuffle, start_step, rows)
-    return _streamed_batches(task, split, length, batch_size, seed, shuffle,
+        return _local_batches(stream.tokens, starts, ends, length, batch_size, seed, shuffle,
+                              start_step, rows)
+    return _streamed_batches(task, split, length, batch_size, seed, shuffle, pack,
                              shuffle_buffer_size, start_step, rows)
 
 
-def _local_batches(tokens: np.ndarray, num_examples: int, length: int, batch_size: int,
-                   seed: int, shuffle: bool, start_step: int, rows: slice
+def _split_of(data: Data, split: str, cache_dir: str | None
+              ) -> tuple[DataConfig, seqio.Task, streams.TokenStream | None]:
+    """`data` as a DataConfig, its task (with `split` checked), and, for a local task, the
+    split's materialised token stream (None for a streamed task)."""
+    data = as_data_config(data)
+    task = tasks.get_task(data)
+    tasks.check_split(task, split)
+    stream = (streams.materialized_stream(data, split, cache_dir) if tasks.is_local(data.task)
+              else None)
+    return data, task, stream
+
+
+def _local_batches(tokens: np.ndarray, starts: np.ndarray, ends: np.ndarray, length: int,
+                   batch_size: int, seed: int, shuffle: bool, start_step: int, rows: slice
                    ) -> Iterator[np.ndarray]:
     for step in itertools.count(start_step):
-        ids = packing.example_ids(step, batch_size, num_examples, seed=seed, shuffle=shuffle,
+        ids = packing.example_ids(step, batch_size, len(starts), seed=seed, shuffle=shuffle,
                                   rows=rows)
-        yield packing.gather_examples(tokens, ids, length)
+        yield packing.gather_pieces(tokens, starts[ids], ends[ids], length)
 
 
 def _streamed_batches(task: seqio.Task, split: str, length: int, batch_size: int, seed: int,
-                      shuffle: bool, shuffle_buffer_size: int, start_step: int, rows: slice
-                      ) -> Iterator[np.ndarray]:
+                      shuffle: bool, pack: bool, shuffle_buffer_size: int, start_step: int,
+                      rows: slice) -> Iterator[np.ndarray]:
     documents = (tokens for tokens, _ in streams.iter_documents(
         task, split, shuffle=shuffle, seed=seed, num_epochs=None))
-    examples = packing.pack_documents(documents, length)
+    cut = packing.pack_documents if pack else packing.pad_documents
+    examples = cut(documents, length)
     if shuffle:
         examples = packing.shuffle_buffer(examples, shuffle_buffer_size,
                                           np.random.default_rng([seed]))
@@ -126,43 +144,39 @@ def _streamed_batches(task: seqio.Task, split: str, length: int, batch_size: int
         yield np.stack(batch[rows])
 
 
-def _local_stream(task_name: str, split: str, vocabulary, cache_dir) -> streams.TokenStream:
-    if not tasks.is_local(task_name):
+def _local_stream(data: DataConfig, split: str, cache_dir) -> streams.TokenStream:
+    if not tasks.is_local(data.task):
         raise DataError(
             f"training that carries state across steps reads each batch row from one stream, "
-            f"which needs a local task; {task_name!r} is streamed from TFDS. Use "
+            f"which needs a local task; {data.task!r} is streamed from TFDS. Use "
             "lexjax.stdlib_code or lexjax.text_files (export the corpus to text files), or a "
             "stateless model")
-    return streams.materialized_stream(task_name, split, vocabulary, cache_dir)
+    return streams.materialized_stream(data, split, cache_dir)
 
 
-def stream_segments(task_name: str, *, length: int, batch_size: int, split: str = "train",
-                    vocabulary: seqio.Vocabulary | None = None, cache_dir: str | None = None
-                    ) -> int:
+def stream_segments(data: Data, *, length: int, batch_size: int, split: str = "train",
+                    cache_dir: str | None = None) -> int:
     """E, the segments per row stream of `stream_batches` (rows restart a stream at every
     multiple of E steps). Raises DataError if the split has fewer than `batch_size * length`
     tokens."""
-    return _row_streams(task_name, split, length, batch_size, resolve_vocabulary(vocabulary),
-                        cache_dir)[1]
+    return _row_streams(as_data_config(data), split, length, batch_size, cache_dir)[1]
 
 
-def _row_streams(task_name: str, split: str, length: int, batch_size: int,
-                 vocabulary: seqio.Vocabulary, cache_dir: str | None
-                 ) -> tuple[streams.TokenStream, int]:
+def _row_streams(data: DataConfig, split: str, length: int, batch_size: int,
+                 cache_dir: str | None) -> tuple[streams.TokenStream, int]:
     """The split's token stream and E, its segments per row stream."""
-    tasks.check_split(tasks.get_task(task_name, vocabulary), split)
-    stream = _local_stream(task_name, split, vocabulary, cache_dir)
+    tasks.check_split(tasks.get_task(data), split)
+    stream = _local_stream(data, split, cache_dir)
     segments = packing.segments_per_stream(stream.num_tokens, batch_size, length)
     if segments == 0:
-        raise DataError(f"split {split!r} of task {task_name!r} has {stream.num_tokens} tokens, "
+        raise DataError(f"split {split!r} of task {data.task!r} has {stream.num_tokens} tokens, "
                         f"fewer than one segment of {length} for each of {batch_size} rows")
     return stream, segments
 
 
-def stream_batches(task_name: str, *, length: int, batch_size: int, seed: int = 0,
+def stream_batches(data: Data, *, length: int, batch_size: int, seed: int = 0,
                    split: str = "train", start_step: int = 0, shard_index: int = 0,
-                   num_shards: int = 1, shuffle: bool = True,
-                   vocabulary: seqio.Vocabulary | None = None, cache_dir: str | None = None
+                   num_shards: int = 1, shuffle: bool = True, cache_dir: str | None = None
                    ) -> Iterator[np.ndarray]:
     """Training batches whose rows are consecutive segments of one stream each (for models that
     carry state from step to step: Block-Recurrent Transformer, Transformer-XL).
@@ -177,8 +191,7 @@ def stream_batches(task_name: str, *, length: int, batch_size: int, seed: int = 
       `[batch_size // num_shards, length]` int32 token arrays.
     """
     rows = _host_rows(length, batch_size, seed, start_step, shard_index, num_shards)
-    stream, segments = _row_streams(task_name, split, length, batch_size,
-                                    resolve_vocabulary(vocabulary), cache_dir)
+    stream, segments = _row_streams(as_data_config(data), split, length, batch_size, cache_dir)
     return _row_batches(stream.tokens, segments, length, batch_size, seed, shuffle, start_step,
                         rows)
 
@@ -191,10 +204,9 @@ def _row_batches(tokens: np.ndarray, segments: int, length: int, batch_size: int
         yield packing.slices(tokens, starts, length)
 
 
-def eval_windows(task_name: str, *, length: int, split: str = "test",
+def eval_windows(data: Data, *, length: int, split: str = "test",
                  max_windows: int | None = None, respect_documents: bool = False,
-                 vocabulary: seqio.Vocabulary | None = None, cache_dir: str | None = None
-                 ) -> np.ndarray:
+                 cache_dir: str | None = None) -> np.ndarray:
     """Non-overlapping evaluation windows of a split, deterministic, in corpus order.
 
     With `respect_documents=False` the split is one stream (documents in corpus order, each
@@ -205,12 +217,11 @@ def eval_windows(task_name: str, *, length: int, split: str = "test",
     give none. Either way a partial final window is dropped.
 
     Args:
-      task_name: a registered task name.
+      data: the run's `DataConfig`, or a registered task name.
       length: L, tokens per window.
       split: the split to evaluate ("test" by default).
       max_windows: keep only the first this many windows (None: all).
       respect_documents: whether windows may cross document boundaries (see above).
-      vocabulary: tokenizer; default the gin-configured one.
       cache_dir: cache root for local tasks.
 
     Returns:
@@ -222,11 +233,8 @@ def eval_windows(task_name: str, *, length: int, split: str = "test",
     if length <= 0 or (max_windows is not None and max_windows <= 0):
         raise DataError(f"need length > 0 and max_windows > 0 or None; got {length=}, "
                         f"{max_windows=}")
-    vocabulary = resolve_vocabulary(vocabulary)
-    task = tasks.get_task(task_name, vocabulary)
-    tasks.check_split(task, split)
-    if tasks.is_local(task_name):
-        stream = streams.materialized_stream(task_name, split, vocabulary, cache_dir)
+    data, task, stream = _split_of(data, split, cache_dir)
+    if stream is not None:
         if respect_documents:
             windows = packing.document_windows(stream.tokens, stream.doc_starts, length,
                                                max_windows)
@@ -236,7 +244,7 @@ def eval_windows(task_name: str, *, length: int, split: str = "test",
         windows = _streamed_windows(task, split, length, max_windows, respect_documents)
     if windows.shape[0] == 0:
         kind = "documents of at least" if respect_documents else "a stream of at least"
-        raise DataError(f"split {split!r} of task {task_name!r} has no window: it lacks "
+        raise DataError(f"split {split!r} of task {data.task!r} has no window: it lacks "
                         f"{kind} {length} tokens")
     return windows
 
@@ -253,8 +261,7 @@ def _streamed_windows(task: seqio.Task, split: str, length: int, max_windows: in
     return np.stack(rows) if rows else np.zeros([0, length], np.int32)
 
 
-def bytes_per_token(task_name: str, split: str = "test", *,
-                    vocabulary: seqio.Vocabulary | None = None, cache_dir: str | None = None
+def bytes_per_token(data: Data, split: str = "test", *, cache_dir: str | None = None
                     ) -> float:
     """UTF-8 bytes of text per token, to turn a loss per token into bits per byte.
 
@@ -264,13 +271,12 @@ def bytes_per_token(task_name: str, split: str = "test", *,
     `STREAM_BYTES_PER_TOKEN_SAMPLE` bytes). The text is the documents' own text, which the
     lossless SentencePiece models of `train_sentencepiece` decode back exactly.
     """
-    vocabulary = resolve_vocabulary(vocabulary)
-    task = tasks.get_task(task_name, vocabulary)
-    tasks.check_split(task, split)
-    if isinstance(vocabulary, seqio.ByteVocabulary):
+    data = as_data_config(data)
+    if data.vocabulary == "byte":
+        tasks.check_split(tasks.get_task(data), split)
         return 1.0
-    if tasks.is_local(task_name):
-        stream = streams.materialized_stream(task_name, split, vocabulary, cache_dir)
+    data, task, stream = _split_of(data, split, cache_dir)
+    if stream is not None:
         text_bytes, num_tokens = stream.text_bytes, stream.num_tokens - stream.num_documents
     else:
         text_bytes = num_tokens = 0
@@ -280,5 +286,5 @@ def bytes_per_token(task_name: str, split: str = "test", *,
             if text_bytes >= STREAM_BYTES_PER_TOKEN_SAMPLE:
                 break
     if num_tokens == 0:
-        raise DataError(f"split {split!r} of task {task_name!r} has no text tokens")
+        raise DataError(f"split {split!r} of task {data.task!r} has no text tokens")
     return text_bytes / num_tokens

@@ -29,6 +29,7 @@ import numpy as np
 import seqio
 
 from lexjax.data import tasks
+from lexjax.data.config import DataConfig
 from lexjax.data.errors import DataError
 from lexjax.data.vocab import vocabulary_id
 
@@ -113,16 +114,17 @@ def build_token_stream(documents: Iterator[tuple[np.ndarray, bytes]], vocab_size
     return TokenStream(tokens, np.cumsum(lengths, dtype=np.int64), text_bytes)
 
 
-def materialized_stream(task_name: str, split: str, vocabulary: seqio.Vocabulary,
-                        cache_dir: str | None = None) -> TokenStream:
+def materialized_stream(data: DataConfig, split: str, cache_dir: str | None = None
+                        ) -> TokenStream:
     """The `TokenStream` of a local task's split: loaded from the cache, built there if absent.
 
     Raises:
       DataError: if the split has no files.
     """
-    task = tasks.get_task(task_name, vocabulary)
+    task_name, vocabulary = data.task, data.seqio_vocabulary()
+    task = tasks.get_task(data)
     tasks.check_split(task, split)
-    corpus = tasks.local_corpus(task_name)
+    corpus = tasks.local_corpus(data)
     if not corpus.relpaths_of(split):
         raise DataError(
             f"split {split!r} of task {task_name!r} is empty: none of the "

@@ -7,7 +7,7 @@ article, a sentence for lm1b).
 
     task                corpus                               text field     splits
     lexjax.stdlib_code  the Python standard library (local)  file content   train/validation/test
-    lexjax.text_files   local files matching a gin glob      file content   train/validation/test
+    lexjax.text_files   local files matching a glob          file content   train/validation/test
     lexjax.pg19         tfds pg19:0.1.1                      book_text      train/validation/test
     lexjax.wiki40b_en   tfds wiki40b/en:1.3.0                text           train/validation/test
     lexjax.c4_en        tfds c4/en:3.1.0                     text           train/validation (*)
@@ -24,21 +24,24 @@ The local tasks split files by path hash (see `corpora.py`); their text is made 
 the same text. TFDS tasks never download: prepare the dataset elsewhere (`tfds build pg19`) and
 point `TFDS_DATA_DIR` at it.
 
-Tasks are registered with the byte vocabulary. `get_task(name, vocabulary)` returns the same task
-with another vocabulary (an unregistered copy named "<name>.<vocabulary id>").
+Tasks are registered with the byte vocabulary (the text_files task with no glob: reading it asks
+for one). `get_task(data)` returns the task a `DataConfig` describes: the registered one, or an
+unregistered copy named "<name>.<vocabulary id>[.<glob hash>]" for another vocabulary or glob.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Callable, Mapping, Sequence
+import hashlib
+from typing import Callable, Mapping, Sequence, Union
 
 import seqio
 import tensorflow as tf
 
 from lexjax.data import corpora
+from lexjax.data.config import DataConfig, as_data_config
 from lexjax.data.errors import DataError
-from lexjax.data.vocab import byte_vocabulary, resolve_vocabulary, vocabulary_id
+from lexjax.data.vocab import vocabulary_id
 
 TASK_PREFIX = "lexjax."
 STDLIB_CODE = "lexjax.stdlib_code"
@@ -69,7 +72,7 @@ def _read_text(path: tf.Tensor) -> dict[str, tf.Tensor]:
 def local_dataset_fn(corpus_fn: Callable[[], corpora.Corpus]):
     """A seqio dataset_fn reading the files of `corpus_fn()`'s split as {"text": tf.string}.
 
-    `corpus_fn` is called each time a dataset is built, so gin bindings made after import apply.
+    `corpus_fn` is called each time a dataset is built (a changed glob or corpus is read anew).
     Files come in sorted relative-path order (shuffled by `seed` when `shuffle_files`).
     """
     def dataset_fn(split: str, shuffle_files: bool, seed: int | None = None) -> tf.data.Dataset:
@@ -118,42 +121,51 @@ TFDS_CORPORA: tuple[TfdsCorpus, ...] = (
 
 @dataclasses.dataclass(frozen=True)
 class _TaskSpec:
-    """How to build a task for any vocabulary."""
+    """How to build a task for any `DataConfig` (vocabulary, glob)."""
     name: str
-    make_source: Callable[[], seqio.DataSource]
+    make_source: Callable[[DataConfig], seqio.DataSource]
     preprocessors: Sequence[Callable[..., tf.data.Dataset]]
 
-    def build(self, vocabulary: seqio.Vocabulary, name: str | None = None) -> seqio.Task:
+    def build(self, data: DataConfig, name: str | None = None) -> seqio.Task:
         return seqio.Task(
-            name or self.name, source=self.make_source(),
-            output_features=output_features(vocabulary), preprocessors=list(self.preprocessors))
+            name or self.name, source=self.make_source(data),
+            output_features=output_features(data.seqio_vocabulary()),
+            preprocessors=list(self.preprocessors))
 
 
-#: Task name -> its corpus, for the tasks whose corpus is local files (small enough to
-#: materialise in memory); every other task is streamed.
-LOCAL_CORPORA: dict[str, Callable[[], corpora.Corpus]] = {
-    STDLIB_CODE: corpora.stdlib_corpus,
-    TEXT_FILES: corpora.configured_text_files_corpus,
+#: Task name -> its corpus (given the run's DataConfig), for the tasks whose corpus is local files
+#: (small enough to materialise in memory); every other task is streamed.
+LOCAL_CORPORA: dict[str, Callable[[DataConfig], corpora.Corpus]] = {
+    STDLIB_CODE: lambda data: corpora.stdlib_corpus(),
+    TEXT_FILES: lambda data: corpora.text_files_corpus(data.text_files_glob),
 }
 
 
+def _local_source(corpus_fn: Callable[[DataConfig], corpora.Corpus],
+                  data: DataConfig) -> seqio.DataSource:
+    return seqio.FunctionDataSource(local_dataset_fn(functools.partial(corpus_fn, data)),
+                                    splits=corpora.SPLITS)
+
+
+def _tfds_source(corpus: TfdsCorpus, data: DataConfig) -> seqio.DataSource:
+    del data  # the same TFDS dataset for every vocabulary
+    # read_only: a missing dataset raises instead of starting a download.
+    return seqio.TfdsDataSource(tfds_name=corpus.tfds_name, splits=dict(corpus.splits),
+                                read_only=True)
+
+
 def _specs() -> list[_TaskSpec]:
-    specs = [
-        _TaskSpec(name, functools.partial(seqio.FunctionDataSource, local_dataset_fn(corpus_fn),
-                                          splits=corpora.SPLITS),
-                  LM_PREPROCESSORS)
-        for name, corpus_fn in LOCAL_CORPORA.items()]
+    specs = [_TaskSpec(name, functools.partial(_local_source, corpus_fn), LM_PREPROCESSORS)
+             for name, corpus_fn in LOCAL_CORPORA.items()]
     for c in TFDS_CORPORA:
-        # read_only: a missing dataset raises instead of starting a download.
-        make_source = functools.partial(seqio.TfdsDataSource, tfds_name=c.tfds_name,
-                                        splits=dict(c.splits), read_only=True)
         rename = functools.partial(seqio.preprocessors.rekey, key_map={"text": c.text_key})
-        specs.append(_TaskSpec(c.task_name, make_source, (rename, *LM_PREPROCESSORS)))
+        specs.append(_TaskSpec(c.task_name, functools.partial(_tfds_source, c),
+                               (rename, *LM_PREPROCESSORS)))
     return specs
 
 
 _SPECS: dict[str, _TaskSpec] = {spec.name: spec for spec in _specs()}
-_DERIVED: dict[tuple[str, str], seqio.Task] = {}
+_DERIVED: dict[str, seqio.Task] = {}
 
 
 def register_tasks() -> None:
@@ -161,7 +173,7 @@ def register_tasks() -> None:
     registered = set(seqio.TaskRegistry.names())
     for spec in _SPECS.values():
         if spec.name not in registered:
-            seqio.TaskRegistry.add_provider(spec.name, spec.build(byte_vocabulary()))
+            seqio.TaskRegistry.add_provider(spec.name, spec.build(DataConfig(task=spec.name)))
 
 
 def task_names() -> list[str]:
@@ -169,26 +181,33 @@ def task_names() -> list[str]:
     return sorted(n for n in seqio.TaskRegistry.names() if n.startswith(TASK_PREFIX))
 
 
-def get_task(task_name: str, vocabulary: seqio.Vocabulary | None = None) -> seqio.Task:
-    """The task `task_name` tokenizing with `vocabulary` (default: the gin-configured one).
+def derived_name(data: DataConfig) -> str:
+    """"<task>.<vocabulary id>[.<glob hash>]": the name of a task built for `data`."""
+    name = f"{data.task}.{vocabulary_id(data.seqio_vocabulary())}"
+    if data.text_files_glob and data.task in LOCAL_CORPORA:
+        name += "." + hashlib.sha1(data.text_files_glob.encode()).hexdigest()[:12]
+    return name
+
+
+def get_task(data: Union[DataConfig, str]) -> seqio.Task:
+    """The task a `DataConfig` (or a bare task name: bytes) describes.
 
     Raises:
-      DataError: listing the registered lexjax tasks, if `task_name` is not one of them.
+      DataError: listing the registered lexjax tasks, if `data.task` is not one of them.
     """
-    if task_name not in seqio.TaskRegistry.names():
-        raise DataError(f"unknown task {task_name!r}; registered lexjax tasks: "
+    data = as_data_config(data)
+    if data.task not in seqio.TaskRegistry.names():
+        raise DataError(f"unknown task {data.task!r}; registered lexjax tasks: "
                         f"{', '.join(task_names())}")
-    task = seqio.get_mixture_or_task(task_name)
-    vocabulary = resolve_vocabulary(vocabulary)
-    if task.output_features["targets"].vocabulary == vocabulary:
-        return task
-    if task_name not in _SPECS:
-        raise DataError(f"task {task_name!r} was not registered by lexjax.data, so it has no "
-                        "variant for another vocabulary; pass vocabulary=None")
-    key = (task_name, vocabulary_id(vocabulary))
-    if key not in _DERIVED:
-        _DERIVED[key] = _SPECS[task_name].build(vocabulary, name=".".join(key))
-    return _DERIVED[key]
+    if data.is_default:
+        return seqio.get_mixture_or_task(data.task)
+    if data.task not in _SPECS:
+        raise DataError(f"task {data.task!r} was not registered by lexjax.data, so it has no "
+                        "variant for another vocabulary or glob; use its registered form")
+    name = derived_name(data)
+    if name not in _DERIVED:
+        _DERIVED[name] = _SPECS[data.task].build(data, name=name)
+    return _DERIVED[name]
 
 
 def check_split(task: seqio.Task, split: str) -> None:
@@ -203,6 +222,7 @@ def is_local(task_name: str) -> bool:
     return task_name in LOCAL_CORPORA
 
 
-def local_corpus(task_name: str) -> corpora.Corpus:
-    """The (gin-configured) corpus of a local task."""
-    return LOCAL_CORPORA[task_name]()
+def local_corpus(data: Union[DataConfig, str]) -> corpora.Corpus:
+    """The corpus of a local task, as `data` configures it."""
+    data = as_data_config(data)
+    return LOCAL_CORPORA[data.task](data)

@@ -3,8 +3,8 @@ r"""Trains a SentencePiece model on a task's training text.
     python -m lexjax.data.train_sentencepiece --task=lexjax.stdlib_code --vocab_size=8000 \
         --out=/tmp/stdlib_8k.model
 
-then select it with `configs/data/sentencepiece.gin` (or bind
-`lexjax.data.vocabulary.kind = "sentencepiece"` and `lexjax.data.vocabulary.sentencepiece_model`).
+then select it with `configs/data/sentencepiece.gin` (`--gin.SENTENCEPIECE_MODEL=PATH`), which
+sets the run's `lexjax.data.DataConfig`.
 
 To stay fast, training reads at most `--max_chars` characters (10 million by default) of documents
 drawn in a seeded shuffled order, cut at line boundaries into chunks of at most 2,000 characters
@@ -24,13 +24,12 @@ import sys
 import tempfile
 from typing import Iterable, Iterator, Sequence
 
-import gin
 import sentencepiece as spm
 from absl import logging
 
 from lexjax.data import streams, tasks
+from lexjax.data.config import DataConfig, as_data_config
 from lexjax.data.errors import DataError
-from lexjax.data.vocab import byte_vocabulary
 
 DEFAULT_MAX_CHARS = 10_000_000
 CHUNK_CHARS = 2000
@@ -77,9 +76,10 @@ def _absl_verbosity(level: int):
         logging.set_verbosity(previous)
 
 
-def task_texts(task_name: str, split: str = "train", seed: int = 0) -> Iterator[str]:
+def task_texts(data: DataConfig | str, split: str = "train", seed: int = 0) -> Iterator[str]:
     """The documents of a task's split as text, in a shuffled order fixed by `seed`."""
-    task = tasks.get_task(task_name, byte_vocabulary())
+    data = as_data_config(data)
+    task = tasks.get_task(DataConfig(task=data.task, text_files_glob=data.text_files_glob))
     # seqio warns that shuffling an uncached FunctionDataSource is unfit for training a model;
     # here it only samples text for the tokenizer.
     with _absl_verbosity(logging.ERROR):
@@ -87,13 +87,14 @@ def task_texts(task_name: str, split: str = "train", seed: int = 0) -> Iterator[
     return (text.decode("utf-8", errors="replace") for _, text in documents)
 
 
-def train_sentencepiece(task_name: str, *, vocab_size: int, out: str, split: str = "train",
-                        max_chars: int = DEFAULT_MAX_CHARS, model_type: str = "unigram",
-                        seed: int = 0) -> str:
+def train_sentencepiece(data: DataConfig | str, *, vocab_size: int, out: str,
+                        split: str = "train", max_chars: int = DEFAULT_MAX_CHARS,
+                        model_type: str = "unigram", seed: int = 0) -> str:
     """Trains a SentencePiece model on up to `max_chars` characters of a task's split.
 
     Args:
-      task_name: a registered task, e.g. "lexjax.stdlib_code".
+      data: a registered task, e.g. "lexjax.stdlib_code", or a `DataConfig` (for a text-files
+        glob; its vocabulary is not used).
       vocab_size: number of pieces, specials and the 256 byte-fallback pieces included.
       out: path of the `.model` file to write (parent directories are created).
       split: the split to read.
@@ -104,7 +105,8 @@ def train_sentencepiece(task_name: str, *, vocab_size: int, out: str, split: str
     Returns:
       `out`.
     """
-    chunks = training_chunks(task_texts(task_name, split, seed), max_chars)
+    data = as_data_config(data)
+    chunks = training_chunks(task_texts(data, split, seed), max_chars)
     model = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(
@@ -115,7 +117,7 @@ def train_sentencepiece(task_name: str, *, vocab_size: int, out: str, split: str
             allow_whitespace_only_pieces=True, character_coverage=1.0,
             max_sentence_length=4 * CHUNK_CHARS, num_threads=os.cpu_count() or 1, minloglevel=2)
     except RuntimeError as e:
-        raise DataError(f"SentencePiece training on {task_name!r} failed: {e}") from e
+        raise DataError(f"SentencePiece training on {data.task!r} failed: {e}") from e
     directory = os.path.dirname(os.path.abspath(out))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
@@ -136,20 +138,14 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--model_type", default="unigram", choices=("unigram", "bpe"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--text_files_glob", help="glob of the lexjax.text_files task")
-    parser.add_argument("--gin_file", action="append", default=[])
-    parser.add_argument("--gin_binding", action="append", default=[])
     return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parse_args(sys.argv[1:] if argv is None else argv)
-    bindings = list(args.gin_binding)
-    if args.text_files_glob:
-        bindings.append(f"lexjax.data.text_files_glob.pattern = {args.text_files_glob!r}")
-    if args.gin_file or bindings:
-        gin.parse_config_files_and_bindings(args.gin_file, bindings, finalize_config=False)
     try:
-        path = train_sentencepiece(args.task, vocab_size=args.vocab_size, out=args.out,
+        data = DataConfig(task=args.task, text_files_glob=args.text_files_glob)
+        path = train_sentencepiece(data, vocab_size=args.vocab_size, out=args.out,
                                    split=args.split, max_chars=args.max_chars,
                                    model_type=args.model_type, seed=args.seed)
     except DataError as e:

@@ -1,4 +1,4 @@
-"""Vocabularies: byte-level (the default) and SentencePiece, chosen by gin.
+"""Vocabularies: byte-level (the default) and SentencePiece (`DataConfig.vocabulary`).
 
 The byte vocabulary is `seqio.ByteVocabulary()`: id 0 is padding, 1 is EOS, 2 is UNK, and byte `b`
 is id `b + 3`, so its size is 259 and any text (any bytes, in fact) encodes losslessly.
@@ -6,12 +6,8 @@ is id `b + 3`, so its size is 259 and any text (any bytes, in fact) encodes loss
 A SentencePiece vocabulary wraps a model trained by `python -m lexjax.data.train_sentencepiece`,
 which uses the same special ids (pad 0, EOS 1, UNK 2, no BOS).
 
-Select one with gin, e.g.::
-
-    lexjax.data.vocabulary.kind = "sentencepiece"
-    lexjax.data.vocabulary.sentencepiece_model = "/path/to/spm.model"
-
-(`configs/data/sentencepiece.gin` does this from a `SENTENCEPIECE_MODEL` macro.)
+A run selects one in its `lexjax.data.DataConfig` (`configs/data/sentencepiece.gin` does so from a
+`SENTENCEPIECE_MODEL` macro).
 """
 from __future__ import annotations
 
@@ -19,7 +15,6 @@ import functools
 import hashlib
 import os
 
-import gin
 import seqio
 
 from lexjax.data.errors import DataError
@@ -43,7 +38,7 @@ def sentencepiece_vocabulary(model_path: str) -> seqio.SentencePieceVocabulary:
         raise DataError(
             f"SentencePiece model not found: {model_path!r}; train one with `python -m "
             "lexjax.data.train_sentencepiece --task=lexjax.stdlib_code --vocab_size=8000 "
-            "--out=PATH` and bind lexjax.data.vocabulary.sentencepiece_model to PATH")
+            "--out=PATH` and set SENTENCEPIECE_MODEL (configs/data/sentencepiece.gin) to PATH")
     stat = os.stat(model_path)
     return _cached_sentencepiece(os.path.realpath(model_path), stat.st_size, stat.st_mtime_ns)
 
@@ -54,10 +49,9 @@ def _cached_sentencepiece(path: str, size: int, mtime_ns: int) -> seqio.Sentence
     return seqio.SentencePieceVocabulary(path)
 
 
-@gin.configurable("vocabulary", module="lexjax.data")
 def get_vocabulary(kind: str = "byte", sentencepiece_model: str | None = None
                    ) -> seqio.Vocabulary:
-    """The vocabulary selected by gin (`lexjax.data.vocabulary.*`) or by the arguments.
+    """The vocabulary of a kind.
 
     Args:
       kind: "byte" (default) or "sentencepiece".
@@ -70,21 +64,15 @@ def get_vocabulary(kind: str = "byte", sentencepiece_model: str | None = None
         return byte_vocabulary()
     if kind == "sentencepiece":
         if not sentencepiece_model:
-            raise DataError(
-                "vocabulary kind 'sentencepiece' needs a model file: bind "
-                "lexjax.data.vocabulary.sentencepiece_model = '/path/to/spm.model'")
+            raise DataError("vocabulary kind 'sentencepiece' needs a model file: set "
+                            "SENTENCEPIECE_MODEL with configs/data/sentencepiece.gin")
         return sentencepiece_vocabulary(sentencepiece_model)
     raise DataError(f"unknown vocabulary kind {kind!r}; use one of {VOCABULARY_KINDS}")
 
 
-def resolve_vocabulary(vocabulary: seqio.Vocabulary | None) -> seqio.Vocabulary:
-    """`vocabulary` itself, or the gin-configured one when it is None."""
-    return get_vocabulary() if vocabulary is None else vocabulary
-
-
 def vocab_size(vocabulary: seqio.Vocabulary | None = None) -> int:
-    """Number of token ids of `vocabulary` (default: the gin-configured one); 259 for bytes."""
-    return int(resolve_vocabulary(vocabulary).vocab_size)
+    """Number of token ids of `vocabulary` (default: bytes); 259 for bytes."""
+    return int((vocabulary or byte_vocabulary()).vocab_size)
 
 
 def vocabulary_id(vocabulary: seqio.Vocabulary) -> str:

@@ -6,19 +6,23 @@ Two protocols:
   the context its window gives it (ALiBi paper, "nonoverlapping inference");
 - sliding (`stride=S`): windows of L tokens advanced by S, scoring only the last S tokens of each
   window (after the first), so every scored token sees at least L - S tokens of context.
-Each window is read as decoder input shifted right by one (lexjax.training.losses).
+Windows are scored by `lexjax.evaluation.scoring.Scorer` (the path validation uses too): each
+is read as decoder input shifted right by one (`lexjax.losses`), batched over the mesh.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
-import jax
+import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from lexjax.training.losses import shift_right, token_losses
+from lexjax import partitioning
+from lexjax.evaluation.resolution import attention_resolution
+from lexjax.evaluation.scoring import Scorer
+from lexjax.losses import shift_right
 
 
 @dataclasses.dataclass
@@ -52,22 +56,6 @@ def sliding_windows(stream: np.ndarray, length: int, stride: int,
     return windows, length - stride
 
 
-def per_token_losses(model, variables, windows: np.ndarray, batch_size: int) -> np.ndarray:
-    """float32 `[W, m]` losses of the last m positions the model scores (m = length for LMs)."""
-    @jax.jit
-    def losses(tokens):
-        logits = model.apply(variables, shift_right(tokens), deterministic=True)
-        return token_losses(logits, tokens)
-
-    out = []
-    for start in range(0, len(windows), batch_size):
-        batch = windows[start:start + batch_size]
-        pad = batch_size - len(batch)
-        padded = np.concatenate([batch, np.repeat(batch[:1], pad, axis=0)]) if pad else batch
-        out.append(np.asarray(losses(jnp.asarray(padded)))[:len(batch)])
-    return np.concatenate(out)
-
-
 def summarize(length: int, losses: np.ndarray, context_only: int, bytes_per_token: float,
               windows: int) -> LengthResult:
     """Aggregates `[W, m]` losses; positions < context_only of windows after the first are not
@@ -80,44 +68,46 @@ def summarize(length: int, losses: np.ndarray, context_only: int, bytes_per_toke
                         per_position_loss=np.mean(losses, axis=0, dtype=np.float64).tolist())
 
 
-def evaluate_lengths(model, variables, task: str, lengths: Sequence[int], *,
+def evaluate_lengths(model: nn.Module, variables: Any, data, lengths: Sequence[int], *,
                      max_tokens: int = 65536, batch_size: int = 4, split: str = "test",
                      respect_documents: bool = False, stride: Optional[int] = None,
-                     resolution_max_length: int = 4096,
-                     progress=None) -> list[LengthResult]:
-    """Evaluates `model` at each length on `task`'s `split`.
+                     resolution_max_length: int = 4096, mesh=None,
+                     rules: partitioning.Rules = partitioning.LOGICAL_AXIS_RULES,
+                     progress: Optional[Callable[[LengthResult], None]] = None
+                     ) -> list[LengthResult]:
+    """Evaluates `model` at each length on the `split` of `data` (a `DataConfig` or task name).
 
     Args:
       max_tokens: evaluation budget per length (windows = max(1, max_tokens // length)), so
         every length scores a similar number of tokens.
       stride: None for non-overlapping windows, else the sliding protocol's stride.
       resolution_max_length: also compute the attention resolution (LeX) at lengths up to this,
-        on one batch, for models with softmax attention layers.
+        on one batch, for models with softmax attention layers (None for the others).
+      mesh, rules: where the scoring runs (default: one device); `variables` already live there.
     """
-    from lexjax import data
-    from lexjax.evaluation.resolution import attention_resolution
+    from lexjax import data as data_lib
 
-    bytes_per_token = data.bytes_per_token(task, split)
+    scorer = Scorer(model, batch_size=batch_size, mesh=mesh, rules=rules)
+    bytes_per_token = data_lib.bytes_per_token(data, split)
     results = []
     for length in lengths:
         max_windows = max(1, max_tokens // length)
         if stride is None:
-            windows = data.eval_windows(task, length=length, split=split,
-                                        max_windows=max_windows,
-                                        respect_documents=respect_documents)
+            windows = data_lib.eval_windows(data, length=length, split=split,
+                                            max_windows=max_windows,
+                                            respect_documents=respect_documents)
             context_only = 0
         else:
-            stream = data.eval_windows(task, length=stride, split=split,
-                                       max_windows=(max_windows - 1) + length // stride + 1)
+            stream = data_lib.eval_windows(data, length=stride, split=split,
+                                           max_windows=(max_windows - 1) + length // stride + 1)
             windows, context_only = sliding_windows(stream.ravel(), length, stride, max_windows)
-        losses = per_token_losses(model, variables, windows, batch_size)
-        result = summarize(length, losses, context_only, bytes_per_token, len(windows))
+        result = summarize(length, scorer(variables, windows), context_only, bytes_per_token,
+                           len(windows))
         if length <= resolution_max_length:
-            try:
-                result.resolution, _ = attention_resolution(
-                    model, variables, shift_right(jnp.asarray(windows[:batch_size])))
-            except ValueError:
-                pass
+            with partitioning.mesh_context(scorer.mesh, rules):
+                found = attention_resolution(model, variables,
+                                             shift_right(jnp.asarray(windows[:batch_size])))
+            result.resolution = None if found is None else found[0]
         results.append(result)
         if progress:
             progress(result)

@@ -11,7 +11,7 @@ O(N log N) per head instead of forming the [N, N] scores.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -61,15 +61,14 @@ def collect_attention_inputs(intermediates: Any) -> list[dict]:
     return layers
 
 
-def attention_resolution(model, variables, tokens: jnp.ndarray) -> tuple[float, np.ndarray]:
-    """`(R, s_hat [N])` of a model on `tokens [b, N]` (decoder inputs), averaged over layers.
-
-    Raises ValueError for a model whose attention layers record nothing.
-    """
+def attention_resolution(model, variables, tokens: jnp.ndarray
+                         ) -> Optional[tuple[float, np.ndarray]]:
+    """`(R, s_hat [N])` of a model on `tokens [b, N]` (decoder inputs), averaged over layers;
+    None for a model without softmax self-attention layers (`lexjax.layers.SelfAttention`),
+    which record nothing to measure."""
     _, state = model.apply(variables, tokens, mutable=["intermediates"])
     layers = collect_attention_inputs(jax.device_get(state.get("intermediates", {})))
     if not layers:
-        raise ValueError(f"{type(model).__name__} records no attention inputs; the resolution "
-                         "metric needs softmax attention layers (lexjax.layers.SelfAttention)")
+        return None
     scores = np.mean([mean_score_by_distance(l["q"], l["k"], l["bias"]) for l in layers], axis=0)
     return resolution(scores), scores

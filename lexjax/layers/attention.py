@@ -6,9 +6,13 @@ from typing import Optional
 import flax.linen as nn
 import jax.numpy as jnp
 
-from lexjax.attention import MaskSpec, attend
+from lexjax.attention import MaskSpec, RelativeBias, attend
+from lexjax.attention.reference import attend_at_positions
 from lexjax.layers.basic import Dtype, dense
+from lexjax.layers.decoding import KeyValueCache
 from lexjax.positions import PositionScheme
+
+ACTIVATION_HEADS = ("activation_batch", "activation_length", "activation_heads", "activation_kv")
 
 
 class SelfAttention(nn.Module):
@@ -16,7 +20,8 @@ class SelfAttention(nn.Module):
     position scheme's rotation and relative bias, attends under `mask`, projects back.
 
     `position` is a template: each attention layer clones it, so learned relative biases are per
-    layer.
+    layer. With `decode`, the tokens attend to the earlier ones through a `KeyValueCache` (see
+    `lexjax.layers.decoding`).
     """
 
     num_heads: int
@@ -24,9 +29,10 @@ class SelfAttention(nn.Module):
     position: PositionScheme
     mask: MaskSpec = MaskSpec()
     num_kv_heads: Optional[int] = None
-    impl: str = "auto"
+    attention_impl: str = "auto"
     block_size: Optional[int] = None
     dtype: Dtype = jnp.float32
+    decode: bool = False
 
     def sow_attention_inputs(self, q, k, bias, length: int) -> None:
         """Records the position-transformed q `[b, n, heads, d]`, k `[b, n, kv_heads, d]` and
@@ -40,8 +46,11 @@ class SelfAttention(nn.Module):
         self.sow("intermediates", "attention_inputs", {"q": q, "k": k, "bias": by_distance})
 
     @nn.compact
-    def __call__(self, x: jnp.ndarray, positions: jnp.ndarray) -> jnp.ndarray:
-        """`x [batch, length, embed]`, int32 `positions [length]` -> `[batch, length, embed]`."""
+    def __call__(self, x: jnp.ndarray, positions: jnp.ndarray,
+                 segment_ids: Optional[jnp.ndarray] = None) -> jnp.ndarray:
+        """`x [batch, length, embed]`, int32 `positions [length]`, optional int32 `segment_ids
+        [batch, length]` (a token sees only tokens of its own segment) -> `[batch, length,
+        embed]`."""
         kv_heads = self.num_kv_heads or self.num_heads
         q = dense((self.num_heads, self.head_dim), ("embed", "heads", "kv"), dtype=self.dtype,
                   name="query")(x)
@@ -50,12 +59,24 @@ class SelfAttention(nn.Module):
         v = dense((kv_heads, self.head_dim), ("embed", "kv_heads", "kv"), dtype=self.dtype,
                   name="value")(x)
         scheme = self.position.clone(parent=self, name="position")
-        q, k = scheme.rotate(q, k, positions, positions)
         bias = scheme.relative_bias(self.num_heads, self.head_dim)
-        self.sow_attention_inputs(q, k, bias, x.shape[1])
-        q = nn.with_logical_constraint(
-            q, ("activation_batch", "activation_length", "activation_heads", "activation_kv"))
-        out = attend(q, k, v, mask=self.mask, bias=bias, impl=self.impl,
-                     block_size=self.block_size)
+        if self.decode:
+            out = self.attend_cached(scheme, q, k, v, positions, bias)
+        else:
+            q, k = scheme.rotate(q, k, positions, positions)
+            self.sow_attention_inputs(q, k, bias, x.shape[1])
+            q = nn.with_logical_constraint(q, ACTIVATION_HEADS)
+            out = attend(q, k, v, mask=self.mask, bias=bias, impl=self.attention_impl,
+                         block_size=self.block_size, segment_ids=segment_ids)
         return dense(x.shape[-1], ("heads", "kv", "embed"), dtype=self.dtype, contract=(-2, -1),
                      name="out")(out)
+
+    def attend_cached(self, scheme: PositionScheme, q: jnp.ndarray, k: jnp.ndarray,
+                      v: jnp.ndarray, positions: jnp.ndarray,
+                      bias: Optional[RelativeBias]) -> jnp.ndarray:
+        """Decoding: the queries at `positions` attend to the cached keys and their own."""
+        keys, values, key_positions, key_valid = KeyValueCache(self.mask, name="kv_cache")(
+            k, v, positions)
+        q, keys = scheme.rotate(q, keys, positions, key_positions)
+        return attend_at_positions(q, keys, values, positions, key_positions, mask=self.mask,
+                                   bias=bias, k_valid=key_valid)

@@ -58,6 +58,23 @@ def dense(features: int | Sequence[int], axes: Sequence[str], *, dtype: Dtype,
                  kernel_init=nn.with_logical_partitioning(init, tuple(axes)))
 
 
+class Layer(nn.Module, kw_only=True):
+    """What every layer of a model's stack shares: the compute dtype, residual dropout, and the
+    mode (training or evaluation; decoding against the "cache" collection, see
+    `lexjax.layers.decoding`). Subclasses add their sizes (keyword arguments)."""
+
+    dropout_rate: float = 0.0
+    dtype: Dtype = jnp.float32
+    deterministic: bool = True
+    decode: bool = False
+
+    def residual_dropout(self, h: jnp.ndarray) -> jnp.ndarray:
+        """Dropout of a residual branch `[batch, length, features]`, one mask shared over the
+        length axis; off when deterministic."""
+        return nn.Dropout(self.dropout_rate, broadcast_dims=(-2,))(
+            h, deterministic=self.deterministic)
+
+
 def make_norm(kind: str, *, dtype: Dtype, name: str) -> nn.Module:
     """Pre-norm layer: "rmsnorm" or "layernorm", scale (and bias) over `embed`."""
     ones = nn.with_logical_partitioning(nn.initializers.ones, ("embed",))

@@ -26,10 +26,12 @@ from typing import Optional
 import flax.linen as nn
 import jax.numpy as jnp
 
-from lexjax.attention import RelativeBias
+from lexjax.attention import MaskSpec, RelativeBias
 from lexjax.layers.basic import Dtype, dense
+from lexjax.layers.decoding import KeyValueCache
 from lexjax.layers.mixed_chunk import (init_mixed_chunk_cache, mixed_chunk_attention,
-                                       mixed_chunk_decode_step, quadratic_attention)
+                                       mixed_chunk_decode_step, quadratic_attention,
+                                       quadratic_attention_at)
 from lexjax.positions import PositionScheme, RoPE, XPos
 
 ACTIVATION_MLP = ("activation_batch", "activation_length", "activation_mlp")
@@ -46,8 +48,8 @@ class GatedAttentionUnit(nn.Module):
       causal: causal attention (language models); False for bidirectional.
       quadratic_block_size: FLASH-Quad only: query block length of the blocked evaluation
         (None materializes the `[length, length]` scores).
-      decode: one token per call (`x [batch, 1, embed]`, `positions [1]`) against the "cache"
-        collection; mixed chunk attention only, causal.
+      decode: decode against the "cache" collection (causal only): FLASH one token per call
+        (`x [batch, 1, embed]`, `positions [1]`), FLASH-Quad any number (a key/value cache).
       score_bias: optional second position scheme (template) whose `relative_bias` hook is added
         to the position scheme's as the paper's learned b; its other hooks are not used.
     """
@@ -83,7 +85,14 @@ class GatedAttentionUnit(nn.Module):
         return lambda rel: sum(hook(rel) for hook in hooks)
 
     @nn.compact
-    def __call__(self, x: jnp.ndarray, positions: jnp.ndarray) -> jnp.ndarray:
+    def __call__(self, x: jnp.ndarray, positions: jnp.ndarray,
+                 segment_ids: Optional[jnp.ndarray] = None) -> jnp.ndarray:
+        """`x [batch, length, embed]` at `positions [length]`; `segment_ids [batch, length]`
+        (packed documents) for the quadratic attention only: mixed chunk attention's cross-chunk
+        state runs over the whole row."""
+        if segment_ids is not None and self.chunk_size is not None:
+            raise ValueError("mixed chunk attention cannot keep packed documents apart (its "
+                             "cross-chunk state runs over the whole row)")
         u = nn.silu(dense(self.expansion_dim, ("embed", "mlp"), dtype=self.dtype, name="wu")(x))
         v = nn.silu(dense(self.expansion_dim, ("embed", "mlp"), dtype=self.dtype, name="wv")(x))
         z = nn.silu(dense(self.qk_dim, ("embed", "kv"), dtype=self.dtype, name="wz")(x))
@@ -93,46 +102,69 @@ class GatedAttentionUnit(nn.Module):
         # Transforms in the order (q, k) or (q_quad, k_quad, q_lin, k_lin); queries are the even
         # ones, keys the odd ones, rotated together as "heads" of one rotation call.
         qk = self.offset_scale(z, 2 if self.chunk_size is None else 4)
+        queries, keys = qk[:, :, 0::2], qk[:, :, 1::2]
         scheme = self.position.clone(parent=self, name="position_hooks")
-        queries, keys = scheme.rotate(qk[:, :, 0::2], qk[:, :, 1::2], positions, positions)
         bias = self.combined_bias(scheme)
-
-        if self.decode:
-            attended = self.decode_step(queries, keys, v, positions, bias)
-        elif self.chunk_size is None:
-            attended = quadratic_attention(queries[:, :, 0], keys[:, :, 0], v, causal=self.causal,
-                                           bias=bias, block_size=self.quadratic_block_size)
+        if self.decode and self.chunk_size is None:
+            attended = self.quadratic_decode(scheme, queries, keys, v, positions, bias)
         else:
-            attended = mixed_chunk_attention(queries[:, :, 0], keys[:, :, 0], queries[:, :, 1],
-                                             keys[:, :, 1], v, chunk_size=self.chunk_size,
-                                             causal=self.causal, bias=bias)
+            queries, keys = scheme.rotate(queries, keys, positions, positions)
+            if self.decode:
+                attended = self.mixed_chunk_decode(queries, keys, v, positions, bias)
+            elif self.chunk_size is None:
+                attended = quadratic_attention(queries[:, :, 0], keys[:, :, 0], v,
+                                               causal=self.causal, bias=bias,
+                                               block_size=self.quadratic_block_size,
+                                               segment_ids=segment_ids)
+            else:
+                attended = mixed_chunk_attention(queries[:, :, 0], keys[:, :, 0],
+                                                 queries[:, :, 1], keys[:, :, 1], v,
+                                                 chunk_size=self.chunk_size, causal=self.causal,
+                                                 bias=bias)
         gated = nn.with_logical_constraint(u * attended, ACTIVATION_MLP)
         return dense(x.shape[-1], ("mlp", "embed"), dtype=self.dtype, name="wo")(gated)
 
-    def decode_step(self, queries: jnp.ndarray, keys: jnp.ndarray, v: jnp.ndarray,
-                    positions: jnp.ndarray, bias) -> jnp.ndarray:
-        """Mixed chunk attention of one token (`queries, keys [b, 1, 2, s]`, `v [b, 1, e]`,
-        `positions [1]`) from the "cache" collection; updates the cache unless this call is
-        creating it (`model.init` or the first `apply(..., mutable=["cache"])`)."""
-        if self.chunk_size is None or not self.causal:
-            raise ValueError("incremental decoding needs causal mixed chunk attention "
-                             "(chunk_size set, causal=True); FLASH-Quad has no decoding cache")
+    def quadratic_decode(self, scheme: PositionScheme, queries: jnp.ndarray, keys: jnp.ndarray,
+                         v: jnp.ndarray, positions: jnp.ndarray, bias) -> jnp.ndarray:
+        """FLASH-Quad decoding: the queries `[b, n, 1, s]` at `positions [n]` against every
+        earlier key, held unrotated in a `KeyValueCache` (so every position scheme stays exact)."""
+        if not self.causal:
+            raise ValueError("decoding needs a causal gated attention unit")
+        all_keys, values, key_positions, key_valid = KeyValueCache(MaskSpec(), name="kv_cache")(
+            keys, v[:, :, None], positions)
+        queries, all_keys = scheme.rotate(queries, all_keys, positions, key_positions)
+        out = quadratic_attention_at(queries[:, :, 0], all_keys[:, :, 0], values[:, :, 0],
+                                     positions, key_positions, causal=True, bias=bias,
+                                     k_valid=key_valid)
+        return out.astype(v.dtype)
+
+    def mixed_chunk_decode(self, queries: jnp.ndarray, keys: jnp.ndarray, v: jnp.ndarray,
+                           positions: jnp.ndarray, bias) -> jnp.ndarray:
+        """FLASH decoding: mixed chunk attention of one token (`queries, keys [b, 1, 2, s]`,
+        `v [b, 1, e]`, `positions [1]`) from the "cache" collection (the current chunk's keys
+        and values, the state of the completed chunks; see `lexjax.layers.decoding` for when the
+        cache is created instead)."""
+        if not self.causal:
+            raise ValueError("decoding needs causal mixed chunk attention")
         if isinstance(self.position, XPos):
-            raise ValueError("incremental decoding does not support XPos: its scales are centred "
+            raise ValueError("FLASH decoding does not support XPos: its scales are centred "
                              "on the span of keys, so a per-token rotation differs from the "
                              "full forward pass; use RoPE or a relative-bias scheme")
-        if v.shape[1] != 1:
-            raise ValueError(f"decoding takes one token per call, got length {v.shape[1]}")
-        batch = v.shape[0]
-        initialized = self.has_variable("cache", "keys")
-        empty = init_mixed_chunk_cache(batch, self.chunk_size, self.qk_dim, v.shape[-1], v.dtype)
+        empty = init_mixed_chunk_cache(v.shape[0], self.chunk_size, self.qk_dim, v.shape[-1],
+                                       v.dtype)
         cache = {name: self.variable("cache", name, lambda value=value: value)
                  for name, value in empty.items()}
+        if self.is_initializing():
+            return mixed_chunk_attention(queries[:, :, 0], keys[:, :, 0], queries[:, :, 1],
+                                         keys[:, :, 1], v, chunk_size=self.chunk_size,
+                                         causal=True, bias=bias)
+        if v.shape[1] != 1:
+            raise ValueError(f"FLASH decodes one token per call, got {v.shape[1]}; use "
+                             "LanguageModel.prefill for a prompt")
         out, updated = mixed_chunk_decode_step(
             {name: var.value for name, var in cache.items()}, queries[:, 0, 0], keys[:, 0, 0],
             queries[:, 0, 1], keys[:, 0, 1], v[:, 0], positions[0], chunk_size=self.chunk_size,
             bias=bias)
-        if initialized:
-            for name, var in cache.items():
-                var.value = updated[name]
+        for name, var in cache.items():
+            var.value = updated[name]
         return out[:, None]

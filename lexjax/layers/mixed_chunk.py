@@ -47,26 +47,32 @@ def _with_bias(scores: jnp.ndarray, bias: Optional[RelativeBias], rel: jnp.ndarr
 # FLASH-Quad: the GAU over all keys
 # ----------------------------------------------------------------------------------------------
 
-def _quadratic_block(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, q_pos: jnp.ndarray, *,
-                     causal: bool, bias: Optional[RelativeBias]) -> jnp.ndarray:
-    """Queries `[b, m, s]` at positions `q_pos [m]` against all keys `[b, n, s]`, values
-    `[b, n, e]` -> float32 `[b, m, e]`."""
-    n = k.shape[1]
-    k_pos = jnp.arange(n, dtype=jnp.int32)
+def quadratic_attention_at(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, q_pos: jnp.ndarray,
+                           k_pos: jnp.ndarray, *, causal: bool, bias: Optional[RelativeBias],
+                           k_valid: Optional[jnp.ndarray] = None,
+                           q_segments: Optional[jnp.ndarray] = None,
+                           k_segments: Optional[jnp.ndarray] = None) -> jnp.ndarray:
+    """Queries `[b, m, s]` at positions `q_pos [m]` against keys `[b, n, s]` at `k_pos [n]`,
+    values `[b, n, e]` -> float32 `[b, m, e]`. A query sees the keys not in its future (causal),
+    valid (`k_valid [n]`) and of its own segment (`q_segments [b, m]`, `k_segments [b, n]`);
+    T is how many it sees (t + 1 for a causal row, n for a bidirectional one)."""
     rel = q_pos[:, None] - k_pos[None, :]
+    visible = rel >= 0 if causal else jnp.ones(rel.shape, bool)
+    if k_valid is not None:
+        visible = visible & k_valid[None, :]
+    if q_segments is not None:
+        visible = visible & (q_segments[:, :, None] == k_segments[:, None, :])
+    visible_keys = jnp.maximum(jnp.sum(visible, axis=-1, dtype=jnp.float32), 1.0)
     scores = jnp.einsum("bis,bjs->bij", q, k, preferred_element_type=jnp.float32)
-    visible_keys = (q_pos + 1) if causal else jnp.full_like(q_pos, n)
-    scores = _with_bias(scores / visible_keys.astype(jnp.float32)[:, None], bias, rel)
-    kernel = squared_relu(scores)
-    if causal:
-        kernel = jnp.where(rel >= 0, kernel, 0.0)
+    kernel = squared_relu(_with_bias(scores / visible_keys[..., None], bias, rel))
+    kernel = jnp.where(visible, kernel, 0.0)
     return jnp.einsum("bij,bje->bie", kernel, v.astype(jnp.float32),
                       preferred_element_type=jnp.float32)
 
 
 def quadratic_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, *, causal: bool,
-                        bias: Optional[RelativeBias] = None,
-                        block_size: Optional[int] = None) -> jnp.ndarray:
+                        bias: Optional[RelativeBias] = None, block_size: Optional[int] = None,
+                        segment_ids: Optional[jnp.ndarray] = None) -> jnp.ndarray:
     """The GAU's full attention `relu²(q kᵀ / T + b) v`, T = keys visible to the query.
 
     Args:
@@ -76,25 +82,35 @@ def quadratic_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, *, causa
       bias: optional relative bias callable (one head).
       block_size: if set and shorter than the sequence, queries are processed in blocks of this
         many (a rematerialized map), so memory is O(block_size · length) instead of O(length²).
+      segment_ids: optional int32 `[batch, length]` (packed documents): a query sees, and T
+        counts, the keys of its own segment only.
     Returns:
       `[batch, length, e]` in v's dtype.
     """
     b, n, _ = q.shape
+    positions = jnp.arange(n, dtype=jnp.int32)
     if block_size is None or block_size >= n:
-        out = _quadratic_block(q, k, v, jnp.arange(n, dtype=jnp.int32), causal=causal, bias=bias)
+        out = quadratic_attention_at(q, k, v, positions, positions, causal=causal, bias=bias,
+                                     q_segments=segment_ids, k_segments=segment_ids)
         return out.astype(v.dtype)
     blocks = -(-n // block_size)
-    padded = jnp.pad(q, [(0, 0), (0, blocks * block_size - n), (0, 0)])
-    q_blocks = jnp.moveaxis(padded.reshape(b, blocks, block_size, -1), 1, 0)
+    pad = blocks * block_size - n
+
+    def to_blocks(x):  # [b, n, ...] -> [blocks, b, block, ...], zero-padded
+        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+        return jnp.moveaxis(x.reshape((b, blocks, block_size) + x.shape[2:]), 1, 0)
+
     starts = jnp.arange(blocks, dtype=jnp.int32) * block_size
+    q_segments = None if segment_ids is None else to_blocks(segment_ids)
 
     @jax.checkpoint
     def one_block(args):
-        q_block, start = args
+        q_block, start, q_block_segments = args
         pos = start + jnp.arange(block_size, dtype=jnp.int32)
-        return _quadratic_block(q_block, k, v, pos, causal=causal, bias=bias)
+        return quadratic_attention_at(q_block, k, v, pos, positions, causal=causal, bias=bias,
+                                      q_segments=q_block_segments, k_segments=segment_ids)
 
-    out = jax.lax.map(one_block, (q_blocks, starts))  # [blocks, b, block, e]
+    out = jax.lax.map(one_block, (to_blocks(q), starts, q_segments))  # [blocks, b, block, e]
     out = jnp.moveaxis(out, 0, 1).reshape(b, blocks * block_size, -1)[:, :n]
     return out.astype(v.dtype)
 

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 
 from lexjax.attention import MaskSpec
 from lexjax.attention.common import masked_softmax_attention
-from lexjax.layers.basic import Dtype, dense, make_norm, with_activation_axes
+from lexjax.layers.basic import Dtype, Layer, dense, make_norm, with_activation_axes
 from lexjax.layers.mlp import MLP
 from lexjax.positions import PositionScheme
 
@@ -256,7 +256,7 @@ def _scan_body(module: StateUpdate, state, block_kv, state_ids):
 
 
 # --- layers ---------------------------------------------------------------------------------
-class BlockLayer(nn.Module):
+class BlockLayer(Layer, kw_only=True):
     """One pre-norm layer of the block-recurrent stack: `[b, n, embed]` -> same.
 
     Without `recurrent`: a Transformer-XL layer (block-window self-attention with the carried
@@ -281,9 +281,6 @@ class BlockLayer(nn.Module):
     unroll_blocks: bool = False
     norm: str = "rmsnorm"
     mlp_activation: str = "gelu"
-    dropout_rate: float = 0.0
-    dtype: Dtype = jnp.float32
-    deterministic: bool = True
 
     def setup(self):
         self.attention_norm = make_norm(self.norm, dtype=self.dtype, name="pre_attention_norm")

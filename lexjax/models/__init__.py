@@ -1,11 +1,14 @@
-"""One file per architecture, each a complete LM (tokens [batch, length] -> logits)."""
+"""One file per architecture, each a complete LM (tokens [batch, length] -> logits), all built on
+`lexjax.models.lm.LanguageModel`."""
 from lexjax.models.block_recurrent import BlockRecurrentTransformer, RecurrentCarry
 from lexjax.models.flash import Flash
 from lexjax.models.gss import GSS, GSSTransformer
+from lexjax.models.lm import AttentionLanguageModel, LanguageModel
 from lexjax.models.mega import Mega
 from lexjax.models.perceiver_ar import PerceiverAR
 from lexjax.models.spade import Spade
-from lexjax.models.transformer import DecoderLayer, Transformer
+from lexjax.models.transformer import Transformer
 
-__all__ = ["Transformer", "DecoderLayer", "Flash", "GSS", "GSSTransformer", "Mega",
-           "PerceiverAR", "Spade", "BlockRecurrentTransformer", "RecurrentCarry"]
+__all__ = ["LanguageModel", "AttentionLanguageModel", "Transformer", "Flash", "GSS",
+           "GSSTransformer", "Mega", "PerceiverAR", "Spade", "BlockRecurrentTransformer",
+           "RecurrentCarry"]

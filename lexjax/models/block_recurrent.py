@@ -13,21 +13,22 @@ Three ways to run it:
   return_carry=True)`, starting from `model.init_carry(batch)`; the carry (states, last-block
   keys/values per layer, position) makes consecutive calls equal to one call on the concatenation.
   The trainer keeps it in the train state (truncated backpropagation through time).
-- Decoding: `model.init_cache(batch)`, then `model.apply({"params": p, "cache": c}, token[:, None],
-  decode=True, mutable=["cache"])` per token.
+- Decoding (`LanguageModel.prefill` / `decode_step`): one token per call; per layer the keys and
+  values of the previous and the current block, and the recurrent layers' state.
+Packed documents are not kept apart: the state and the cache run from block to block across the
+row.
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Optional
 
 import flax
 import flax.linen as nn
 import gin
 import jax.numpy as jnp
 
-from lexjax.layers import compute_dtype, make_norm
 from lexjax.layers.recurrent import GATES, BlockLayer
-from lexjax.models.lm import embed_tokens, empty_cache, output_logits
+from lexjax.models.lm import AttentionLanguageModel
 from lexjax.positions import PositionScheme, T5Buckets
 
 
@@ -56,8 +57,8 @@ CARRY_AXES = RecurrentCarry(
     position=())
 
 
-@gin.configurable(module="lexjax.models")
-class BlockRecurrentTransformer(nn.Module):
+@gin.register(module="lexjax.models")
+class BlockRecurrentTransformer(AttentionLanguageModel, kw_only=True):
     """Block-recurrent decoder LM: int32 tokens `[batch, length]` -> float32 logits
     `[batch, length, vocab_size]`, causal.
 
@@ -71,28 +72,19 @@ class BlockRecurrentTransformer(nn.Module):
         path, the paper's best), True = "dual" (a second gate after an MLP on the state).
       unroll_blocks: a Python loop over blocks instead of `lax.scan` (tests; compile time grows
         with length).
-      Other fields as `lexjax.models.Transformer`.
+      Other fields as `AttentionLanguageModel`; the block-window attention is computed directly
+      (`attention_impl` stays "auto").
     """
 
-    vocab_size: int
-    num_layers: int
-    embed_dim: int
-    num_heads: int
-    mlp_dim: int
     block_size: int = 512
     num_states: int = 512
     recurrent_layers: Optional[tuple[int, ...]] = None
     gate: str = "fixed"
     state_mlp: bool = False
-    num_kv_heads: Optional[int] = None
-    head_dim: Optional[int] = None
     position: PositionScheme = T5Buckets()
-    norm: str = "rmsnorm"
-    mlp_activation: str = "gelu"
-    tie_embeddings: bool = True
-    dropout_rate: float = 0.0
-    dtype: str = "float32"
     unroll_blocks: bool = False
+
+    mixes_segments = "its state and key/value cache run from block to block across the row"
 
     # -- structure ----------------------------------------------------------------------------
     @nn.nowrap
@@ -109,24 +101,26 @@ class BlockRecurrentTransformer(nn.Module):
         return tuple(indices)
 
     @nn.nowrap
-    def _head_dim(self) -> int:
-        return self.head_dim or self.embed_dim // self.num_heads
-
-    @nn.nowrap
-    def _check(self) -> None:
+    def check(self) -> None:
+        super().check()
         if self.gate not in GATES:
             raise ValueError(f"unknown gate {self.gate!r}; use one of {GATES}")
         if self.block_size < 1 or self.num_states < 1:
             raise ValueError(f"block_size and num_states must be positive, got "
                              f"{self.block_size}, {self.num_states}")
+        if self.attention_impl != "auto":
+            raise ValueError("BlockRecurrentTransformer computes its block-window attention "
+                             f"directly; attention_impl must stay 'auto', got "
+                             f"{self.attention_impl!r}")
+        self.recurrent_indices()
 
-    # -- carry and cache ----------------------------------------------------------------------
+    # -- carry ----------------------------------------------------------------------------------
     @nn.nowrap
     def init_carry(self, batch_size: int) -> RecurrentCarry:
         """The carry of a fresh stream (zeros, position 0): float32 arrays (no states without
         recurrent layers)."""
-        kv = (self.num_layers, batch_size, self.block_size, self.num_kv_heads or self.num_heads,
-              self._head_dim())
+        kv = (self.num_layers, batch_size, self.block_size, self.key_value_heads,
+              self.head_features)
         recurrent = len(self.recurrent_indices())
         states = (jnp.zeros((recurrent, batch_size, self.num_states, self.embed_dim), jnp.float32)
                   if recurrent else None)
@@ -139,60 +133,51 @@ class BlockRecurrentTransformer(nn.Module):
         """Logical axis names of the carry's leaves (a `RecurrentCarry` of tuples)."""
         return CARRY_AXES if self.recurrent_indices() else CARRY_AXES.replace(states=None)
 
-    @nn.nowrap
-    def init_cache(self, batch_size: int) -> Any:
-        """An empty decoding cache (the "cache" collection) for `batch_size` sequences."""
-        return empty_cache(self, batch_size)
-
     # -- cost ---------------------------------------------------------------------------------
     @nn.nowrap
     def flops_per_token(self, length: int) -> float:
         """Forward matmul FLOPs per token (2 per multiply-add) at segment `length`."""
-        d, h = self._head_dim(), self.num_heads
-        kv = self.num_kv_heads or h
+        d, h, kv = self.head_features, self.num_heads, self.key_value_heads
         w, s, e = self.block_size, self.num_states, self.embed_dim
-        projections = e * d * 2 * (h + kv)
-        mlp = e * self.mlp_dim * (3 if self.mlp_activation == "swiglu" else 2)
-        window = 2 * h * d * (w + (w + 1) / 2 if length > w else (length + 1) / 2)
-        layer = projections + mlp + window
+        keys_per_query = w + (w + 1) / 2 if length > w else (length + 1) / 2
         gate_inputs = 2 * h * d * e * (1 if self.gate == "fixed" else 3)
         state_mlp = (e * self.mlp_dim * (3 if self.mlp_activation == "swiglu" else 2)
                      + e * e * (1 if self.gate == "fixed" else 3))
         per_state = (e * d * (2 * h + 2 * kv) + gate_inputs + 2 * h * d * (s + w)
                      + (state_mlp if self.state_mlp else 0))
         recurrent_extra = e * h * d * 2 + 2 * h * d * s + per_state * s / w
-        total = self.num_layers * layer + len(self.recurrent_indices()) * recurrent_extra
+        total = (self.num_layers * self.block_macs(keys_per_query)
+                 + len(self.recurrent_indices()) * recurrent_extra)
         return 2.0 * (total + e * self.vocab_size)
 
     # -- forward ------------------------------------------------------------------------------
-    def _layers(self, dtype, deterministic: bool) -> list[BlockLayer]:
+    def block_layers(self, deterministic: bool) -> list[BlockLayer]:
         recurrent = self.recurrent_indices()
         return [BlockLayer(
-            embed_dim=self.embed_dim, num_heads=self.num_heads, head_dim=self._head_dim(),
-            mlp_dim=self.mlp_dim, block_size=self.block_size, position=self.position,
+            embed_dim=self.embed_dim, num_heads=self.num_heads, head_dim=self.head_features,
+            mlp_dim=self.mlp_dim, block_size=self.block_size, position=self.position_template,
             num_kv_heads=self.num_kv_heads, recurrent=i in recurrent,
             num_states=self.num_states, gate=self.gate, state_mlp=self.state_mlp,
             unroll_blocks=self.unroll_blocks, norm=self.norm, mlp_activation=self.mlp_activation,
-            dropout_rate=self.dropout_rate, dtype=dtype, deterministic=deterministic,
-            name=f"layer_{i}") for i in range(self.num_layers)]
-
-    def _logits(self, embedding, x: jnp.ndarray) -> jnp.ndarray:
-        x = make_norm(self.norm, dtype=x.dtype, name="final_norm")(x)
-        return output_logits(self, embedding, x)
+            dropout_rate=self.dropout_rate, dtype=self.compute_dtype,
+            deterministic=deterministic, name=f"layer_{i}") for i in range(self.num_layers)]
 
     @nn.compact
-    def __call__(self, tokens: jnp.ndarray, *, deterministic: bool = True,
-                 carry: Optional[RecurrentCarry] = None, return_carry: bool = False,
-                 decode: bool = False):
+    def __call__(self, tokens: jnp.ndarray, *, segment_ids: Optional[jnp.ndarray] = None,
+                 deterministic: bool = True, decode: bool = False,
+                 carry: Optional[RecurrentCarry] = None, return_carry: bool = False):
         """`tokens [batch, length]` -> logits `[batch, length, vocab]`, or `(logits, carry)` with
         `return_carry` (then length must be a multiple of `block_size`). `carry`: the previous
-        segment's (default: a fresh stream). `decode=True`: one token per call (see module doc)."""
-        if tokens.ndim != 2:
-            raise ValueError(f"tokens must be int32 [batch, length], got shape {tokens.shape}")
-        self._check()
-        layers = self._layers(compute_dtype(self.dtype), deterministic)
+        segment's (default: a fresh stream). `decode=True`: one token per call (see
+        `LanguageModel`)."""
+        self.check_inputs(tokens, segment_ids, decode)
+        layers = self.block_layers(deterministic)
+        embedding = self.token_embedding()
         if decode:
-            return self._decode(layers, tokens)
+            positions = self.token_positions(tokens.shape[1], decode=True)
+            caches = self.decoding_caches(layers, tokens.shape[0])
+            if not self.is_initializing():
+                return self.decode_token(embedding, layers, caches, tokens, positions[0])
 
         batch, length = tokens.shape
         w = self.block_size
@@ -202,7 +187,7 @@ class BlockRecurrentTransformer(nn.Module):
         carry = self.init_carry(batch) if carry is None else carry
         padded = jnp.pad(tokens, ((0, 0), (0, -length % w)))
         positions = carry.position + jnp.arange(padded.shape[1], dtype=jnp.int32)
-        embedding, x = embed_tokens(self, padded, positions, self.position, deterministic)
+        x = self.embed(embedding, padded, positions, None, deterministic)
         states, keys, values = [], [], []
         recurrent = self.recurrent_indices()
         for i, layer in enumerate(layers):
@@ -212,7 +197,7 @@ class BlockRecurrentTransformer(nn.Module):
             values.append(v)
             if i in recurrent:
                 states.append(state)
-        logits = self._logits(embedding, x)[:, :length]
+        logits = self.output_logits(embedding, x)[:, :length]
         if not return_carry:
             return logits
         new_carry = RecurrentCarry(
@@ -220,26 +205,33 @@ class BlockRecurrentTransformer(nn.Module):
             values=jnp.stack(values), position=carry.position + length)
         return logits, new_carry
 
-    def _decode(self, layers: list[BlockLayer], tokens: jnp.ndarray) -> jnp.ndarray:
-        if tokens.shape[1] != 1:
-            raise ValueError(f"decode=True takes one token per call, got length {tokens.shape[1]}")
-        batch = tokens.shape[0]
-        w, kv_heads = self.block_size, self.num_kv_heads or self.num_heads
-        index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
-        position = index.value
-        embedding, x = embed_tokens(self, tokens, position[None], self.position, True)
-        kv_shape = (batch, 2 * w, kv_heads, self._head_dim())
+    # -- decoding -------------------------------------------------------------------------------
+    def decoding_caches(self, layers: list[BlockLayer], batch: int) -> list[dict]:
+        """Per layer the cache's "keys", "values" `[batch, 2W, kv_heads, d]` (previous block,
+        then the current block so far) and, for a recurrent layer, "state" `[batch, S, embed]`
+        (the state the current block reads)."""
+        kv_shape = (batch, 2 * self.block_size, self.key_value_heads, self.head_features)
+        caches = []
         for i, layer in enumerate(layers):
-            cache = {"keys": self.variable("cache", f"layer_{i}_keys", jnp.zeros, kv_shape,
-                                           jnp.float32),
-                     "values": self.variable("cache", f"layer_{i}_values", jnp.zeros, kv_shape,
-                                             jnp.float32)}
+            cache = {name: self.variable("cache", f"layer_{i}_{name}", jnp.zeros, kv_shape,
+                                         jnp.float32) for name in ("keys", "values")}
             if layer.recurrent:
                 cache["state"] = self.variable("cache", f"layer_{i}_state", jnp.zeros,
                                                (batch, self.num_states, self.embed_dim),
                                                jnp.float32)
-            x, updated = layer.step(x, {k: v.value for k, v in cache.items()}, position)
+            caches.append(cache)
+        return caches
+
+    def decode_token(self, embedding, layers: list[BlockLayer], caches: list[dict],
+                     tokens: jnp.ndarray, position: jnp.ndarray) -> jnp.ndarray:
+        """Logits `[batch, 1, vocab]` of one token `tokens [batch, 1]` at `position` (traced);
+        advances every layer's cache."""
+        if tokens.shape[1] != 1:
+            raise ValueError(f"BlockRecurrentTransformer decodes one token per call, got "
+                             f"{tokens.shape[1]}; use LanguageModel.prefill for a prompt")
+        x = self.embed(embedding, tokens, position[None], None, True)
+        for layer, cache in zip(layers, caches):
+            x, updated = layer.step(x, {name: v.value for name, v in cache.items()}, position)
             for name, variable in cache.items():
                 variable.value = updated[name]
-        index.value = position + 1
-        return self._logits(embedding, x)
+        return self.output_logits(embedding, x)

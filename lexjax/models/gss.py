@@ -12,29 +12,24 @@ Size macros: EMBED_DIM = E, MLP_DIM = F (paper 4E), `ssm_dim` = H (default E / 4
 4x down-projection: H = 256 at E = 1024), `state_dim` = N (paper 512). GSS ignores NUM_HEADS;
 GSS-Transformer uses it for its attention blocks. Projections are bias-free (the zoo's `dense`).
 
-Incremental decoding (GSS): `init_cache(batch)` gives the "cache" collection (per layer the SSM
-state, complex64 `[batch, H, N]`: O(1) memory in the length), and
-
-    logits, vars = model.apply({"params": p, "cache": cache}, token[:, None], decode=True,
-                               mutable=["cache"])
-
-returns the logits of the next position and the advanced cache (`vars["cache"]`).
+Decoding (`LanguageModel.prefill` / `decode_step`): each GSS layer keeps its SSM state (complex64
+`[batch, H, N]`: O(1) memory in the length) and steps one token at a time; the hybrid's attention
+blocks keep the keys and values of their current chunk. Neither model keeps packed documents
+apart: the SSM's FFT convolution runs over the whole row.
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Optional
 
 import flax.linen as nn
 import gin
 import jax.numpy as jnp
-import numpy as np
 
-from lexjax.attention import MaskSpec
-from lexjax.layers import compute_dtype, dense, make_norm, with_activation_axes
+from lexjax.layers import Layer, dense, make_norm, with_activation_axes
 from lexjax.layers.basic import Dtype
+from lexjax.layers.decoding import cached_recurrence
 from lexjax.layers.ssm import SSM_CHANNELS, DiagonalSSM, ssm_flops_per_token
-from lexjax.models.lm import check_remat, embed_tokens, empty_cache, output_logits
-from lexjax.models.transformer import REMAT_POLICIES, DecoderLayer
+from lexjax.models.lm import AttentionLanguageModel, ChunkedAttention, LanguageModel
 from lexjax.positions import PositionScheme, RoPE
 
 
@@ -46,11 +41,11 @@ def channel_layernorm(*, dtype: Dtype, name: str) -> nn.LayerNorm:
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (SSM_CHANNELS,)))
 
 
-class GSSLayer(nn.Module):
+class GSSLayer(Layer, kw_only=True):
     """One gated state-space layer: `[batch, length, embed]` -> same (see the module docstring).
 
     With `decode=True` it takes one token `x [batch, 1, embed]` and advances the SSM state held in
-    the "cache" collection (created, not advanced, by the call that creates the collection).
+    the "cache" collection (see `lexjax.layers.decoding`).
     """
 
     expansion_dim: int
@@ -58,10 +53,6 @@ class GSSLayer(nn.Module):
     state_dim: int = 512
     ssm_variant: str = "gss"
     norm: str = "layernorm"
-    dropout_rate: float = 0.0
-    dtype: Dtype = jnp.float32
-    deterministic: bool = True
-    decode: bool = False
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
@@ -72,24 +63,13 @@ class GSSLayer(nn.Module):
         v = nn.gelu(dense(self.ssm_dim, ("embed", SSM_CHANNELS), dtype=self.dtype, name="wv")(h))
         v = channel_layernorm(dtype=self.dtype, name="ssm_norm")(v)
         ssm = DiagonalSSM(self.ssm_dim, self.state_dim, variant=self.ssm_variant, name="ssm")
-        y = self.recurrent_step(ssm, v) if self.decode else ssm(v)
+        y = (cached_recurrence(self, v, name="ssm_state", forward=ssm,
+                               initial_state=ssm.initial_state, step=ssm.step)
+             if self.decode else ssm(v))
         uc = dense(self.expansion_dim, (SSM_CHANNELS, "mlp"), dtype=self.dtype,
                    name="wy")(y.astype(self.dtype))
         out = dense(x.shape[-1], ("mlp", "embed"), dtype=self.dtype, name="wo")(uc * u)
-        out = nn.Dropout(self.dropout_rate, broadcast_dims=(-2,))(
-            out, deterministic=self.deterministic)
-        return with_activation_axes(x + out)
-
-    def recurrent_step(self, ssm: DiagonalSSM, v: jnp.ndarray) -> jnp.ndarray:
-        """`v [batch, 1, H]` -> float32 `[batch, 1, H]` from the cached SSM state."""
-        if v.shape[1] != 1:
-            raise ValueError(f"decode=True takes one token per call, got length {v.shape[1]}")
-        initialized = self.has_variable("cache", "ssm_state")
-        state = self.variable("cache", "ssm_state", ssm.initial_state, v.shape[0])
-        y, new_state = ssm.step(v[:, 0], state.value)
-        if initialized:
-            state.value = new_state
-        return y[:, None]
+        return with_activation_axes(x + self.residual_dropout(out))
 
 
 def gss_layer_flops(embed_dim: int, expansion_dim: int, ssm_dim: int, state_dim: int,
@@ -100,10 +80,10 @@ def gss_layer_flops(embed_dim: int, expansion_dim: int, ssm_dim: int, state_dim:
     return projections + ssm_flops_per_token(ssm_dim, state_dim, length)
 
 
-@gin.configurable(module="lexjax.models")
-class GSS(nn.Module):
+@gin.register(module="lexjax.models")
+class GSS(LanguageModel, kw_only=True):
     """The GSS language model: int32 tokens `[batch, length]` -> float32 logits
-    `[batch, length, vocab_size]`, causal, any length (no position embedding: the SSMs carry
+    `[batch, length, vocab_size]`, causal, any length (no position scheme: the SSMs carry
     order). Pre-norm residual GSS layers, a final norm, tied logits.
 
     Attributes:
@@ -112,21 +92,14 @@ class GSS(nn.Module):
       state_dim: N, complex modes per SSM channel (paper 512).
       ssm_variant: "gss" (the paper's simplified kernel and N(0, 1) init), "dss" or "s4d_lin"
         (see `lexjax.layers.ssm.DiagonalSSM`).
-      remat_policy: one of `REMAT_POLICIES` (training only).
     """
 
-    vocab_size: int
-    num_layers: int
-    embed_dim: int
-    mlp_dim: int
     ssm_dim: Optional[int] = None
     state_dim: int = 512
     ssm_variant: str = "gss"
     norm: str = "layernorm"
-    tie_embeddings: bool = True
-    dropout_rate: float = 0.0
-    dtype: str = "float32"
-    remat_policy: str = "none"
+
+    mixes_segments = "its state-space layers convolve over the whole row (an FFT convolution)"
 
     @property
     def ssm_channels(self) -> int:
@@ -137,39 +110,33 @@ class GSS(nn.Module):
     def flops_per_token(self, length: int) -> float:
         """Forward FLOPs per token at `length` (2 per multiply-add): projections, the SSM kernel
         (counted once per sequence), the FFT convolution estimate, the logits."""
-        layer = gss_layer_flops(self.embed_dim, self.mlp_dim, self.ssm_channels, self.state_dim,
-                                length)
-        return self.num_layers * layer + 2.0 * self.embed_dim * self.vocab_size
+        return (self.num_layers * self.gss_layer_flops(length)
+                + 2.0 * self.embed_dim * self.vocab_size)
 
     @nn.nowrap
-    def init_cache(self, batch_size: int) -> Any:
-        """An empty decoding cache (the "cache" collection) for `batch_size` sequences."""
-        return empty_cache(self, batch_size)
+    def gss_layer_flops(self, length: int) -> float:
+        return gss_layer_flops(self.embed_dim, self.mlp_dim, self.ssm_channels, self.state_dim,
+                               length)
 
-    @nn.compact
-    def __call__(self, tokens: jnp.ndarray, *, deterministic: bool = True,
-                 decode: bool = False) -> jnp.ndarray:
-        """`tokens [batch, length]` -> logits `[batch, length, vocab]`; with `decode=True`,
-        `tokens [batch, 1]`, the next token after those the cache has seen."""
-        check_remat(self.remat_policy)
-        dtype = compute_dtype(self.dtype)
-        positions = np.arange(tokens.shape[1], dtype=np.int32)
-        embedding, x = embed_tokens(self, tokens, positions, None, deterministic)
-        layer_cls = GSSLayer
-        if self.remat_policy != "none" and not decode:
-            layer_cls = nn.remat(GSSLayer, policy=REMAT_POLICIES[self.remat_policy])
+    def gss_layer(self, *, deterministic: bool, decode: bool, name: str) -> GSSLayer:
+        """One GSS layer of this model's sizes (rematerialized in training)."""
+        return self.remat(GSSLayer, decode)(
+            expansion_dim=self.mlp_dim, ssm_dim=self.ssm_channels, state_dim=self.state_dim,
+            ssm_variant=self.ssm_variant, norm=self.norm, dropout_rate=self.dropout_rate,
+            dtype=self.compute_dtype, deterministic=deterministic, decode=decode, name=name)
+
+    def backbone(self, x: jnp.ndarray, positions: jnp.ndarray, *,
+                 segment_ids: Optional[jnp.ndarray], deterministic: bool,
+                 decode: bool) -> jnp.ndarray:
         for i in range(self.num_layers):
-            x = layer_cls(self.mlp_dim, self.ssm_channels, self.state_dim, self.ssm_variant,
-                          self.norm, self.dropout_rate, dtype, deterministic, decode,
-                          name=f"layer_{i}")(x)
-        x = make_norm(self.norm, dtype=dtype, name="final_norm")(x)
-        return output_logits(self, embedding, x)
+            x = self.gss_layer(deterministic=deterministic, decode=decode, name=f"layer_{i}")(x)
+        return x
 
 
-@gin.configurable(module="lexjax.models")
-class GSSTransformer(nn.Module):
+@gin.register(module="lexjax.models")
+class GSSTransformer(ChunkedAttention, GSS, AttentionLanguageModel, kw_only=True):
     """GSS-Transformer-Hybrid: GSS layers interleaved with Transformer blocks (pre-norm
-    attention + MLP, `lexjax.models.DecoderLayer`) whose causal attention stays inside
+    attention + MLP, `lexjax.layers.DecoderLayer`) whose causal attention stays inside
     non-overlapping chunks of `chunk_size` tokens (paper 512) — linear in the length.
 
     Layer i is a Transformer block iff `i % attention_every == 1 % attention_every` (default 4:
@@ -178,41 +145,20 @@ class GSSTransformer(nn.Module):
     its `embed` hook, if any, is added at the bottom). Other attributes as `GSS`.
     """
 
-    vocab_size: int
-    num_layers: int
-    embed_dim: int
-    num_heads: int
-    mlp_dim: int
     chunk_size: int = 512
     attention_every: int = 4
     position: PositionScheme = RoPE()
-    num_kv_heads: Optional[int] = None
-    head_dim: Optional[int] = None
-    attention_impl: str = "auto"
-    ssm_dim: Optional[int] = None
-    state_dim: int = 512
-    ssm_variant: str = "gss"
-    norm: str = "layernorm"
-    tie_embeddings: bool = True
-    dropout_rate: float = 0.0
-    dtype: str = "float32"
-    remat_policy: str = "none"
 
-    @property
-    def ssm_channels(self) -> int:
-        """H: `ssm_dim`, or embed_dim / 4."""
-        return self.ssm_dim if self.ssm_dim is not None else max(1, self.embed_dim // 4)
-
-    @property
-    def mask(self) -> MaskSpec:
-        """The attention blocks' mask: causal within chunks of `chunk_size`."""
-        return MaskSpec(causal=True, chunk=self.chunk_size)
+    @nn.nowrap
+    def check(self) -> None:
+        super().check()
+        self.check_chunk_size(none_means=None)
+        if self.attention_every < 1:
+            raise ValueError(f"attention_every must be >= 1, got {self.attention_every}")
 
     @nn.nowrap
     def is_attention_layer(self, i: int) -> bool:
         """Whether layer i is a (chunked-attention) Transformer block."""
-        if self.attention_every < 1:
-            raise ValueError(f"attention_every must be >= 1, got {self.attention_every}")
         return i % self.attention_every == 1 % self.attention_every
 
     @nn.nowrap
@@ -220,41 +166,19 @@ class GSSTransformer(nn.Module):
         """Forward FLOPs per token at `length`: GSS layers as `GSS.flops_per_token`, attention
         blocks as the Transformer's (projections, MLP, scores and values over the keys a query
         sees in its chunk)."""
-        head_dim = self.head_dim or self.embed_dim // self.num_heads
-        kv_heads = self.num_kv_heads or self.num_heads
-        attention = 2.0 * (self.embed_dim * head_dim * 2 * (self.num_heads + kv_heads)
-                           + 2 * self.embed_dim * self.mlp_dim
-                           + 2 * self.num_heads * head_dim * self.mask.mean_keys_per_query(length))
-        gss = gss_layer_flops(self.embed_dim, self.mlp_dim, self.ssm_channels, self.state_dim,
-                              length)
-        total = sum(attention if self.is_attention_layer(i) else gss
+        attention = 2.0 * self.block_macs(self.mask.mean_keys_per_query(length))
+        total = sum(attention if self.is_attention_layer(i) else self.gss_layer_flops(length)
                     for i in range(self.num_layers))
         return total + 2.0 * self.embed_dim * self.vocab_size
 
-    @nn.compact
-    def __call__(self, tokens: jnp.ndarray, *, deterministic: bool = True) -> jnp.ndarray:
-        """`tokens [batch, length]` -> float32 logits `[batch, length, vocab]`."""
-        check_remat(self.remat_policy)
-        dtype = compute_dtype(self.dtype)
-        positions = np.arange(tokens.shape[1], dtype=np.int32)
-        embedding, x = embed_tokens(self, tokens, positions, self.position, deterministic)
-        gss_cls, attention_cls = GSSLayer, DecoderLayer
-        if self.remat_policy != "none":
-            policy = REMAT_POLICIES[self.remat_policy]
-            gss_cls = nn.remat(GSSLayer, policy=policy)
-            attention_cls = nn.remat(DecoderLayer, policy=policy)
+    def backbone(self, x: jnp.ndarray, positions: jnp.ndarray, *,
+                 segment_ids: Optional[jnp.ndarray], deterministic: bool,
+                 decode: bool) -> jnp.ndarray:
         for i in range(self.num_layers):
             if self.is_attention_layer(i):
-                x, _ = attention_cls(
-                    num_heads=self.num_heads,
-                    head_dim=self.head_dim or self.embed_dim // self.num_heads,
-                    mlp_dim=self.mlp_dim, position=self.position, mask=self.mask,
-                    num_kv_heads=self.num_kv_heads, norm=self.norm,
-                    dropout_rate=self.dropout_rate, attention_impl=self.attention_impl,
-                    dtype=dtype, deterministic=deterministic, name=f"layer_{i}")(x, positions)
+                x, _ = self.decoder_layer(self.mask, deterministic=deterministic, decode=decode,
+                                          name=f"layer_{i}")(x, positions)
             else:
-                x = gss_cls(self.mlp_dim, self.ssm_channels, self.state_dim, self.ssm_variant,
-                            self.norm, self.dropout_rate, dtype, deterministic,
-                            name=f"layer_{i}")(x)
-        x = make_norm(self.norm, dtype=dtype, name="final_norm")(x)
-        return output_logits(self, embedding, x)
+                x = self.gss_layer(deterministic=deterministic, decode=decode,
+                                   name=f"layer_{i}")(x)
+        return x

@@ -1,57 +1,360 @@
-"""What the language models of the zoo share: the token embedding with any absolute position
-embedding, the output logits, the remat-policy check and the empty decoding cache."""
+"""The language-model base every model of the zoo builds on.
+
+`LanguageModel` owns what all the models share: the fields every model config binds (vocabulary,
+depth, width, MLP width, position scheme, norm, tied logits, dropout, compute dtype, remat), the
+token embedding with any absolute position embedding, the output logits, remat, packed-document
+segment ids, and one incremental-decoding interface. A model subclasses it and writes its
+`backbone` (the layers between the embedding and the logits); `AttentionLanguageModel` adds the
+fields and the block of models built from multi-head attention layers.
+
+Calling convention (every model):
+
+    logits = model.apply(variables, tokens, segment_ids=None, deterministic=True)
+    # tokens int32 [batch, length] -> float32 logits [batch, length, vocab] (Perceiver AR: the
+    # last min(length, num_latents) positions), causal.
+
+`segment_ids` (int32 `[batch, length]`, packed documents) keep documents apart: a model whose
+`keeps_segments_apart` is True gives each document of a packed row the logits it would get alone;
+any other model refuses them with a `ValueError` naming why (its architecture mixes the whole
+row), and the trainer feeds it padded rows instead (lexjax.data).
+
+Decoding (every model), pure functions of the variables and a cache pytree:
+
+    logits, cache = model.prefill(variables, prompt, max_length=256)  # [b, n] -> [b, n', vocab]
+    logits, cache = model.decode_step(variables, cache, token)         # [b] -> [b, vocab]
+
+Inside, a decode call is `model.apply({"params": p, "cache": cache}, tokens, decode=True,
+mutable=["cache"])`: the model reads its tokens' positions from the cache's `index`, and its
+layers read and update their own cache entries (`lexjax.layers.decoding`). Models whose decode
+call takes a whole chunk of tokens (`decodes_chunks`) prefill in one pass; the others step
+through the prompt one token at a time.
+"""
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from lexjax.layers import Embedding, compute_dtype, dense, with_activation_axes
-from lexjax.models.transformer import REMAT_POLICIES
+from lexjax.attention import MaskSpec
+from lexjax.layers import Embedding, compute_dtype, dense, make_norm, with_activation_axes
+from lexjax.layers.decoder import DecoderLayer
 from lexjax.positions import PositionScheme
 
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
 
-def embed_tokens(module: nn.Module, tokens: jnp.ndarray, positions: jnp.ndarray,
-                 position: Optional[PositionScheme], deterministic: bool) -> tuple[Embedding,
-                                                                                   jnp.ndarray]:
-    """(the token embedding, its output `[batch, length, embed]` plus any absolute position
-    embedding, after dropout), created inside `module`'s compact scope; `module` has the fields
-    `vocab_size`, `embed_dim`, `dropout_rate` and `dtype`."""
-    dtype = compute_dtype(module.dtype)
-    if tokens.ndim != 2:
-        raise ValueError(f"tokens must be int32 [batch, length], got shape {tokens.shape}")
-    embedding = Embedding(module.vocab_size, module.embed_dim, dtype=dtype,
-                          name="token_embedding")
-    x = embedding(tokens)
-    if position is not None:
-        absolute = position.embed(positions, module.embed_dim)
-        if absolute is not None:
-            x = x + absolute.astype(dtype)
-    x = nn.Dropout(module.dropout_rate)(x, deterministic=deterministic)
-    return embedding, with_activation_axes(x)
+# The "cache" collection of a decoding model: a pytree of arrays.
+Cache = Any
 
 
-def output_logits(module: nn.Module, embedding: Embedding, x: jnp.ndarray) -> jnp.ndarray:
-    """float32 logits `[batch, length, vocab]` from `x [batch, length, embed]`: tied to the
-    embedding (scaled by embed^-0.5, as the Transformer) or a separate `logits` projection
-    (`module.tie_embeddings`)."""
-    if module.tie_embeddings:
-        return embedding.attend(x) * (module.embed_dim ** -0.5)
-    logits = dense(module.vocab_size, ("embed", "vocab"), dtype=x.dtype, name="logits")(x)
-    return logits.astype(jnp.float32)
+def segment_positions(segment_ids: jnp.ndarray) -> jnp.ndarray:
+    """int32 `[batch, length]`: each token's position within its segment (a run of equal ids)."""
+    length = segment_ids.shape[1]
+    index = jnp.arange(length, dtype=jnp.int32)
+    starts = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool),
+                              segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+    return index - jax.lax.cummax(jnp.where(starts, index, 0), axis=1)
 
 
-def check_remat(policy: str) -> None:
-    """Raises a clear error for an unknown `remat_policy`."""
-    if policy not in REMAT_POLICIES:
-        raise ValueError(f"unknown remat_policy {policy!r}; use one of {sorted(REMAT_POLICIES)}")
+class LanguageModel(nn.Module, kw_only=True):
+    """Base of every LM: int32 tokens `[batch, length]` -> float32 logits `[batch, length,
+    vocab_size]` (see the module docstring).
+
+    Attributes:
+      vocab_size, num_layers, embed_dim, mlp_dim: the size macros (VOCAB_SIZE, NUM_LAYERS,
+        EMBED_DIM, MLP_DIM); what a "layer" and the MLP width mean is the model's to say.
+      position: the position scheme (a `PositionScheme` template), or None for none at all.
+      norm: "rmsnorm" or "layernorm".
+      tie_embeddings: logits from the token embedding (scaled by embed_dim^-0.5), else a separate
+        `logits` projection.
+      dropout_rate: embedding and residual dropout (training only).
+      dtype: compute dtype name; parameters and logits are float32.
+      remat_policy: one of `REMAT_POLICIES`, applied to each layer in training.
+    """
+
+    vocab_size: int
+    num_layers: int
+    embed_dim: int
+    mlp_dim: int
+    position: Optional[PositionScheme] = None
+    norm: str = "rmsnorm"
+    tie_embeddings: bool = True
+    dropout_rate: float = 0.0
+    dtype: str = "float32"
+    remat_policy: str = "none"
+
+    # What the architecture does; subclasses override.
+    final_norm: ClassVar[bool] = True  # a norm between the backbone and the logits
+    decodes_chunks: ClassVar[bool] = False  # a decode call takes several tokens (one-pass prefill)
+    mixes_segments: ClassVar[Optional[str]] = None  # why packed documents cannot be kept apart
+
+    def __post_init__(self):
+        self.check()  # a bad field fails where the model is built (a one-line ConfigError)
+        super().__post_init__()
+
+    # -- what a subclass provides -------------------------------------------------------------
+    def backbone(self, x: jnp.ndarray, positions: jnp.ndarray, *,
+                 segment_ids: Optional[jnp.ndarray], deterministic: bool,
+                 decode: bool) -> jnp.ndarray:
+        """The layers: embedded tokens `[batch, length, embed]` at `positions [length]` ->
+        hidden states `[batch, length', embed]` for the logits."""
+        raise NotImplementedError(f"{type(self).__name__} must define backbone()")
+
+    @nn.nowrap
+    def check(self) -> None:
+        """Raises a ValueError naming a bad field; subclasses extend it (call super)."""
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ValueError(f"unknown remat_policy {self.remat_policy!r}; use one of "
+                             f"{sorted(REMAT_POLICIES)}")
+        for name in ("vocab_size", "num_layers", "embed_dim", "mlp_dim"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, np.integer)) or value < 1:
+                raise ValueError(f"{type(self).__name__}.{name} must be a positive int, got "
+                                 f"{value!r}")
+        compute_dtype(self.dtype)
+
+    # -- the forward pass ---------------------------------------------------------------------
+    @property
+    def keeps_segments_apart(self) -> bool:
+        """Whether `segment_ids` are honoured exactly (else they are refused)."""
+        return self.mixes_segments is None
+
+    @property
+    def compute_dtype(self) -> jnp.dtype:
+        return compute_dtype(self.dtype)
+
+    @property
+    def position_template(self) -> Optional[PositionScheme]:
+        """An unbound copy of `position` for the layers to clone (each attention layer clones it,
+        so learned biases are per layer; unbound, so a scanned stack does not lift the model's
+        own position parameters, such as a learned absolute table)."""
+        return None if self.position is None else self.position.clone(parent=None)
+
+    @nn.compact
+    def __call__(self, tokens: jnp.ndarray, *, segment_ids: Optional[jnp.ndarray] = None,
+                 deterministic: bool = True, decode: bool = False) -> jnp.ndarray:
+        """int32 `tokens [batch, length]` -> float32 logits `[batch, length', vocab]`.
+
+        Args:
+          segment_ids: optional int32 `[batch, length]`: packed documents, kept apart.
+          deterministic: no dropout (evaluation); False needs a "dropout" rng.
+          decode: consume the tokens after those the "cache" collection holds (see the module
+            docstring); at cache creation (`init`) this sizes the cache.
+        """
+        self.check_inputs(tokens, segment_ids, decode)
+        positions = self.token_positions(tokens.shape[1], decode)
+        embedding = self.token_embedding()
+        x = self.embed(embedding, tokens, positions, segment_ids, deterministic)
+        x = self.backbone(x, positions, segment_ids=segment_ids, deterministic=deterministic,
+                          decode=decode)
+        return self.output_logits(embedding, x)
+
+    @nn.nowrap
+    def check_inputs(self, tokens: jnp.ndarray, segment_ids: Optional[jnp.ndarray],
+                     decode: bool) -> None:
+        """Clear errors for bad token shapes and segment ids."""
+        if tokens.ndim != 2:
+            raise ValueError(f"tokens must be int32 [batch, length], got shape {tokens.shape}")
+        if segment_ids is None:
+            return
+        if not self.keeps_segments_apart:
+            raise ValueError(
+                f"{type(self).__name__} cannot keep packed documents apart: "
+                f"{self.mixes_segments}. Call it without segment_ids (the trainer feeds such "
+                "models padded rows, one document piece each)")
+        if decode:
+            raise ValueError("segment_ids are for packed training rows, not for decoding")
+        if segment_ids.shape != tokens.shape:
+            raise ValueError(f"segment_ids must have the tokens' shape {tokens.shape}, got "
+                             f"{segment_ids.shape}")
+
+    def token_positions(self, length: int, decode: bool) -> jnp.ndarray:
+        """int32 positions `[length]` of the tokens: 0..length-1 as a numpy constant (rotation
+        tables then fold into the compiled step), or, when decoding, the next `length`
+        positions after those the cache holds (its `index`, advanced here)."""
+        if not decode:
+            return np.arange(length, dtype=np.int32)
+        index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
+        positions = index.value + jnp.arange(length, dtype=jnp.int32)
+        if not self.is_initializing():
+            index.value = index.value + length
+        return positions
+
+    def token_embedding(self) -> Embedding:
+        """The token embedding table `[vocab, embed]` (also the tied output projection)."""
+        return Embedding(self.vocab_size, self.embed_dim, dtype=self.compute_dtype,
+                         name="token_embedding")
+
+    def embed(self, embedding: Embedding, tokens: jnp.ndarray, positions: jnp.ndarray,
+              segment_ids: Optional[jnp.ndarray], deterministic: bool) -> jnp.ndarray:
+        """Token embeddings plus any absolute position embedding (at each token's position
+        within its segment when `segment_ids` are given), after dropout: `[b, n, embed]`."""
+        x = embedding(tokens)
+        if self.position is not None:
+            where = positions if segment_ids is None else segment_positions(segment_ids)
+            absolute = self.position.embed(where, self.embed_dim)
+            if absolute is not None:
+                x = x + absolute.astype(x.dtype)
+        x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
+        return with_activation_axes(x)
+
+    def output_logits(self, embedding: Embedding, x: jnp.ndarray) -> jnp.ndarray:
+        """float32 logits `[batch, length, vocab]` from hidden states `[batch, length, embed]`:
+        the final norm (unless the model has none), then the tied embedding (scaled by
+        embed_dim^-0.5) or a separate `logits` projection."""
+        if self.final_norm:
+            x = make_norm(self.norm, dtype=self.compute_dtype, name="final_norm")(x)
+        if self.tie_embeddings:
+            return embedding.attend(x) * (self.embed_dim ** -0.5)
+        logits = dense(self.vocab_size, ("embed", "vocab"), dtype=x.dtype, name="logits")(x)
+        return logits.astype(jnp.float32)
+
+    @nn.nowrap
+    def remat(self, layer_cls: type[nn.Module], decode: bool = False,
+              scanned: bool = False) -> type[nn.Module]:
+        """`layer_cls`, rematerialized under `remat_policy` in training (not when decoding)."""
+        if self.remat_policy == "none" or decode:
+            return layer_cls
+        return nn.remat(layer_cls, policy=REMAT_POLICIES[self.remat_policy],
+                        prevent_cse=not scanned)
+
+    # -- decoding -----------------------------------------------------------------------------
+    @nn.nowrap
+    def init_cache(self, batch_size: int, max_length: int) -> Cache:
+        """The empty cache for decoding `batch_size` sequences of up to `max_length` tokens:
+        the "cache" collection a decode call on `max_length` tokens creates, zero-filled (no
+        parameters are initialised)."""
+        tokens = jax.ShapeDtypeStruct((batch_size, max_length), jnp.int32)
+        shapes = jax.eval_shape(
+            lambda t: self.init(jax.random.PRNGKey(0), t, decode=True), tokens)
+        return jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, x.dtype), shapes["cache"])
+
+    @nn.nowrap
+    def decode(self, variables: Any, cache: Cache, tokens: jnp.ndarray
+               ) -> tuple[jnp.ndarray, Cache]:
+        """One decode call: `tokens [batch, n]` after those in `cache` -> (their logits, the
+        updated cache)."""
+        logits, updated = self.apply({"params": variables["params"], "cache": cache}, tokens,
+                                     decode=True, mutable=["cache"])
+        return logits, updated["cache"]
+
+    @nn.nowrap
+    def prefill(self, variables: Any, prompt: jnp.ndarray, *, max_length: int
+                ) -> tuple[jnp.ndarray, Cache]:
+        """Reads `prompt [batch, n]` (1 <= n <= max_length) into a fresh cache for decoding up to
+        `max_length` tokens in all. Returns the forward pass's logits on the prompt (their last
+        row predicts token n) and the cache for `decode_step`."""
+        batch, n = prompt.shape
+        if not 1 <= n <= max_length:
+            raise ValueError(f"prefill needs 1 <= prompt length ({n}) <= max_length "
+                             f"({max_length})")
+        cache = self.init_cache(batch, max_length)
+        if self.decodes_chunks:
+            return self.decode(variables, cache, prompt)
+
+        def step(cache, token):
+            logits, cache = self.decode(variables, cache, token[:, None])
+            return cache, logits[:, -1]
+
+        cache, logits = jax.lax.scan(step, cache, jnp.swapaxes(prompt, 0, 1))
+        return jnp.swapaxes(logits, 0, 1), cache
+
+    @nn.nowrap
+    def decode_step(self, variables: Any, cache: Cache, token: jnp.ndarray
+                    ) -> tuple[jnp.ndarray, Cache]:
+        """Consumes `token [batch]` (int32) after those in `cache`; returns the logits
+        `[batch, vocab]` predicting the next token, and the updated cache."""
+        logits, cache = self.decode(variables, cache, token[:, None])
+        return logits[:, -1], cache
 
 
-def empty_cache(model: nn.Module, batch_size: int) -> Any:
-    """An empty decoding cache (the "cache" collection) for `batch_size` sequences: the shapes a
-    `decode=True` call creates, filled with zeros (no parameters are initialised)."""
-    tokens = jnp.zeros((batch_size, 1), jnp.int32)
-    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), tokens, decode=True))
-    return jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, x.dtype), shapes["cache"])
+class ChunkedAttention:
+    """A mixin for models whose attention stays inside non-overlapping chunks of their
+    `chunk_size` field (None, where a model allows it: every earlier token)."""
+
+    @property
+    def mask(self) -> MaskSpec:
+        """Causal attention within chunks of `chunk_size` (all earlier tokens when None)."""
+        return MaskSpec(causal=True, chunk=self.chunk_size)
+
+    @nn.nowrap
+    def check_chunk_size(self, none_means: Optional[str]) -> None:
+        """A ValueError unless `chunk_size` is a positive int, or None when `none_means`
+        names what None selects (e.g. "FLASH-Quad")."""
+        size = self.chunk_size
+        if size is None and none_means:
+            return
+        if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
+            allowed = f" or None ({none_means})" if none_means else ""
+            raise ValueError(f"{type(self).__name__}.chunk_size (CHUNK_SIZE) must be a positive "
+                             f"int{allowed}, got {size!r}")
+
+
+class AttentionLanguageModel(LanguageModel, kw_only=True):
+    """A `LanguageModel` whose layers include multi-head (grouped-query) attention blocks.
+
+    Attributes:
+      num_heads: query heads (NUM_HEADS); num_kv_heads: key/value heads (None = num_heads).
+      head_dim: per-head width (None = embed_dim // num_heads).
+      mlp_activation: "gelu" or "swiglu".
+      attention_impl: the `lexjax.attention.attend` implementation ("auto", "xla",
+        "reference", "pallas", ...).
+      attention_block_size: block length of blocked implementations (None: their default).
+    """
+
+    num_heads: int
+    num_kv_heads: Optional[int] = None
+    head_dim: Optional[int] = None
+    mlp_activation: str = "gelu"
+    attention_impl: str = "auto"
+    attention_block_size: Optional[int] = None
+
+    @property
+    def head_features(self) -> int:
+        """The per-head width: `head_dim`, or embed_dim // num_heads."""
+        return self.head_dim or self.embed_dim // self.num_heads
+
+    @property
+    def key_value_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
+
+    @nn.nowrap
+    def check(self) -> None:
+        super().check()
+        if self.num_heads < 1 or self.num_heads % self.key_value_heads:
+            raise ValueError(f"num_heads ({self.num_heads}) must be a positive multiple of "
+                             f"num_kv_heads ({self.key_value_heads})")
+
+    def decoder_layer(self, mask: MaskSpec, *, deterministic: bool, decode: bool, name: str,
+                      scanned: bool = False) -> DecoderLayer:
+        """A pre-norm Transformer block of this model's sizes under `mask` (rematerialized in
+        training under `remat_policy`)."""
+        layer_cls = self.remat(DecoderLayer, decode, scanned)
+        return layer_cls(**self.decoder_layer_fields(mask, deterministic, decode), name=name)
+
+    @nn.nowrap
+    def decoder_layer_fields(self, mask: MaskSpec, deterministic: bool, decode: bool) -> dict:
+        """The `DecoderLayer` fields of this model under `mask`."""
+        return dict(num_heads=self.num_heads, head_dim=self.head_features, mlp_dim=self.mlp_dim,
+                    position=self.position_template, mask=mask,
+                    num_kv_heads=self.num_kv_heads,
+                    norm=self.norm, mlp_activation=self.mlp_activation,
+                    dropout_rate=self.dropout_rate, attention_impl=self.attention_impl,
+                    attention_block_size=self.attention_block_size, dtype=self.compute_dtype,
+                    deterministic=deterministic, decode=decode)
+
+    @nn.nowrap
+    def block_macs(self, keys_per_query: float) -> float:
+        """Multiply-adds per token of one decoder block's matmuls: the q, k, v and output
+        projections, the MLP, and scores and values over `keys_per_query` keys."""
+        projections = self.embed_dim * self.head_features * 2 * (self.num_heads
+                                                                 + self.key_value_heads)
+        mlp = self.embed_dim * self.mlp_dim * (3 if self.mlp_activation == "swiglu" else 2)
+        return projections + mlp + 2 * self.num_heads * self.head_features * keys_per_query

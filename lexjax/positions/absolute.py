@@ -9,7 +9,7 @@ import numpy as np
 from lexjax.positions.base import PositionScheme
 
 
-@gin.configurable(module="lexjax.positions")
+@gin.register(module="lexjax.positions")
 class NoPE(PositionScheme):
     """No positional information at all (Haviv et al. 2022): a causal mask alone lets the model
     infer positions."""
@@ -29,7 +29,7 @@ def sinusoidal_table(positions: jnp.ndarray, features: int,
         positions.shape + (features,))
 
 
-@gin.configurable(module="lexjax.positions")
+@gin.register(module="lexjax.positions")
 class Sinusoidal(PositionScheme):
     """Fixed sinusoidal absolute embeddings (interleaved sin/cos, as in the original paper)."""
 
@@ -39,7 +39,7 @@ class Sinusoidal(PositionScheme):
         return sinusoidal_table(positions, features, self.base)
 
 
-@gin.configurable(module="lexjax.positions")
+@gin.register(module="lexjax.positions")
 class Learned(PositionScheme):
     """A learned table of `max_length` absolute position embeddings (GPT-2 style).
 

@@ -31,7 +31,7 @@ def alibi_slopes(num_heads: int) -> np.ndarray:
     return np.concatenate([geometric(p), geometric(2 * p)[0::2][:num_heads - p]])
 
 
-@gin.configurable(module="lexjax.positions")
+@gin.register(module="lexjax.positions")
 class ALiBi(PositionScheme):
     """bias_h(q, k) = -slope_h * |q - k|, not scaled by 1/sqrt(d).
 

@@ -54,7 +54,7 @@ def kerple_power_bias(rel: jnp.ndarray, r1: jnp.ndarray, r2: jnp.ndarray) -> jnp
     return -per_head(r1, rel) * powered
 
 
-@gin.configurable(module="lexjax.positions")
+@gin.register(module="lexjax.positions")
 class Kerple(PositionScheme):
     """KERPLE bias; `variant` is "log" (the paper's best) or "power"."""
 

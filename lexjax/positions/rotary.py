@@ -60,7 +60,7 @@ def rotate_pairs(x: jnp.ndarray, angles: jnp.ndarray,
     return (x32 * cos + swapped * sin).astype(x.dtype)
 
 
-@gin.configurable(module="lexjax.positions")
+@gin.register(module="lexjax.positions")
 class RoPE(PositionScheme):
     """Rotary position embedding: q_n . k_m depends on n - m only."""
 
@@ -78,7 +78,7 @@ def xpos_decay_base(head_dim: int, gamma: float) -> np.ndarray:
         (1 + gamma) * head_dim)
 
 
-@gin.configurable(module="lexjax.positions")
+@gin.register(module="lexjax.positions")
 class XPos(PositionScheme):
     """xPos: RoPE whose pair i is scaled by zeta_i^(n/B) on the query at n and zeta_i^(-m/B) on the
     key at m (B = `scale_base` = 512, gamma = 0.4), so q_n . k_m carries zeta^((n-m)/B): a decay

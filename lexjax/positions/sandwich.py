@@ -20,7 +20,7 @@ def sandwich_frequencies(dim: int, base: float = 10000.0) -> np.ndarray:
     return base ** (-2.0 * np.arange(1, dim // 2 + 1, dtype=np.float64) / dim)
 
 
-@gin.configurable(module="lexjax.positions")
+@gin.register(module="lexjax.positions")
 class Sandwich(PositionScheme):
     """bias_h(q, k) = (sum_{i=1}^{d'/2} cos((q - k) / base^(2i/d')) - d'/2) / (8h / H), h = 1..H.
 

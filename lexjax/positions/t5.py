@@ -35,7 +35,7 @@ def relative_position_bucket(rel: jnp.ndarray, *, bidirectional: bool, num_bucke
     return buckets + jnp.where(is_small, n, large)
 
 
-@gin.configurable(module="lexjax.positions")
+@gin.register(module="lexjax.positions")
 class T5Buckets(PositionScheme):
     """T5's bucketed relative bias. The T5 paper shares one table across layers; here each
     attention layer has its own table (flaxformer's unshared option), as for every learned

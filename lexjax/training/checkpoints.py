@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 from typing import Any, Optional
 
-import jax
 import orbax.checkpoint as ocp
 
 from lexjax.errors import UserError
@@ -94,41 +93,3 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
-
-
-def abstract_like(tree: Any) -> Any:
-    """ShapeDtypeStructs (with shardings where the arrays have them) for a pytree of arrays."""
-    def spec(x):
-        sharding = getattr(x, "sharding", None)
-        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
-    return jax.tree_util.tree_map(spec, tree)
-
-
-def load_run(model_dir: str, step: Optional[int] = None, bindings: tuple[str, ...] = (),
-             gin_files: tuple[str, ...] = (), mesh=None, keep_config: bool = False):
-    """`(model, {"params": params})` of a trained run: the model rebuilt from
-    `model_dir/config.gin` (plus `gin_files` and `bindings`, e.g. configs/features/bca.gin),
-    parameters restored from the checkpoint at `step` (default: latest) onto `mesh` (default:
-    one device), sharded there by the logical-axis rules whatever mesh saved them."""
-    import jax.numpy as jnp
-
-    from lexjax import partitioning
-    from lexjax.config import build_configured_model, parse_gin
-
-    config = os.path.join(model_dir, "config.gin")
-    if not os.path.isfile(config):
-        raise CheckpointError(f"{model_dir!r} has no config.gin: not a lexjax run directory "
-                              "(train one with python -m lexjax.train --model_dir=...)")
-    parse_gin([config, *gin_files], bindings)
-    try:
-        model = build_configured_model()
-    finally:
-        if not keep_config:  # evaluation keeps the run's data bindings (e.g. a text-files glob)
-            import gin
-            gin.clear_config()
-    mesh = mesh or partitioning.make_mesh("", jax.devices()[:1])
-    boxed = jax.eval_shape(model.init, jax.random.PRNGKey(0),
-                           jax.ShapeDtypeStruct((1, 8), jnp.int32))["params"]
-    abstract = partitioning.sharded_abstract(boxed, mesh)
-    params = Checkpointer(model_dir, read_only=True).restore_params(abstract, step)
-    return model, {"params": params}

@@ -2,9 +2,10 @@
 decay on matrices only (not on norms' scales, biases or per-head position parameters)."""
 from __future__ import annotations
 
-import gin
 import jax
 import optax
+
+from lexjax.training.config import OptimizerConfig
 
 
 def learning_rate_schedule(peak: float, total_steps: int, warmup_steps: int,
@@ -21,15 +22,13 @@ def _decay_mask(params):
     return jax.tree_util.tree_map(lambda p: p.ndim >= 2, params)
 
 
-@gin.configurable(module="lexjax.training")
-def make_optimizer(learning_rate: float = gin.REQUIRED, total_steps: int = gin.REQUIRED,
-                   warmup_steps: int = 1000, weight_decay: float = 0.1, clip_norm: float = 1.0,
-                   b1: float = 0.9, b2: float = 0.98, eps: float = 1e-9
+def make_optimizer(config: OptimizerConfig, total_steps: int
                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """Returns `(optimizer, schedule)`; gin binds the hyperparameters (LEARNING_RATE, ...)."""
-    schedule = learning_rate_schedule(learning_rate, total_steps, warmup_steps)
+    """`(optimizer, schedule)` of `config` for a run of `total_steps` steps."""
+    schedule = learning_rate_schedule(config.learning_rate, total_steps, config.warmup_steps,
+                                      config.final_fraction)
     optimizer = optax.chain(
-        optax.clip_by_global_norm(clip_norm),
-        optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
-                    mask=_decay_mask))
+        optax.clip_by_global_norm(config.clip_norm),
+        optax.adamw(schedule, b1=config.b1, b2=config.b2, eps=config.eps,
+                    weight_decay=config.weight_decay, mask=_decay_mask))
     return optimizer, schedule

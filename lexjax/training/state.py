@@ -12,7 +12,6 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import optax
 
 
 @flax.struct.dataclass
@@ -49,11 +48,6 @@ def check_logical_axes(boxed: Any) -> None:
             "nn.with_logical_partitioning(init, axes) so sharding rules can place them")
 
 
-def logical_axes(boxed: Any) -> Any:
-    """The tree of logical `PartitionSpec`s (axis names per dimension) of boxed parameters."""
-    return nn.get_partition_spec(boxed)
-
-
 def carries_state(model: nn.Module) -> bool:
     """Whether the model carries state across training segments (it defines `init_carry`)."""
     return callable(getattr(model, "init_carry", None))
@@ -76,16 +70,6 @@ def params_fingerprint(params: Any) -> str:
     leaves = jax.tree_util.tree_flatten_with_path(params)[0]
     text = ";".join(f"{jax.tree_util.keystr(p)}:{tuple(x.shape)}" for p, x in leaves)
     return hashlib.sha1(text.encode()).hexdigest()[:16]
-
-
-def init_params(model: nn.Module, rng: jax.Array, example_tokens: jnp.ndarray) -> Any:
-    """Initialised float32 parameters, unboxed."""
-    return nn.unbox(model.init(rng, example_tokens)["params"])
-
-
-def new_train_state(params: Any, optimizer: optax.GradientTransformation) -> TrainState:
-    return TrainState(step=jnp.asarray(0, jnp.int32), params=params,
-                      opt_state=optimizer.init(params))
 
 
 def parameter_count(params: Any) -> int:
