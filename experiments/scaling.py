@@ -1,16 +1,19 @@
-"""Benchmark: time per token of linear-time models at N = 1K ... 16K on CPU.
+"""Benchmark: time per token of any models at N = 1K ... 32K on CPU.
 
 Goals it measures: the training step per token at 8K within 1.3x of the 1K figure (the
-state-space / moving-average family: gss, mega, spade; the Block-Recurrent Transformer), and a
-model's speed against a reference model at each N (`--reference`; e.g. the Block-Recurrent
-Transformer against Transformer-XL with a 2048-token window, the paper's "about 2x").
+linear-time models: gss, mega, spade, flash, perceiver_ar, the Block-Recurrent Transformer), and a
+model's speed against a reference model at each N (`--reference`; e.g. FLASH against the
+Transformer, the paper's "3x at 8K", or the Block-Recurrent Transformer against Transformer-XL
+with a 2048-token window, the paper's "about 2x").
 
 What it measures
 ----------------
-Each model spec is `name` or `name[MACRO=VALUE,...]`: `configs/models/<name>.gin` with the size
-macros given here (default NUM_LAYERS=2, EMBED_DIM=256, NUM_HEADS=4, MLP_DIM=1024,
-CHUNK_SIZE=256, bytes vocabulary), then the spec's own bindings (e.g.
-`transformer_xl[CHUNK_SIZE=2048]`). For each N, on `[--batch, N]` random tokens:
+Each model spec is `name`, `name[MACRO=VALUE,...]` and optionally `@MAX`:
+`configs/models/<name>.gin` with the size macros given here (default NUM_LAYERS=2,
+EMBED_DIM=256, NUM_HEADS=4, MLP_DIM=1024, CHUNK_SIZE=256, NUM_LATENTS=256, bytes vocabulary), then
+the spec's own bindings (e.g. `transformer_xl[CHUNK_SIZE=2048]`); `@MAX` times it only up to
+N = MAX (a quadratic model for contrast, e.g. `transformer@4096`). For each N, on `[--batch, N]`
+random tokens:
 
 * train us/token -- one jitted training step (the LM loss of `lexjax.training.losses`, its
                     gradient, an AdamW update) / (batch * N);
@@ -22,6 +25,8 @@ CHUNK_SIZE=256, bytes vocabulary), then the spec's own bindings (e.g.
                     <= 1.3 at 8K);
 * GFLOP/step     -- 3 x `flops_per_token(N)` x tokens (forward FLOPs incl. the FFT estimate, x3
                     for training);
+* temp MiB       -- the compiled training step's scratch memory (XLA's `memory_analysis()`,
+                    arguments and outputs excluded);
 * x reference    -- with `--reference SPEC`: the train wall (and cpu) time per token over the
                     reference's at the same N (< 1: faster than the reference).
 
@@ -29,12 +34,17 @@ All (model, N) cases are compiled first, then timed in `--rounds` interleaved ro
 once per round), so a burst of load from other jobs hits every case alike; tables keep the
 minimum wall time and the median CPU time.
 
-Outputs go to `--out` (default experiments/results/) as scaling[.TAG].{md,csv,json}.
+Outputs go to `--out` (default experiments/results/) as scaling[.TAG].{md,csv,json,png} (the png:
+train us/token against N, one line per model).
 
 Examples
 --------
   .venv/bin/python experiments/scaling.py --tag ssm
   .venv/bin/python experiments/scaling.py --models gss,mega --lengths 1024,8192 --rounds 3
+  .venv/bin/python experiments/scaling.py --tag flash --models "flash,flash_quad@4096,transformer" \
+      --reference transformer
+  .venv/bin/python experiments/scaling.py --tag perceiver_ar --num_layers 4 \
+      --lengths 1024,2048,4096,8192,16384,32768 --models "perceiver_ar,transformer@4096"
   .venv/bin/python experiments/scaling.py --tag block_recurrent --chunk_size 512 \
       --models "block_recurrent,transformer_xl,transformer_xl[CHUNK_SIZE=2048]" \
       --reference "transformer_xl[CHUNK_SIZE=2048]"
@@ -60,7 +70,7 @@ import numpy as np
 import optax
 
 import lexjax
-from lexjax.training.losses import shift_right, token_losses
+from lexjax.losses import shift_right, token_losses
 
 MODELS = ("gss", "gss_transformer", "mega", "spade")
 
@@ -83,6 +93,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--num_heads", type=int, default=4)
     p.add_argument("--mlp_dim", type=int, default=1024)
     p.add_argument("--chunk_size", type=int, default=256)
+    p.add_argument("--num_latents", type=int, default=256)
     p.add_argument("--vocab_size", type=int, default=384)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--rounds", type=int, default=3)
@@ -92,7 +103,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-SPEC = re.compile(r"^(?P<name>[\w]+)(?:\[(?P<bindings>[^\]]*)\])?$")
+SPEC = re.compile(r"^(?P<name>[\w]+)(?:\[(?P<bindings>[^\]]*)\])?(?:@(?P<max>\d+))?$")
 
 
 def split_specs(text: str) -> list[str]:
@@ -100,20 +111,23 @@ def split_specs(text: str) -> list[str]:
     return [s.strip() for s in re.split(r",(?![^\[]*\])", text) if s.strip()]
 
 
-def parse_spec(spec: str) -> tuple[str, list[str]]:
-    """`name[MACRO=VALUE,...]` -> (config name, bindings)."""
+def parse_spec(spec: str) -> tuple[str, list[str], Optional[int]]:
+    """`name[MACRO=VALUE,...]@MAX` -> (config name, bindings, largest N or None)."""
     match = SPEC.match(spec)
     if not match:
-        raise SystemExit(f"bad model spec {spec!r}: use name or name[MACRO=VALUE,...]")
+        raise SystemExit(f"bad model spec {spec!r}: use name, name[MACRO=VALUE,...], "
+                         "optionally followed by @MAX_LENGTH")
     extra = match["bindings"] or ""
-    return match["name"], [b.strip() for b in extra.split(",") if b.strip()]
+    longest = int(match["max"]) if match["max"] else None
+    return match["name"], [b.strip() for b in extra.split(",") if b.strip()], longest
 
 
 def build(args, spec: str):
-    name, extra = parse_spec(spec)
+    name, extra, _ = parse_spec(spec)
     bindings = [f"NUM_LAYERS={args.num_layers}", f"EMBED_DIM={args.embed_dim}",
                 f"NUM_HEADS={args.num_heads}", f"MLP_DIM={args.mlp_dim}",
-                f"CHUNK_SIZE={args.chunk_size}", f"VOCAB_SIZE={args.vocab_size}", *extra]
+                f"CHUNK_SIZE={args.chunk_size}", f"NUM_LATENTS={args.num_latents}",
+                f"VOCAB_SIZE={args.vocab_size}", *extra]
     return lexjax.build_model([f"configs/models/{name}.gin"], bindings)
 
 
@@ -145,6 +159,8 @@ class Case:
         self.train = jax.jit(train_step).lower(self.params, self.opt_state, self.tokens).compile()
         self.forward = jax.jit(forward).lower(self.params, self.tokens).compile()
         self.compile_s = time.perf_counter() - start
+        memory = self.train.memory_analysis()
+        self.temp_mib = memory.temp_size_in_bytes / 2 ** 20 if memory is not None else None
         self.samples = {kind: {"wall": [], "cpu": []} for kind in ("train", "fwd")}
         self.run_once()  # warm-up, dropped from the statistics
 
@@ -162,6 +178,7 @@ class Case:
 
     def row(self) -> dict:
         out = {"model": self.name, "N": self.n, "compile_s": self.compile_s,
+               "temp_mib": self.temp_mib,
                "gflop_per_step": 3 * self.model.flops_per_token(self.n) * self.tokens_count / 1e9}
         for kind, samples in self.samples.items():
             wall, cpu = samples["wall"][1:], samples["cpu"][1:]
@@ -177,7 +194,10 @@ def measure(args) -> list[dict]:
     cases = []
     for name in args.models:
         model = build(args, name)
+        longest = parse_spec(name)[2]
         for n in args.lengths:
+            if longest is not None and n > longest:
+                continue
             print(f"compiling {name} N={n}", flush=True)
             cases.append(Case(args, name, model, n))
     for r in range(args.rounds):
@@ -194,7 +214,9 @@ def measure(args) -> list[dict]:
     if args.reference:
         reference = {row["N"]: row for row in rows if row["model"] == args.reference}
         for row in rows:
-            ref = reference[row["N"]]
+            ref = reference.get(row["N"])
+            if ref is None:  # the reference was not timed at this N
+                continue
             row["train_vs_reference"] = row["train_us_per_token"] / ref["train_us_per_token"]
             row["train_cpu_vs_reference"] = (row["train_cpu_us_per_token"]
                                              / ref["train_cpu_us_per_token"])
@@ -203,7 +225,7 @@ def measure(args) -> list[dict]:
 
 def markdown(args, rows: list[dict], meta: dict) -> str:
     header = ["model", "N", "train us/token", "×N=first", "train cpu us/token", "×N=first (cpu)",
-              "fwd us/token", "×N=first", "GFLOP/step"]
+              "fwd us/token", "×N=first", "GFLOP/step", "temp MiB"]
     if args.reference:
         header += [f"× {args.reference}", "× ref (cpu)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -211,13 +233,15 @@ def markdown(args, rows: list[dict], meta: dict) -> str:
         cells = [row["model"], str(row["N"]), f"{row['train_us_per_token']:.1f}",
                  f"{row['train_us_ratio']:.2f}", f"{row['train_cpu_us_per_token']:.1f}",
                  f"{row['train_cpu_us_ratio']:.2f}", f"{row['fwd_us_per_token']:.1f}",
-                 f"{row['fwd_us_ratio']:.2f}", f"{row['gflop_per_step']:.2f}"]
+                 f"{row['fwd_us_ratio']:.2f}", f"{row['gflop_per_step']:.2f}",
+                 "-" if row["temp_mib"] is None else f"{row['temp_mib']:.1f}"]
         if args.reference:
-            cells += [f"{row['train_vs_reference']:.2f}", f"{row['train_cpu_vs_reference']:.2f}"]
+            cells += [f"{row[key]:.2f}" if key in row else "-"
+                      for key in ("train_vs_reference", "train_cpu_vs_reference")]
         lines.append("| " + " | ".join(cells) + " |")
     size = (f"NUM_LAYERS={args.num_layers}, EMBED_DIM={args.embed_dim}, "
             f"NUM_HEADS={args.num_heads}, MLP_DIM={args.mlp_dim}, CHUNK_SIZE={args.chunk_size}, "
-            f"VOCAB_SIZE={args.vocab_size}, batch {args.batch}")
+            f"NUM_LATENTS={args.num_latents}, VOCAB_SIZE={args.vocab_size}, batch {args.batch}")
     return "\n".join([
         f"# Time per token vs length (CPU): {', '.join(args.models)}", "",
         f"Models: configs/models/<model>.gin with {size}. Minimum wall time over {args.rounds} "
@@ -226,6 +250,28 @@ def markdown(args, rows: list[dict], meta: dict) -> str:
         f"Machine: {meta['machine']}; load average before {meta['load_before']}, after "
         f"{meta['load_after']}; {meta['date']}.", "",
         *lines, ""])
+
+
+def plot(rows: list[dict], models: list[str], path: Path) -> None:
+    """Training-step time per token against N, one line per model (log-log)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for name in models:
+        mine = [row for row in rows if row["model"] == name]
+        ax.plot([row["N"] for row in mine], [row["train_us_per_token"] for row in mine],
+                marker="o", label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("sequence length N (tokens)")
+    ax.set_ylabel("training step, us per token (min wall)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -250,6 +296,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         writer = csv.DictWriter(f, fieldnames=scalar, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
+    plot(rows, args.models, Path(f"{stem}.png"))
     print(text)
 
 

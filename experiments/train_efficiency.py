@@ -5,8 +5,8 @@ What it measures
 For the quickstart model (configs/runs/quickstart.gin: 4 layers, EMBED_DIM 256, 4 heads, MLP_DIM
 1024, byte vocabulary padded to 384, xPos) and a few variants (batch 16 vs 32, TRAIN_LENGTH 128 vs
 256, attention_impl xla vs reference, scan_layers on/off, bfloat16 compute, a wider model), it
-builds the train step exactly as the trainer does (`lexjax.training.loop._Trainer`: gin-configured
-model, `make_optimizer`, mesh and shardings, `make_train_step`, jit with the state donated), runs
+builds the train step exactly as the trainer does (`lexjax.training.step.ShardedTrainStep` of the
+run gin's model and TrainConfig: optimizer, mesh and shardings, jit with the state donated), runs
 `--warmup` steps, then times `--steps` steps one by one (each ending in `block_until_ready`) and
 reports the median:
 
@@ -121,27 +121,27 @@ def loadavg():
 # Building the step the way the trainer does
 # ----------------------------------------------------------------------------------------------
 
-def build(bindings, workdir):
-    """`(trainer, state, tokens, key)` for quickstart.gin + bindings."""
-    import gin
+def build(bindings):
+    """`(sharded, state, batch, key)` for quickstart.gin + bindings: the trainer's own
+    `ShardedTrainStep` of the run's model and TrainConfig, its initial state and a batch of
+    random byte tokens (one document per row)."""
     import jax
     import numpy as np
 
+    from lexjax import partitioning
     from lexjax.config import parse_gin
-    from lexjax.training import loop
+    from lexjax.runs import configured_training
+    from lexjax.training.step import ShardedTrainStep
 
     parse_gin([GIN_FILE], bindings)
-    macro = lambda name: gin.query_parameter(f"%{name}")  # noqa: E731
-    spec = loop.RunSpec(task=macro("MIXTURE_OR_TASK_NAME"), train_steps=macro("TRAIN_STEPS"),
-                        batch_size=macro("BATCH_SIZE"), train_length=macro("TRAIN_LENGTH"),
-                        checkpoint_every=10 ** 9, log_every=10 ** 9, eval_every=0,
-                        eval_windows=0, seed=0, mesh=macro("MESH"), keep_checkpoints=1)
-    trainer = loop._Trainer(workdir, spec, None)
-    state = trainer.initial_state()
+    model, config = configured_training()
+    sharded = ShardedTrainStep(model, config, partitioning.make_mesh(config.mesh))
+    state = sharded.init(config.seed)
     rng = np.random.default_rng(0)
-    tokens = trainer.device_batch(
-        rng.integers(3, 259, size=(spec.batch_size, spec.train_length), dtype=np.int32))
-    return trainer, state, tokens, jax.random.PRNGKey(0)
+    shape = (config.batch_size, config.train_length)
+    batch = sharded.device_batch({"targets": rng.integers(3, 259, size=shape, dtype=np.int32),
+                                  "segment_ids": np.ones(shape, np.int32)})
+    return sharded, state, batch, jax.random.PRNGKey(0)
 
 
 def time_calls(fn, warmup, steps, cpu=None):
@@ -204,24 +204,22 @@ def measure_variant(name, bindings, args):
     peak_before = flops_lib.measured_matmul_peak()
     cpu_rate_before = matmul_rate_per_cpu_second()
     cpu_samples = []
-    with tempfile.TemporaryDirectory() as workdir:
-        trainer, state, tokens, key = build(bindings, workdir)
-        compiled, compile_seconds = trainer.compile_train_step()
-        holder = {"state": state}
+    sharded, state, tokens, key = build(bindings)
+    compiled, compile_seconds = sharded.compile()
+    holder = {"state": state}
 
-        def step():
-            holder["state"], metrics = compiled(holder["state"], tokens, key)
-            jax.block_until_ready((holder["state"], metrics))
+    def step():
+        holder["state"], metrics = compiled(holder["state"], tokens, key)
+        jax.block_until_ready((holder["state"], metrics))
 
-        samples = time_calls(step, args.warmup, args.steps, cpu=cpu_samples)
-        analytic = flops_lib.training_flops_per_step(trainer.model, trainer.spec.batch_size,
-                                                     trainer.spec.train_length)
-        paired = (paired_mfu(step, analytic, args.rounds, args.steps_per_round)
-                  if analytic and args.rounds else [])
-        trainer.checkpointer.close()
+    samples = time_calls(step, args.warmup, args.steps, cpu=cpu_samples)
+    analytic = flops_lib.training_flops_per_step(sharded.model, sharded.config.batch_size,
+                                                 sharded.config.train_length)
+    paired = (paired_mfu(step, analytic, args.rounds, args.steps_per_round)
+              if analytic and args.rounds else [])
     peak_after = flops_lib.measured_matmul_peak()
     cpu_rate = (cpu_rate_before + matmul_rate_per_cpu_second()) / 2
-    model, spec = trainer.model, trainer.spec
+    model, spec = sharded.model, sharded.config
     xla = flops_lib.xla_flops(compiled)
     peak = (peak_before + peak_after) / 2
     median, best = statistics.median(samples), min(samples)
@@ -256,18 +254,17 @@ def breakdown(args):
     import jax.numpy as jnp
     import optax
 
+    from lexjax.losses import mean_loss, shift_right
     from lexjax.training import flops as flops_lib
-    from lexjax.training.losses import shift_right, token_losses
 
-    with tempfile.TemporaryDirectory() as workdir:
-        trainer, state, tokens, key = build([], workdir)
-        trainer.checkpointer.close()
-    model, optimizer = trainer.model, trainer.optimizer
+    sharded, state, tokens, key = build([])
+    model, optimizer = sharded.model, sharded.optimizer
 
-    def loss_fn(params, tokens, rng):  # as in lexjax.training.loop.make_train_step
-        logits = model.apply({"params": params}, shift_right(tokens), deterministic=False,
-                             rngs={"dropout": rng})
-        return jnp.mean(token_losses(logits, tokens))
+    def loss_fn(params, batch, rng):  # as in lexjax.training.step.make_train_step
+        targets, segments = batch["targets"], batch["segment_ids"]
+        logits = model.apply({"params": params}, shift_right(targets, segments),
+                             segment_ids=segments, deterministic=False, rngs={"dropout": rng})
+        return mean_loss(logits, targets, segments)
 
     forward = jax.jit(loss_fn)
     forward_backward = jax.jit(jax.value_and_grad(loss_fn))
@@ -277,7 +274,7 @@ def breakdown(args):
         return optax.apply_updates(params, updates), opt_state
 
     update_jit = jax.jit(update, donate_argnums=(1, 2))
-    compiled_step, _ = trainer.compile_train_step()
+    compiled_step, _ = sharded.compile()
 
     params, opt_state = state.params, state.opt_state
     _, grads = forward_backward(params, tokens, key)
@@ -312,8 +309,8 @@ def breakdown(args):
         samples = time_calls(fn, args.warmup, args.steps)
         out[name] = {"median_seconds": statistics.median(samples), "samples": samples,
                      "xla_flops": lowered_flops[name]}
-    analytic_forward = model.flops_per_token(trainer.spec.train_length) * \
-        trainer.spec.batch_size * trainer.spec.train_length
+    analytic_forward = model.flops_per_token(sharded.config.train_length) * \
+        sharded.config.batch_size * sharded.config.train_length
     out["forward"]["analytic_flops"] = analytic_forward
     out["forward+backward"]["analytic_flops"] = 3 * analytic_forward
     return out
@@ -368,10 +365,8 @@ def _is_matmul(name, instructions, computations, seen=None):
 def profile(args):
     import jax
 
-    with tempfile.TemporaryDirectory() as workdir:
-        trainer, state, tokens, key = build([], workdir)
-        compiled, _ = trainer.compile_train_step()
-        trainer.checkpointer.close()
+    sharded, state, tokens, key = build([])
+    compiled, _ = sharded.compile()
     holder = {"state": state}
 
     def step():
@@ -419,8 +414,8 @@ def profile(args):
         kind["matmul"] = kind["matmul"] or r["matmul"]
     by_kind = sorted(({"kind": k, **v, "share_of_op_time": v["seconds_per_step"] / op_seconds}
                       for k, v in kinds.items()), key=lambda r: -r["seconds_per_step"])
-    analytic = trainer.model.flops_per_token(trainer.spec.train_length) * 3 * \
-        trainer.spec.batch_size * trainer.spec.train_length
+    analytic = sharded.model.flops_per_token(sharded.config.train_length) * 3 * \
+        sharded.config.batch_size * sharded.config.train_length
     return {"wall_seconds_per_step_under_trace": wall, "op_seconds_per_step": op_seconds,
             "matmul_op_seconds_per_step": matmul_seconds,
             "matmul_share_of_op_time": matmul_seconds / op_seconds if op_seconds else None,
