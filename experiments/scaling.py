@@ -15,7 +15,7 @@ the spec's own bindings (e.g. `transformer_xl[CHUNK_SIZE=2048]`); `@MAX` times i
 N = MAX (a quadratic model for contrast, e.g. `transformer@4096`). For each N, on `[--batch, N]`
 random tokens:
 
-* train us/token -- one jitted training step (the LM loss of `lexjax.training.losses`, its
+* train us/token -- one jitted training step (the LM loss of `lexjax.losses`, its
                     gradient, an AdamW update) / (batch * N);
 * fwd us/token   -- the forward pass alone / (batch * N);
 * cpu            -- process CPU time (user + system, all threads) per call / tokens: the

@@ -16,8 +16,9 @@ def load(model_dir: str, step: int | None = None, bindings: tuple[str, ...] = ()
     """`(model, variables)` of a trained run in `model_dir` (latest checkpoint unless `step`);
     `bindings` adjust the rebuilt model, e.g. `("BCA_BLOCK=64",)` with a BCA config. See
     `lexjax.runs.load_run` for the run's config and checkpoint record as well."""
-    from lexjax.runs import load
-    return load(model_dir, step, bindings)
+    from lexjax.runs import load_run
+    run = load_run(model_dir, step, bindings=bindings)
+    return run.model, run.variables
 
 
 __all__ = ["build_model", "load", "ConfigError"]

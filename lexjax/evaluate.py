@@ -50,12 +50,11 @@ def main(argv=None) -> int:
 
     from lexjax import partitioning
     from lexjax.evaluation import evaluate_lengths, write_report
-    from lexjax.runs import load_run
-    from lexjax.training.checkpoints import Checkpointer
+    from lexjax.runs import configured_run, load_run
 
     gin_files = list(args.gin_file)
     if args.bca:
-        train_length = Checkpointer(args.model_dir, read_only=True).meta(args.step)["train_length"]
+        train_length = configured_run(args.model_dir)[1].train_length
         gin_files.append("configs/features/bca.gin")
         bindings.append(f"BCA_BLOCK = {max(1, train_length // 2)}")
     mesh = partitioning.make_mesh(args.mesh) if args.mesh else None

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import flax.linen as nn
 import gin
@@ -53,8 +53,9 @@ class Run:
         return self.config.train_length
 
 
-# Pre-TrainConfig bindings (short or full names) -> where they live now.
+# Pre-TrainConfig bindings (short or full names) -> where they live now ("" drops the line).
 _LEGACY_RENAMES = (
+    (r"(?:lexjax\.training\.)?make_optimizer\.total_steps\b", ""),  # now TRAIN_STEPS
     (r"(?:lexjax\.training\.)?train\.task\b", "lexjax.data.DataConfig.task"),
     (r"(?:lexjax\.training\.)?train\.(\w+)\b", r"lexjax.training.TrainConfig.\1"),
     (r"(?:lexjax\.training\.)?make_optimizer\.(\w+)\b", r"lexjax.training.OptimizerConfig.\1"),
@@ -62,10 +63,12 @@ _LEGACY_RENAMES = (
     (r"(?:lexjax\.data\.)?vocabulary\.kind\b", "lexjax.data.DataConfig.vocabulary"),
     (r"(?:lexjax\.data\.)?vocabulary\.sentencepiece_model\b",
      "lexjax.data.DataConfig.sentencepiece_model"),
+    (r"(?:lexjax\.data\.)?stdlib_corpus\.include_test_suites\b",
+     "lexjax.data.DataConfig.include_test_suites"),
 )
-_LEGACY_MARK = re.compile(r"^(?:lexjax\.)?configured_model\.model = .*$", re.MULTILINE)
+_LEGACY_MARK = re.compile(r"^(?:lexjax\.)?configured_model\.model = (.*)$", re.MULTILINE)
 _NEW_BINDINGS = """
-lexjax.training.train.model = %MODEL
+lexjax.training.train.model = {model}
 lexjax.training.train.config = @lexjax.training.TrainConfig()
 lexjax.training.TrainConfig.data = @lexjax.data.DataConfig()
 lexjax.training.TrainConfig.optimizer = @lexjax.training.OptimizerConfig()
@@ -79,14 +82,15 @@ def is_legacy_config(text: str) -> bool:
 
 def upgrade_legacy_config(text: str) -> str:
     """A pre-`TrainConfig` config.gin rewritten to bind the same values where they live now."""
+    model = _LEGACY_MARK.search(text).group(1)
     lines = []
     for line in _LEGACY_MARK.sub("", text).splitlines():
         for pattern, replacement in _LEGACY_RENAMES:
             if re.match(pattern, line):
-                line = re.sub("^" + pattern, replacement, line)
+                line = re.sub("^" + pattern, replacement, line) if replacement else ""
                 break
         lines.append(line)
-    return "\n".join(lines) + _NEW_BINDINGS
+    return "\n".join(lines) + _NEW_BINDINGS.format(model=model)
 
 
 def read_config(model_dir: str) -> str:
@@ -147,9 +151,3 @@ def load_run(model_dir: str, step: Optional[int] = None, *, gin_files: Sequence[
     params = checkpointer.restore_params(abstract, step)
     return Run(model=model, variables={"params": params}, config=config, meta=meta)
 
-
-def load(model_dir: str, step: Optional[int] = None, bindings: Sequence[str] = ()
-         ) -> tuple[nn.Module, dict[str, Any]]:
-    """`(model, variables)` of a trained run (see `load_run`)."""
-    run = load_run(model_dir, step, bindings=bindings)
-    return run.model, run.variables

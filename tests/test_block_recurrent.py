@@ -124,7 +124,7 @@ def test_decoding_equals_forward(bindings):
     np.testing.assert_allclose(decoded, jax.jit(model.apply)(variables, toks), rtol=1e-4,
                                atol=1e-4)
     with pytest.raises(ValueError, match="one token per call"):
-        model.decode(variables, cache, toks[:, :2])
+        model.apply({**variables, "cache": cache}, toks[:, :2], decode=True, mutable=["cache"])
 
 
 def as_transformer_params(params):

@@ -643,3 +643,20 @@ def test_empty_and_unknown_splits_are_explained(tmp_path):
     padded = take(data.train_batches(config, length=4096, batch_size=2, pack=False), 1)[0]
     np.testing.assert_array_equal(
         padded, reference_pieces([reference_stream(["a single training document"])] * 2, 4096))
+
+
+def test_left_padded_pieces_end_at_the_row_end():
+    """`pad_left` (models scored on a row's last positions): the same pieces as right padding,
+    the padding moved before them; hand-checked rows and the streaming counterpart."""
+    tokens = np.arange(10, 26)  # documents [10..12], [13..16], [17..25]
+    starts, ends = packing.document_pieces(np.array([0, 3, 7, 16]), 4)
+    left = packing.gather_pieces(tokens, starts, ends, 4, pad_left=True)
+    np.testing.assert_array_equal(left, [[PAD, 10, 11, 12], [13, 14, 15, 16], [17, 18, 19, 20],
+                                         [21, 22, 23, 24], [PAD, PAD, PAD, 25]])
+    right = packing.gather_pieces(tokens, starts, ends, 4)
+    for l_row, r_row in zip(left, right):
+        np.testing.assert_array_equal(l_row[l_row != PAD], r_row[r_row != PAD])
+    documents = [tokens[0:3], tokens[3:7], tokens[7:16]]
+    np.testing.assert_array_equal(
+        np.stack(list(packing.pad_documents(documents, 4, pad_left=True))), left)
+    np.testing.assert_array_equal(data.segment_ids(left)[0], [0, 1, 1, 1])

@@ -101,7 +101,8 @@ def test_flash_decoding_refuses_xpos_and_several_tokens(rng):
     model = build("flash")
     variables = model.init(jax.random.PRNGKey(0), tokens(rng, 1, 8))
     with pytest.raises(ValueError, match="one token per call"):
-        model.decode(variables, model.init_cache(1, 8), tokens(rng, 1, 2))
+        model.apply({**variables, "cache": model.init_cache(1, 8)}, tokens(rng, 1, 2),
+                    decode=True, mutable=["cache"])
 
 
 def test_flops_per_token_by_hand():

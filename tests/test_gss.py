@@ -45,7 +45,8 @@ def test_decoding_keeps_one_ssm_state_per_layer_and_equals_forward():
 def test_decoding_takes_one_token():
     model, variables = initialized("gss")
     with pytest.raises(ValueError, match="one token per call"):
-        model.decode(variables, model.init_cache(1, 4), tokens(1, 2))
+        model.apply({**variables, "cache": model.init_cache(1, 4)}, tokens(1, 2), decode=True,
+                    mutable=["cache"])
 
 
 def test_hybrid_layer_pattern():

@@ -192,8 +192,9 @@ def corpus(tmp_path_factory):
 def test_the_trainer_packs_or_pads_as_the_model_needs(models, corpus, config, monkeypatch,
                                                       tmp_path):
     """Models that keep documents apart read packed rows (several documents, no padding);
-    models that cannot read padded rows (one document piece each); state-carrying models read
-    row streams (no segment ids)."""
+    models that cannot read padded rows (one document piece each, padded at the end, or at the
+    start for a model scored on a row's last positions); state-carrying models read row streams
+    (no segment ids)."""
     monkeypatch.setenv("LEXJAX_DATA_CACHE", str(tmp_path))
     model, _ = models(config)
     run = TrainConfig(data=corpus, train_steps=1, batch_size=8, train_length=64)
@@ -209,7 +210,10 @@ def test_the_trainer_packs_or_pads_as_the_model_needs(models, corpus, config, mo
         assert np.all(ids > 0) and ids.max() > 1  # packed: several documents per row
     else:
         assert set(np.unique(ids)) <= {0, 1} and np.any(ids == 0)  # padded: one piece a row
-        assert np.all(np.diff(ids, axis=1) <= 0)  # padding only at the end
+        ends_with_text = model.padding_side == "left"
+        steps = np.diff(ids, axis=1)
+        assert np.all(steps >= 0) if ends_with_text else np.all(steps <= 0)
+        assert np.all(ids[:, -1] == 1) if ends_with_text else np.all(ids[:, 0] == 1)
 
 
 @functools.lru_cache(maxsize=None)

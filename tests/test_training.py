@@ -791,3 +791,17 @@ def test_a_checkpoint_of_another_parameter_layout_is_refused_in_one_line(runs, t
     with pytest.raises(CheckpointError, match="parameter layout changed") as info:
         load_run(str(model_dir))
     assert "\n" not in str(info.value)
+
+
+def test_legacy_upgrade_keeps_the_bound_model_and_every_data_setting():
+    from lexjax.runs import upgrade_legacy_config
+
+    text = ("configured_model.model = @lexjax.models.GSS()\n"
+            "lexjax.training.make_optimizer.total_steps = 100\n"
+            "stdlib_corpus.include_test_suites = False\n"
+            "vocabulary.kind = 'byte'\n")
+    lines = upgrade_legacy_config(text).splitlines()
+    assert "lexjax.training.train.model = @lexjax.models.GSS()" in lines
+    assert "lexjax.data.DataConfig.include_test_suites = False" in lines
+    assert "lexjax.data.DataConfig.vocabulary = 'byte'" in lines
+    assert not any("total_steps" in line or "configured_model" in line for line in lines)

@@ -69,6 +69,8 @@ def masked_softmax_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray,
     visible = mask.allows(q_pos[..., :, None], k_pos[..., None, :])
     if k_valid is not None:
         visible = visible & k_valid[..., None, :]
+    if (q_segments is None) != (k_segments is None):
+        raise ValueError("pass both q_segments and k_segments, or neither")
     if q_segments is not None:
         visible = visible & (q_segments[..., :, None] == k_segments[..., None, :])
     visible = visible.reshape(visible.shape[:-2] + (1,) * len(heads) + visible.shape[-2:])

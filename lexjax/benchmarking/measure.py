@@ -18,9 +18,7 @@ from lexjax.training.step import ShardedTrainStep
 def first_batch(model, config: TrainConfig) -> dict[str, np.ndarray]:
     """This process's rows of the run's first training batch (the same on every mesh), laid out
     as the trainer reads them for this model (`lexjax.training.inputs`)."""
-    rows = config.batch_size // jax.process_count()
-    batch = next(training_batches(model, config))
-    return {name: np.asarray(value[:rows], np.int32) for name, value in batch.items()}
+    return next(training_batches(model, config))
 
 
 def mesh_peak_flops(mesh, device_peak: tuple[float, str]) -> tuple[float, str]:

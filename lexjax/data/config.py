@@ -29,20 +29,23 @@ class DataConfig:
       vocabulary: "byte" (default) or "sentencepiece" (configs/data/sentencepiece.gin).
       sentencepiece_model: the SentencePiece model file, for "sentencepiece".
       text_files_glob: the files of the `lexjax.text_files` task (configs/data/text_files.gin).
+      include_test_suites: the `lexjax.stdlib_code` task keeps the standard library's own test
+        suites (more than half of its text; see `lexjax.data.corpora`).
     """
 
     task: str
     vocabulary: str = "byte"
     sentencepiece_model: Optional[str] = None
     text_files_glob: Optional[str] = None
+    include_test_suites: bool = True
 
     def __post_init__(self):
         if not isinstance(self.task, str) or not self.task:
             raise DataError(f"the task must be a task name such as 'lexjax.stdlib_code', got "
                             f"{self.task!r} (MIXTURE_OR_TASK_NAME)")
         if self.vocabulary not in VOCABULARY_KINDS:
-            raise DataError(f"unknown vocabulary {self.vocabulary!r}; use one of "
-                            f"{VOCABULARY_KINDS}")
+            raise DataError(f"unknown vocabulary {self.vocabulary!r} "
+                            f"(lexjax.data.DataConfig.vocabulary); use one of {VOCABULARY_KINDS}")
         if self.vocabulary == "sentencepiece" and not self.sentencepiece_model:
             raise DataError("vocabulary 'sentencepiece' needs a model file: set "
                             "SENTENCEPIECE_MODEL with configs/data/sentencepiece.gin")
@@ -53,8 +56,9 @@ class DataConfig:
 
     @property
     def is_default(self) -> bool:
-        """The task as registered: bytes, no glob."""
-        return self.vocabulary == "byte" and self.text_files_glob is None
+        """The task as registered: bytes, no glob, the whole standard library."""
+        return (self.vocabulary == "byte" and self.text_files_glob is None
+                and self.include_test_suites)
 
 
 def as_data_config(data: Union[DataConfig, str]) -> DataConfig:

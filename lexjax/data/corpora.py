@@ -15,7 +15,7 @@ Two corpora are defined here:
   download.
   `site-packages` (third-party code) and `__pycache__` are skipped. The standard library's own test
   suites (`test/`, `*/tests/`, `idlelib/idle_test/`, ...) are KEPT by default: they are ordinary
-  Python and more than half of the text. `stdlib_corpus(include_test_suites=False)` drops them
+  Python and more than half of the text. `DataConfig(include_test_suites=False)` drops them
   (about 12 MB left).
 * `text_files_corpus(pattern)`: any local files matching a glob (`**` recurses); the root is the
   glob's leading directory without wildcards. A run names the glob in its `DataConfig`.

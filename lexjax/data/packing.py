@@ -50,22 +50,27 @@ def document_pieces(doc_starts: np.ndarray, length: int) -> tuple[np.ndarray, np
 
 
 def gather_pieces(tokens: np.ndarray, starts: np.ndarray, ends: np.ndarray, length: int,
-                  pad_id: int = PAD_ID) -> np.ndarray:
-    """`[len(starts), length]` int32: row i is `tokens[starts[i]:ends[i]]` padded with `pad_id`."""
-    offsets = np.asarray(starts, dtype=np.int64)[:, None] + np.arange(length, dtype=np.int64)
-    inside = offsets < np.asarray(ends, dtype=np.int64)[:, None]
+                  pad_id: int = PAD_ID, pad_left: bool = False) -> np.ndarray:
+    """`[len(starts), length]` int32: row i is `tokens[starts[i]:ends[i]]` padded with `pad_id`
+    after it (or before it, `pad_left`)."""
+    starts = np.asarray(starts, dtype=np.int64)[:, None]
+    ends = np.asarray(ends, dtype=np.int64)[:, None]
+    first = ends - length if pad_left else starts
+    offsets = first + np.arange(length, dtype=np.int64)
+    inside = (offsets >= starts) & (offsets < ends)
     rows = np.asarray(tokens[np.where(inside, offsets, 0)], dtype=np.int32)
     return np.where(inside, rows, pad_id).astype(np.int32)
 
 
-def pad_documents(documents: Iterable[np.ndarray], length: int,
-                  pad_id: int = PAD_ID) -> Iterator[np.ndarray]:
+def pad_documents(documents: Iterable[np.ndarray], length: int, pad_id: int = PAD_ID,
+                  pad_left: bool = False) -> Iterator[np.ndarray]:
     """The streaming counterpart of `document_pieces`: each document cut into `[length]` int32
-    pieces, the last one of each padded with `pad_id`."""
+    pieces, the last one of each padded with `pad_id` (before it with `pad_left`)."""
     for document in documents:
         for start in range(0, document.shape[0], length):
             piece = np.asarray(document[start:start + length], dtype=np.int32)
-            yield np.pad(piece, (0, length - piece.shape[0]), constant_values=pad_id)
+            pad = (length - piece.shape[0], 0) if pad_left else (0, length - piece.shape[0])
+            yield np.pad(piece, pad, constant_values=pad_id)
 
 
 @functools.lru_cache(maxsize=4)

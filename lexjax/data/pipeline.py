@@ -45,7 +45,7 @@ def _host_rows(length: int, batch_size: int, seed: int, start_step: int, shard_i
 def train_batches(data: Data, *, length: int, batch_size: int, seed: int = 0,
                   split: str = "train", start_step: int = 0, shard_index: int = 0,
                   num_shards: int = 1, shuffle: bool = True, pack: bool = True,
-                  shuffle_buffer_size: int = STREAM_SHUFFLE_BUFFER,
+                  pad_left: bool = False, shuffle_buffer_size: int = STREAM_SHUFFLE_BUFFER,
                   cache_dir: str | None = None) -> Iterator[np.ndarray]:
     """Yields the training batches of a task forever, starting at global step `start_step`.
 
@@ -54,7 +54,8 @@ def train_batches(data: Data, *, length: int, batch_size: int, seed: int = 0,
     the final partial example of the stream, which is dropped); `packing.segment_ids` tells the
     documents of an example apart. Padded (`pack=False`, for models that cannot keep documents
     apart): each document (with its EOS) is cut into pieces of at most `length` tokens, and each
-    piece is one example, padded with PAD (id 0). Global batch k holds `batch_size` examples;
+    piece is one example, padded with PAD (id 0) after it, or before it with `pad_left` (for
+    models scored on a row's last positions). Global batch k holds `batch_size` examples;
     host `shard_index` of `num_shards` gets rows
     `[shard_index * b, (shard_index + 1) * b)` of it, b = batch_size // num_shards.
 
@@ -78,6 +79,7 @@ def train_batches(data: Data, *, length: int, batch_size: int, seed: int = 0,
       num_shards: number of hosts sharing each global batch.
       shuffle: shuffle examples (False: stream order, useful for inspection and tests).
       pack: packed examples (True) or padded document pieces (False).
+      pad_left: padded pieces end at the row's end (padding first).
       shuffle_buffer_size: examples held for shuffling a streamed task (local tasks need none).
       cache_dir: cache root for local tasks; default as in `streams.cache_root`.
 
@@ -99,8 +101,8 @@ def train_batches(data: Data, *, length: int, batch_size: int, seed: int = 0,
             raise DataError(f"split {split!r} of task {data.task!r} has {stream.num_tokens} "
                             f"tokens, fewer than one example of length {length}")
         return _local_batches(stream.tokens, starts, ends, length, batch_size, seed, shuffle,
-                              start_step, rows)
-    return _streamed_batches(task, split, length, batch_size, seed, shuffle, pack,
+                              start_step, rows, pad_left)
+    return _streamed_batches(task, split, length, batch_size, seed, shuffle, pack, pad_left,
                              shuffle_buffer_size, start_step, rows)
 
 
@@ -117,21 +119,21 @@ def _split_of(data: Data, split: str, cache_dir: str | None
 
 
 def _local_batches(tokens: np.ndarray, starts: np.ndarray, ends: np.ndarray, length: int,
-                   batch_size: int, seed: int, shuffle: bool, start_step: int, rows: slice
-                   ) -> Iterator[np.ndarray]:
+                   batch_size: int, seed: int, shuffle: bool, start_step: int, rows: slice,
+                   pad_left: bool) -> Iterator[np.ndarray]:
     for step in itertools.count(start_step):
         ids = packing.example_ids(step, batch_size, len(starts), seed=seed, shuffle=shuffle,
                                   rows=rows)
-        yield packing.gather_pieces(tokens, starts[ids], ends[ids], length)
+        yield packing.gather_pieces(tokens, starts[ids], ends[ids], length, pad_left=pad_left)
 
 
 def _streamed_batches(task: seqio.Task, split: str, length: int, batch_size: int, seed: int,
-                      shuffle: bool, pack: bool, shuffle_buffer_size: int, start_step: int,
-                      rows: slice) -> Iterator[np.ndarray]:
+                      shuffle: bool, pack: bool, pad_left: bool, shuffle_buffer_size: int,
+                      start_step: int, rows: slice) -> Iterator[np.ndarray]:
     documents = (tokens for tokens, _ in streams.iter_documents(
         task, split, shuffle=shuffle, seed=seed, num_epochs=None))
-    cut = packing.pack_documents if pack else packing.pad_documents
-    examples = cut(documents, length)
+    examples = (packing.pack_documents(documents, length) if pack
+                else packing.pad_documents(documents, length, pad_left=pad_left))
     if shuffle:
         examples = packing.shuffle_buffer(examples, shuffle_buffer_size,
                                           np.random.default_rng([seed]))

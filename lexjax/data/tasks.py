@@ -136,7 +136,7 @@ class _TaskSpec:
 #: Task name -> its corpus (given the run's DataConfig), for the tasks whose corpus is local files
 #: (small enough to materialise in memory); every other task is streamed.
 LOCAL_CORPORA: dict[str, Callable[[DataConfig], corpora.Corpus]] = {
-    STDLIB_CODE: lambda data: corpora.stdlib_corpus(),
+    STDLIB_CODE: lambda data: corpora.stdlib_corpus(data.include_test_suites),
     TEXT_FILES: lambda data: corpora.text_files_corpus(data.text_files_glob),
 }
 
@@ -186,6 +186,8 @@ def derived_name(data: DataConfig) -> str:
     name = f"{data.task}.{vocabulary_id(data.seqio_vocabulary())}"
     if data.text_files_glob and data.task in LOCAL_CORPORA:
         name += "." + hashlib.sha1(data.text_files_glob.encode()).hexdigest()[:12]
+    if not data.include_test_suites and data.task == STDLIB_CODE:
+        name += ".no_test_suites"
     return name
 
 

@@ -84,7 +84,7 @@ class Flash(ChunkedAttention, LanguageModel, kw_only=True):
         if self.chunk_size is None:
             return None
         return ("mixed chunk attention's linear part sums key-value states over all earlier "
-                "chunks of the row")
+                "chunks of the row (FLASH-Quad, CHUNK_SIZE=None, keeps documents apart)")
 
     @property
     def decodes_chunks(self) -> bool:

@@ -43,6 +43,11 @@ from lexjax.layers import Embedding, compute_dtype, dense, make_norm, with_activ
 from lexjax.layers.decoder import DecoderLayer
 from lexjax.positions import PositionScheme
 
+# The size macros of configs/models/*.gin, by field: error messages name what a user sets.
+MACROS = {"vocab_size": "VOCAB_SIZE", "num_layers": "NUM_LAYERS", "embed_dim": "EMBED_DIM",
+          "mlp_dim": "MLP_DIM", "num_heads": "NUM_HEADS", "dtype": "DTYPE",
+          "chunk_size": "CHUNK_SIZE"}
+
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -94,10 +99,17 @@ class LanguageModel(nn.Module, kw_only=True):
     final_norm: ClassVar[bool] = True  # a norm between the backbone and the logits
     decodes_chunks: ClassVar[bool] = False  # a decode call takes several tokens (one-pass prefill)
     mixes_segments: ClassVar[Optional[str]] = None  # why packed documents cannot be kept apart
+    padding_side: ClassVar[str] = "right"  # where padded training rows put their padding
 
     def __post_init__(self):
-        self.check()  # a bad field fails where the model is built (a one-line ConfigError)
+        self.check()  # a bad field fails where the model is built (build_model: a ConfigError)
         super().__post_init__()
+
+    @nn.nowrap
+    def field_name(self, field: str) -> str:
+        """`Class.field (MACRO)`, how error messages name a field."""
+        macro = f" ({MACROS[field]})" if field in MACROS else ""
+        return f"{type(self).__name__}.{field}{macro}"
 
     # -- what a subclass provides -------------------------------------------------------------
     def backbone(self, x: jnp.ndarray, positions: jnp.ndarray, *,
@@ -116,9 +128,12 @@ class LanguageModel(nn.Module, kw_only=True):
         for name in ("vocab_size", "num_layers", "embed_dim", "mlp_dim"):
             value = getattr(self, name)
             if not isinstance(value, (int, np.integer)) or value < 1:
-                raise ValueError(f"{type(self).__name__}.{name} must be a positive int, got "
+                raise ValueError(f"{self.field_name(name)} must be a positive int, got "
                                  f"{value!r}")
-        compute_dtype(self.dtype)
+        try:
+            compute_dtype(self.dtype)
+        except ValueError as e:
+            raise ValueError(f"{self.field_name('dtype')}: {e}") from None
 
     # -- the forward pass ---------------------------------------------------------------------
     @property
@@ -237,10 +252,11 @@ class LanguageModel(nn.Module, kw_only=True):
         return jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, x.dtype), shapes["cache"])
 
     @nn.nowrap
-    def decode(self, variables: Any, cache: Cache, tokens: jnp.ndarray
-               ) -> tuple[jnp.ndarray, Cache]:
+    def _decode_call(self, variables: Any, cache: Cache, tokens: jnp.ndarray
+                     ) -> tuple[jnp.ndarray, Cache]:
         """One decode call: `tokens [batch, n]` after those in `cache` -> (their logits, the
-        updated cache)."""
+        updated cache). Several tokens at once only from `prefill` (an empty cache) for models
+        that `decodes_chunks`."""
         logits, updated = self.apply({"params": variables["params"], "cache": cache}, tokens,
                                      decode=True, mutable=["cache"])
         return logits, updated["cache"]
@@ -257,10 +273,10 @@ class LanguageModel(nn.Module, kw_only=True):
                              f"({max_length})")
         cache = self.init_cache(batch, max_length)
         if self.decodes_chunks:
-            return self.decode(variables, cache, prompt)
+            return self._decode_call(variables, cache, prompt)
 
         def step(cache, token):
-            logits, cache = self.decode(variables, cache, token[:, None])
+            logits, cache = self._decode_call(variables, cache, token[:, None])
             return cache, logits[:, -1]
 
         cache, logits = jax.lax.scan(step, cache, jnp.swapaxes(prompt, 0, 1))
@@ -270,8 +286,10 @@ class LanguageModel(nn.Module, kw_only=True):
     def decode_step(self, variables: Any, cache: Cache, token: jnp.ndarray
                     ) -> tuple[jnp.ndarray, Cache]:
         """Consumes `token [batch]` (int32) after those in `cache`; returns the logits
-        `[batch, vocab]` predicting the next token, and the updated cache."""
-        logits, cache = self.decode(variables, cache, token[:, None])
+        `[batch, vocab]` predicting the next token, and the updated cache. Positions must stay
+        below the cache's `max_length` (not checked under jit: a full-mask key/value cache then
+        keeps only the last `max_length` keys, and other caches are not valid)."""
+        logits, cache = self._decode_call(variables, cache, token[:, None])
         return logits[:, -1], cache
 
 
@@ -293,8 +311,8 @@ class ChunkedAttention:
             return
         if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
             allowed = f" or None ({none_means})" if none_means else ""
-            raise ValueError(f"{type(self).__name__}.chunk_size (CHUNK_SIZE) must be a positive "
-                             f"int{allowed}, got {size!r}")
+            raise ValueError(f"{self.field_name('chunk_size')} must be a positive int{allowed}, "
+                             f"got {size!r}")
 
 
 class AttentionLanguageModel(LanguageModel, kw_only=True):
@@ -329,8 +347,12 @@ class AttentionLanguageModel(LanguageModel, kw_only=True):
     def check(self) -> None:
         super().check()
         if self.num_heads < 1 or self.num_heads % self.key_value_heads:
-            raise ValueError(f"num_heads ({self.num_heads}) must be a positive multiple of "
-                             f"num_kv_heads ({self.key_value_heads})")
+            raise ValueError(f"{self.field_name('num_heads')} = {self.num_heads} must be a "
+                             f"positive multiple of num_kv_heads ({self.key_value_heads})")
+        if self.head_dim is None and self.embed_dim % self.num_heads:
+            raise ValueError(f"{self.field_name('embed_dim')} = {self.embed_dim} does not split "
+                             f"into {self.num_heads} heads (NUM_HEADS); change one, or set "
+                             f"{type(self).__name__}.head_dim")
 
     def decoder_layer(self, mask: MaskSpec, *, deterministic: bool, decode: bool, name: str,
                       scanned: bool = False) -> DecoderLayer:

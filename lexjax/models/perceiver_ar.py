@@ -165,6 +165,7 @@ class PerceiverAR(AttentionLanguageModel, kw_only=True):
     cross_attention_key_chunk_size: int = DEFAULT_KEY_CHUNK
 
     final_norm = False  # the latent stack ends in one
+    padding_side = "left"  # it is scored on a row's last positions: keep the text there
     decodes_chunks = True  # a chunk is a prompt, read in one pass
     mixes_segments = ("its latents are the row's last positions, so what a document's tokens "
                       "attend to through the latent stack depends on where it sits in the row")

@@ -10,8 +10,9 @@ shape of the run, its intervals, seed, mesh, sharding rules and optimizer. A run
     ...
 
 Every field is checked once, when the object is built, and a bad value is a one-line
-`ConfigError` naming the macro to fix. The trainer, the bench and `lexjax.load` read this same
-object; nothing else reads gin.
+`ConfigError` naming the macro (or binding) to fix. The trainer, the bench and
+`lexjax.runs.load_run` read this same object (`lexjax.runs.configured_training`); no library
+code reads gin at run time.
 """
 from __future__ import annotations
 
@@ -34,17 +35,18 @@ MACROS = {"train_steps": "TRAIN_STEPS", "batch_size": "BATCH_SIZE",
           "learning_rate": "LEARNING_RATE", "warmup_steps": "WARMUP_STEPS"}
 
 
-def _name(field: str) -> str:
+def _name(owner: Any, field: str) -> str:
+    """The macro a run gin binds to the field, else the field's own gin binding."""
     macro = MACROS.get(field)
-    return f"{macro} ({field})" if macro else field
+    return f"{macro} ({field})" if macro else f"lexjax.training.{type(owner).__name__}.{field}"
 
 
 def _check_int(owner: Any, field: str, minimum: int) -> None:
     value = getattr(owner, field)
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ConfigError(f"{_name(field)} must be an integer, got {value!r}")
+        raise ConfigError(f"{_name(owner, field)} must be an integer, got {value!r}")
     if value < minimum:
-        raise ConfigError(f"{_name(field)} must be at least {minimum}, got {value}")
+        raise ConfigError(f"{_name(owner, field)} must be at least {minimum}, got {value}")
     object.__setattr__(owner, field, int(value))  # numpy ints compare and hash alike
 
 
@@ -52,10 +54,10 @@ def _check_float(owner: Any, field: str, low: float, high: float = float("inf"),
                  low_open: bool = False) -> None:
     value = getattr(owner, field)
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ConfigError(f"{_name(field)} must be a number, got {value!r}")
+        raise ConfigError(f"{_name(owner, field)} must be a number, got {value!r}")
     if not (low < value if low_open else low <= value) or value > high:
         bounds = f"{'(' if low_open else '['}{low}, {high}]"
-        raise ConfigError(f"{_name(field)} must lie in {bounds}, got {value}")
+        raise ConfigError(f"{_name(owner, field)} must lie in {bounds}, got {value}")
     object.__setattr__(owner, field, float(value))
 
 

@@ -1,9 +1,10 @@
-"""What the train step reads, by model (shared by the trainer and the bench):
+"""What the train step reads, by model (shared by the trainer, the step and the bench):
 
 - a model that keeps packed documents apart (`keeps_segments_apart`): packed rows of the token
-  stream and their segment ids (`lexjax.data.segment_ids`);
+  stream and their segment ids (`lexjax.data.segment_ids`), which the model reads;
 - a model whose layers mix the whole row: padded rows, one document piece each (segment id 1,
-  padding 0, which is not scored);
+  padding 0, which is not scored), padded after the piece, or before it for a model scored on
+  a row's last positions (`padding_side = "left"`: Perceiver AR);
 - a state-carrying model (`init_carry`): row streams, row i of each batch continuing row i of the
   previous one (`lexjax.data.stream_batches`).
 
@@ -22,6 +23,12 @@ from lexjax.training.config import TrainConfig
 from lexjax.training.state import carries_state
 
 
+def reads_segment_ids(model: nn.Module) -> bool:
+    """Whether the model is given the segment ids of packed rows (else it gets padded rows or
+    row streams)."""
+    return bool(getattr(model, "keeps_segments_apart", False)) and not carries_state(model)
+
+
 def training_batches(model: nn.Module, config: TrainConfig, start_step: int = 0
                      ) -> Iterator[dict[str, np.ndarray]]:
     """This process's rows of the global batches from `start_step` on: `{"targets"}`, plus
@@ -35,8 +42,9 @@ def training_batches(model: nn.Module, config: TrainConfig, start_step: int = 0
         for tokens in data.stream_batches(config.data, **common):
             yield {"targets": tokens}
         return
-    pack = bool(getattr(model, "keeps_segments_apart", False))
-    for tokens in data.train_batches(config.data, pack=pack, **common):
+    pad_left = getattr(model, "padding_side", "right") == "left"
+    for tokens in data.train_batches(config.data, pack=reads_segment_ids(model),
+                                     pad_left=pad_left, **common):
         yield {"targets": tokens, "segment_ids": data.segment_ids(tokens)}
 
 

@@ -2,8 +2,10 @@
 
 `train(model, config, model_dir, init_from)` takes the model and its `TrainConfig`; the run gins
 bind both (`lexjax.training.train.model = %MODEL`, `lexjax.training.train.config =
-@lexjax.training.TrainConfig()`), so `python -m lexjax.train` calls `train(model_dir=...)`. The
-loop never waits for the device except at log, validation and checkpoint steps.
+@lexjax.training.TrainConfig()`), and `python -m lexjax.train` reads them
+(`lexjax.runs.configured_training`). The loop never waits for the device except at log,
+validation and checkpoint steps; throughput is timed from the device's results, and validation
+time is not counted as training time.
 
 Data: a model that keeps packed documents apart trains on packed rows with their segment ids; a
 model that cannot (an FFT convolution, a recurrence over the row) on padded rows, one document
@@ -14,13 +16,12 @@ from __future__ import annotations
 import math
 import os
 import time
-from typing import Iterator, Optional
+from typing import Optional
 
 import flax.linen as nn
 import gin
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from lexjax import partitioning
 from lexjax.errors import UserError
@@ -31,7 +32,7 @@ from lexjax.training import inputs
 from lexjax.training import state as state_lib
 from lexjax.training.config import TrainConfig
 from lexjax.training.metrics import MetricsLogger, truncate_metrics
-from lexjax.training.step import Batch, ShardedTrainStep
+from lexjax.training.step import ShardedTrainStep
 
 CONFIG_FILE = "config.gin"
 OPERATIVE_CONFIG_FILE = "operative_config.gin"
@@ -75,14 +76,6 @@ class _Trainer:
                 max_windows=config.eval_windows)
             self.scorer = Scorer(model, batch_size=config.batch_size, mesh=self.mesh,
                                  rules=config.logical_axis_rules)
-
-    # -- data -------------------------------------------------------------------------------
-    def batches(self, start_step: int) -> Iterator[dict[str, np.ndarray]]:
-        """This process's rows of the global batches from `start_step` on."""
-        return inputs.training_batches(self.model, self.config, start_step)
-
-    def device_batch(self, local: dict[str, np.ndarray]) -> Batch:
-        return self.step.device_batch(local)
 
     def validation_loss(self, params) -> float:
         """The mean loss over the validation windows (the scoring path of `evaluate`)."""
@@ -165,8 +158,7 @@ def train(model: nn.Module, config: TrainConfig, model_dir: str,
                                                         config.train_length)
                       or flops_lib.xla_flops(compiled))
     peak, peak_source = flops_lib.device_peak_flops()
-    process_rows = config.batch_size // jax.process_count()
-    batches = trainer.batches(start_step)
+    batches = inputs.training_batches(model, config, start_step)
     key = jax.random.PRNGKey(config.seed)
     logger = MetricsLogger(model_dir, total_steps=config.train_steps, start_step=start_step,
                            progress=progress)
@@ -182,16 +174,15 @@ def train(model: nn.Module, config: TrainConfig, model_dir: str,
     interval_start, interval_steps = time.perf_counter(), 0
     try:
         for step in range(start_step + 1, config.train_steps + 1):
-            local = {name: rows[:process_rows] for name, rows in next(batches).items()}
-            state, metrics = compiled(state, trainer.device_batch(local), key)
+            state, metrics = compiled(state, trainer.step.device_batch(next(batches)), key)
             summed = metrics if summed is None else jax.tree_util.tree_map(jnp.add, summed,
                                                                            metrics)
             interval_steps += 1
             record = {}
             if config.logs_at(step):
+                means = jax.device_get(summed)  # waits for the interval's last step
                 seconds = time.perf_counter() - interval_start
-                record = {k: float(v) / interval_steps
-                          for k, v in jax.device_get(summed).items()}
+                record = {k: float(v) / interval_steps for k, v in means.items()}
                 record["learning_rate"] = float(metrics["learning_rate"])
                 trainer.check_finite(record, step)
                 record["tokens_per_sec"] = interval_steps * config.tokens_per_step / seconds
@@ -202,6 +193,7 @@ def train(model: nn.Module, config: TrainConfig, model_dir: str,
                 summed, interval_steps = None, 0
                 interval_start = time.perf_counter()
             if config.evaluates_at(step):
+                jax.block_until_ready(state.params)  # the interval's training steps are done
                 validation_start = time.perf_counter()
                 record["validation_loss"] = trainer.validation_loss(state.params)
                 interval_start += time.perf_counter() - validation_start  # not training time

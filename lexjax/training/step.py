@@ -21,6 +21,7 @@ from lexjax import partitioning
 from lexjax.losses import mean_loss, shift_right
 from lexjax.training import state as state_lib
 from lexjax.training.config import TrainConfig
+from lexjax.training.inputs import reads_segment_ids
 from lexjax.training.optimizer import make_optimizer
 
 Batch = dict  # {"targets": int32 [batch, length], "segment_ids": int32 [batch, length]}
@@ -45,7 +46,7 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation,
     The carry restarts (zeros: a fresh stream) at every multiple of `segments_per_stream` steps,
     where the data's row streams restart (see `lexjax.data.stream_batches`).
     """
-    passes_segments = getattr(model, "keeps_segments_apart", False)
+    passes_segments = reads_segment_ids(model)
 
     def loss_fn(params, batch, rng, carry):
         targets, segments = batch["targets"], batch.get("segment_ids")
@@ -74,9 +75,12 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation,
             state.params, batch, rng, carry)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        segments = batch.get("segment_ids")
+        padding = (jnp.mean((segments == 0).astype(jnp.float32)) if segments is not None
+                   else jnp.zeros((), jnp.float32))
         metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
                    "param_norm": optax.global_norm(params),
-                   "learning_rate": schedule(state.step)}
+                   "learning_rate": schedule(state.step), "padding": padding}
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                              carry=carry), metrics
 
