@@ -6,7 +6,7 @@ GIN ?= configs/runs/quickstart.gin
 MODEL_DIR ?= runs/quickstart
 EVAL_LENGTHS ?= 128,256,512,1024
 
-.PHONY: install test train bench clean
+.PHONY: install test train clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GOLDEN_DIR = os.path.join(REPO, "tests", "testdata", "param_layouts")
-# Tiny sizes: every size macro a model config honours (shared/DESIGN.md), small enough to build
+# Tiny sizes: every size macro a model config honours, small enough to build
 # each model in well under a second.
 TINY = ("NUM_LAYERS=2", "EMBED_DIM=32", "NUM_HEADS=4", "MLP_DIM=64", "VOCAB_SIZE=64",
         "CHUNK_SIZE=8", "NUM_LATENTS=8")

@@ -1,5 +1,5 @@
 """The gated attention unit and its attention cores against direct O(N²) references with explicit
-masks (float64 numpy), in outputs and gradients; ragged lengths; decoding (PAPERS.md §6): the
+masks (float64 numpy), in outputs and gradients; ragged lengths; decoding: the
 cache is created by `init` with `decode=True` (which computes the ordinary forward pass), later
 decode calls read and advance it and reproduce the forward pass."""
 import flax.linen as nn

@@ -1,5 +1,5 @@
 """Position schemes against independent float64 numpy references written from the papers
-(PAPERS.md sections 1-5), hand-worked values, invariances and numerical safety."""
+(RoPE, xPos, ALiBi, Sandwich, KERPLE, T5), hand-worked values, invariances and numerical safety."""
 import math
 
 import chex
@@ -349,7 +349,7 @@ def test_xpos_decay_base(d):
 def test_xpos_decay_base_hand_values():
     zeta = P.xpos_decay_base(64, 0.4)
     np.testing.assert_allclose([zeta[0], zeta[-1]], [0.4 / 1.4, (62 + 25.6) / 89.6], rtol=1e-6)
-    np.testing.assert_allclose([zeta[0], zeta[-1]], [0.2857, 0.9777], atol=1e-4)  # PAPERS.md
+    np.testing.assert_allclose([zeta[0], zeta[-1]], [0.2857, 0.9777], atol=1e-4)  # hand-worked
 
 
 @pytest.mark.parametrize("offset", [0, 1000])

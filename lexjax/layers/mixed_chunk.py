@@ -9,7 +9,7 @@ Linear Time"): squared-ReLU scores over one shared low-dimensional query/key spa
 - `mixed_chunk_decode_step`: one causal step of the same formula from a cache holding the state of
   the completed chunks and the current chunk's keys and values: O(C) per token.
 
-Scaling ("the 1/T scaling done right", PAPERS.md §6 pitfalls):
+Scaling ("the 1/T scaling done right", a known pitfall of re-implementations):
 - mixed chunk: both parts divide by the chunk size C (the paper's pseudocode: `qk / c` in the
   kernel, `lin_kv / c`), a constant, so outputs never depend on the padded or total length;
 - quadratic: the paper divides by the (fixed, padded) training length. Here T is the number of

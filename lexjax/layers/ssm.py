@@ -10,12 +10,12 @@ so `y = K * u + D u` with the causal kernel `K[l] = Re Σ_n C̃_n z_n^l`. Traini
 (O(L log L)); decoding runs the recurrence (O(N) per token). DSS_exp's continuous parameters give
 `z = exp(Δλ)` and `C̃ = W (e^{Δλ} − 1) / λ` (zero-order hold); GSS absorbs Δ (Δ = 1).
 
-Numerics (PAPERS.md §7 pitfalls): kernels, powers and FFTs run in float32 / complex64 whatever the
-compute dtype; Re λ = −exp(·) < 0 and Δ = exp(·) > 0 by parameterisation, so every |z| < 1 and
-no power overflows at any length; each power is one `exp(l · log z)` of an exactly representable
-integer l (no repeated multiplication, so errors do not grow with l); `(e^{Δλ} − 1)` is a complex
-expm1 (no cancellation for small |Δλ|); matmuls building kernels use HIGHEST precision (TPUs
-otherwise round f32 matmul inputs to bf16).
+Numerics (the known pitfalls of SSM kernels): kernels, powers and FFTs run in float32 / complex64
+whatever the compute dtype; Re λ = −exp(·) < 0 and Δ = exp(·) > 0 by parameterisation, so
+every |z| < 1 and no power overflows at any length; each power is one `exp(l · log z)` of an exactly
+representable integer l (no repeated multiplication, so errors do not grow with l); `(e^{Δλ} − 1)`
+is a complex expm1 (no cancellation for small |Δλ|); matmuls building kernels use HIGHEST precision
+(TPUs otherwise round f32 matmul inputs to bf16).
 """
 from __future__ import annotations
 

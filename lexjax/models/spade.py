@@ -13,7 +13,7 @@ this model. Local attention is a causal sliding window of `chunk_size` tokens (t
 radius 511 = window 512) or, with `local_attention="chunk"`, non-overlapping chunks; either way
 the cost is linear in the length.
 
-The SSM is S4's diagonal counterpart (PAPERS.md §11: JAX has no Cauchy kernel, so a DSS/S4D
+The SSM is S4's diagonal counterpart (JAX has no Cauchy kernel, so a DSS/S4D
 Vandermonde kernel): `DiagonalSSM` with `ssm_variant="dss"` (skew-HiPPO eigenvalues = S4D-LegS,
 the diagonal part of S4's HiPPO-LegS), N = 64 modes, one SSM per channel, Δ ∈ [1e-3, 1e-1].
 
