@@ -52,11 +52,7 @@ Examples
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime
-import json
 import os
-import platform
 import re
 import statistics
 import time
@@ -71,6 +67,7 @@ import optax
 
 import lexjax
 from lexjax.losses import shift_right, token_losses
+from records import plot_per_token, run_meta, write_records
 
 MODELS = ("gss", "gss_transformer", "mega", "spade")
 
@@ -252,53 +249,20 @@ def markdown(args, rows: list[dict], meta: dict) -> str:
         *lines, ""])
 
 
-def plot(rows: list[dict], models: list[str], path: Path) -> None:
-    """Training-step time per token against N, one line per model (log-log)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for name in models:
-        mine = [row for row in rows if row["model"] == name]
-        ax.plot([row["N"] for row in mine], [row["train_us_per_token"] for row in mine],
-                marker="o", label=name)
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("sequence length N (tokens)")
-    ax.set_ylabel("training step, us per token (min wall)")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def main(argv: Optional[list[str]] = None) -> None:
     args = parse_args(argv)
     if args.reference and args.reference not in args.models:
         raise SystemExit(f"--reference {args.reference!r} must be one of --models")
     load_before = os.getloadavg()
     rows = measure(args)
-    meta = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-                       f"jax {jax.__version__} on {jax.devices()[0].platform}",
-            "load_before": [round(x, 2) for x in load_before],
-            "load_after": [round(x, 2) for x in os.getloadavg()],
-            "date": datetime.datetime.now().isoformat(timespec="seconds"),
-            "argv": vars(args) | {"out": os.path.relpath(args.out)}}
-    args.out.mkdir(parents=True, exist_ok=True)
+    meta = run_meta(args, load_before)
     stem = args.out / ("scaling" + (f".{args.tag}" if args.tag else ""))
     text = markdown(args, rows, meta)
-    Path(f"{stem}.md").write_text(text)
-    Path(f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    scalar = [k for k, v in rows[0].items() if not isinstance(v, list)]
-    with open(f"{stem}.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=scalar, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-    plot(rows, args.models, Path(f"{stem}.png"))
+    write_records(stem, text, rows, meta)
+    plot_per_token(rows, args.models, Path(f"{stem}.png"), x="N", y="train_us_per_token",
+                   xlabel="sequence length N (tokens)",
+                   ylabel="training step, us per token (min wall)")
     print(text)
-
 
 if __name__ == "__main__":
     main()

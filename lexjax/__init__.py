@@ -2,14 +2,16 @@
 position encodings.
 
 Entry points: `build_model(gin_files, bindings)` returns the configured flax module;
-`load(model_dir)` a trained run's `(model, variables)`; the CLIs
-`python -m lexjax.train / evaluate / bench` run them.
+`load(model_dir)` a trained run's `(model, variables)`; `generate(model, variables, prompt,
+max_new_tokens, ...)` continues prompts; the CLIs `python -m lexjax.train / evaluate / generate /
+bench` run them.
 """
 from lexjax import _platforms
 
 _platforms.configure()  # before anything starts a JAX backend
 
 from lexjax.config import ConfigError, build_model  # noqa: E402
+from lexjax.generation import generate  # noqa: E402
 
 
 def load(model_dir: str, step: int | None = None, bindings: tuple[str, ...] = ()):
@@ -21,5 +23,5 @@ def load(model_dir: str, step: int | None = None, bindings: tuple[str, ...] = ()
     return run.model, run.variables
 
 
-__all__ = ["build_model", "load", "ConfigError"]
+__all__ = ["build_model", "load", "generate", "ConfigError"]
 __version__ = "0.1.0"

@@ -1,4 +1,4 @@
-"""`python -m lexjax.train` and `python -m lexjax.evaluate` as a user runs them (subprocesses):
+"""`python -m lexjax.train`, `evaluate` and `generate` as a user runs them (subprocesses):
 errors a user can fix end with a non-zero exit and one `error:` line naming the problem, never a
 traceback; --help works; bare-word gin values are strings.
 
@@ -51,13 +51,22 @@ def cli(tmp_path_factory):
     def train(*args):
         return python("-m", "lexjax.train", *args)
 
-    def bf16_then_another_model():
+    def generate(*args):
+        return python("-m", "lexjax.generate", f"--model_dir={paths['bf16_dir']}", *args)
+
+    def bf16_then_generate_then_another_model():
         first = train(QUICKSTART, *TEXT_FILES, f"--gin.TEXT_FILES_GLOB={glob}", *TINY,
                       "--gin.DTYPE=bfloat16", f"--model_dir={paths['bf16_dir']}")
+        generated = {
+            "generate": generate("--prompt=def x", "--prompt=(", "--max_new_tokens=6",
+                                 "--temperature=0.8", "--top_k=5", "--seed=1"),
+            "generate_bad_count": generate("--prompt=x", "--max_new_tokens=-3"),
+            "generate_bad_top_p": generate("--prompt=x", "--temperature=1", "--top_p=1.5"),
+        }
         second = train(QUICKSTART, *TEXT_FILES, f"--gin.TEXT_FILES_GLOB={glob}", *TINY,
                        "--gin.EMBED_DIM=48", "--gin.TRAIN_STEPS=2",
                        f"--model_dir={paths['bf16_dir']}")
-        return {"bfloat16": first, "another_model": second}
+        return {"bfloat16": first, "another_model": second, **generated}
 
     help_probe = ("import runpy, sys\nsys.argv = ['lexjax.evaluate', '--help']\ntry:\n"
                   "    runpy.run_module('lexjax.evaluate', run_name='__main__')\n"
@@ -79,7 +88,7 @@ def cli(tmp_path_factory):
     }
     results = {}
     with concurrent.futures.ThreadPoolExecutor(max_workers=3) as pool:
-        chained = pool.submit(bf16_then_another_model)
+        chained = pool.submit(bf16_then_generate_then_another_model)
         futures = {name: pool.submit(job) for name, job in jobs.items()}
         results.update({name: f.result() for name, f in futures.items()})
         results.update(chained.result())
@@ -182,7 +191,8 @@ def test_gin_binding_values(value, binding):
 # ----------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("case", ["missing_gin", "unknown_binding", "evaluate_no_checkpoints",
-                                  "missing_glob", "another_model"])
+                                  "missing_glob", "another_model", "generate_bad_count",
+                                  "generate_bad_top_p"])
 def test_error_message_is_one_line(cli, case):
     stderr = cli[0][case].stderr
     after = stderr[stderr.index("\nerror:") + 1:] if "\nerror:" in stderr else stderr
@@ -198,3 +208,16 @@ def test_successful_run_outside_the_repo_prints_no_error_lines(cli):
 def test_help_does_not_import_tensorflow(cli):
     # --help (and any error found before the data is read) should not pay for TensorFlow.
     assert "TF_IMPORTED=False" in cli[0]["help_evaluate"].stderr
+
+
+def test_generate_prints_each_prompt_and_its_continuation(cli):
+    proc = cli[0]["generate"]
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    first, second = proc.stdout.split("\n" + "-" * 72 + "\n")
+    assert first.startswith("def x") and second.startswith("("), proc.stdout
+
+
+@pytest.mark.parametrize("case, names", [("generate_bad_count", ["--max_new_tokens", "-3"]),
+                                         ("generate_bad_top_p", ["top_p", "1.5"])])
+def test_generate_refuses_bad_values(cli, case, names):
+    assert_one_clear_error(cli[0][case], *names)

@@ -35,9 +35,11 @@ def write_csv(path: str, rows: Sequence[dict]) -> None:
 
 
 def plot_curves(path: str, curves: dict[str, tuple[Sequence[int], Sequence[float]]], *,
-                train_length: Optional[int], ylabel: str = "perplexity",
-                title: str = "") -> None:
-    """One line per name: `{name: (lengths, values)}`; log-x (and log-y for perplexity)."""
+                train_length: Optional[int], ylabel: str = "perplexity", title: str = "",
+                xlabel: str = "evaluation length (tokens)",
+                log_y: Optional[bool] = None) -> None:
+    """One line per name: `{name: (lengths, values)}`; log-x, and log-y if `log_y` (default:
+    for perplexity)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -46,12 +48,12 @@ def plot_curves(path: str, curves: dict[str, tuple[Sequence[int], Sequence[float
     for name, (xs, ys) in curves.items():
         ax.plot(xs, ys, marker="o", label=name)
     ax.set_xscale("log", base=2)
-    if ylabel == "perplexity":
+    if ylabel == "perplexity" if log_y is None else log_y:
         ax.set_yscale("log")
     if train_length:
         ax.axvline(train_length, color="gray", linestyle="--", linewidth=1,
                    label=f"train length {train_length}")
-    ax.set_xlabel("evaluation length (tokens)")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)

@@ -8,11 +8,9 @@ import jax.numpy as jnp
 
 from lexjax.attention import MaskSpec, RelativeBias, attend
 from lexjax.attention.reference import attend_at_positions
-from lexjax.layers.basic import Dtype, dense
+from lexjax.layers.basic import ACTIVATION_HEADS, Dtype, dense
 from lexjax.layers.decoding import KeyValueCache
 from lexjax.positions import PositionScheme
-
-ACTIVATION_HEADS = ("activation_batch", "activation_length", "activation_heads", "activation_kv")
 
 
 class SelfAttention(nn.Module):
@@ -74,9 +72,15 @@ class SelfAttention(nn.Module):
     def attend_cached(self, scheme: PositionScheme, q: jnp.ndarray, k: jnp.ndarray,
                       v: jnp.ndarray, positions: jnp.ndarray,
                       bias: Optional[RelativeBias]) -> jnp.ndarray:
-        """Decoding: the queries at `positions` attend to the cached keys and their own."""
+        """Decoding: the queries at `positions` attend to the cached keys and their own. Several
+        tokens at once are a prefill (`LanguageModel.prefill`: the cache held nothing), which
+        attends like the forward pass, through the attention implementation."""
         keys, values, key_positions, key_valid = KeyValueCache(self.mask, name="kv_cache")(
             k, v, positions)
+        if q.shape[1] > 1:
+            q, k = scheme.rotate(q, k, positions, positions)
+            return attend(q, k, v, mask=self.mask, bias=bias, impl=self.attention_impl,
+                          block_size=self.block_size)
         q, keys = scheme.rotate(q, keys, positions, key_positions)
         return attend_at_positions(q, keys, values, positions, key_positions, mask=self.mask,
                                    bias=bias, k_valid=key_valid)

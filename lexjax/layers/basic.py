@@ -12,6 +12,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 ACTIVATION_EMBED = ("activation_batch", "activation_length", "activation_embed")
+ACTIVATION_HEADS = ("activation_batch", "activation_length", "activation_heads", "activation_kv")
 
 Dtype = Any
 

@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from lexjax.attention import MaskSpec
+from lexjax.layers.basic import ACTIVATION_HEADS
 
 
 class KeyValueCache(nn.Module):
@@ -55,8 +56,9 @@ class KeyValueCache(nn.Module):
         key_valid = jnp.concatenate([cached_positions >= 0, jnp.ones((n,), bool)])
         kept = min(n, slots)
         written = jnp.mod(positions[n - kept:], slots)
-        keys.value = keys.value.at[:, written].set(k[:, n - kept:].astype(keys.value.dtype))
-        values.value = values.value.at[:, written].set(v[:, n - kept:].astype(values.value.dtype))
+        for cached, new in ((keys, k), (values, v)):  # laid out like the attention's heads
+            updated = cached.value.at[:, written].set(new[:, n - kept:].astype(cached.value.dtype))
+            cached.value = nn.with_logical_constraint(updated, ACTIVATION_HEADS)
         return all_keys, all_values, key_positions, key_valid
 
 

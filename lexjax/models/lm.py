@@ -146,6 +146,11 @@ class LanguageModel(nn.Module, kw_only=True):
         return compute_dtype(self.dtype)
 
     @property
+    def max_positions(self) -> Optional[int]:
+        """The most positions the model reads (its position scheme's table; None: any)."""
+        return None if self.position is None else self.position.max_positions
+
+    @property
     def position_template(self) -> Optional[PositionScheme]:
         """An unbound copy of `position` for the layers to clone (each attention layer clones it,
         so learned biases are per layer; unbound, so a scanned stack does not lift the model's
@@ -271,6 +276,9 @@ class LanguageModel(nn.Module, kw_only=True):
         if not 1 <= n <= max_length:
             raise ValueError(f"prefill needs 1 <= prompt length ({n}) <= max_length "
                              f"({max_length})")
+        if self.max_positions is not None and max_length > self.max_positions:
+            raise ValueError(f"max_length {max_length} exceeds the {self.max_positions} "
+                             f"positions {type(self).__name__} can read (its position table)")
         cache = self.init_cache(batch, max_length)
         if self.decodes_chunks:
             return self._decode_call(variables, cache, prompt)

@@ -49,6 +49,10 @@ class Learned(PositionScheme):
     max_length: int = 1024
     init_stddev: float = 0.02
 
+    @property
+    def max_positions(self) -> int:
+        return self.max_length
+
     @nn.compact
     def embed(self, positions, features):
         length = positions.shape[-1]

@@ -11,7 +11,8 @@
 The model calls the embedding hook on one instance at the bottom of the stack and the attention
 hooks on a separate instance in each attention layer, so learned relative-bias parameters are
 per layer. Positions are int32 `[length]` (shared by the batch) or `[batch, length]`.
-A scheme with none of the hooks is NoPE. Position arithmetic runs in float32 (PAPERS.md App. A).
+A scheme with none of the hooks is NoPE. Position arithmetic runs in float32 (bfloat16 angles lose
+positions past a few hundred).
 """
 from __future__ import annotations
 
@@ -25,6 +26,11 @@ from lexjax.attention import RelativeBias
 
 class PositionScheme(nn.Module):
     """Base class; every hook defaults to "no position information"."""
+
+    @property
+    def max_positions(self) -> Optional[int]:
+        """The most positions the scheme encodes (None: any number)."""
+        return None
 
     def embed(self, positions: jnp.ndarray, features: int) -> Optional[jnp.ndarray]:
         """`positions [..., length]` -> float32 `[..., length, features]`, or None."""
