@@ -5,13 +5,28 @@ Entry points: `build_model(gin_files, bindings)` returns the configured flax mod
 `load(model_dir)` a trained run's `(model, variables)`; `generate(model, variables, prompt,
 max_new_tokens, ...)` continues prompts; the CLIs `python -m lexjax.train / evaluate / generate /
 bench` run them.
+
+`import lexjax` itself is light (JAX and Flax load on first use of an entry point), so the CLIs
+check their arguments and the run directory before paying for those imports.
 """
+import importlib
+
 from lexjax import _platforms
 
 _platforms.configure()  # before anything starts a JAX backend
 
-from lexjax.config import ConfigError, build_model  # noqa: E402
-from lexjax.generation import generate  # noqa: E402
+from lexjax.errors import ConfigError  # noqa: E402
+
+_LAZY = {"build_model": "lexjax.config", "generate": "lexjax.generation"}
+
+
+def __getattr__(name: str):
+    """`build_model` and `generate`, imported on first use."""
+    if name not in _LAZY:
+        raise AttributeError(f"module 'lexjax' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY[name]), name)
+    globals()[name] = value
+    return value
 
 
 def load(model_dir: str, step: int | None = None, bindings: tuple[str, ...] = ()):

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
+import errno
 import os
 import sys
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -24,10 +26,17 @@ def gin_binding(name: str, value: str) -> str:
         return f"{name} = {text!r}"
 
 
-def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str]
+def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str],
+               first: Optional[Callable[[argparse.Namespace], None]] = None
                ) -> tuple[argparse.Namespace, list[str]]:
-    """Parses known flags; every `--gin.NAME=VALUE` becomes a binding, anything else an error."""
+    """Parses known flags; every `--gin.NAME=VALUE` becomes a binding, anything else an error.
+    Then runs `first(args)` (checks that should not wait for heavy imports) and, unless
+    `--verbose`, imports TensorFlow with the native start-up noise silenced."""
     args, rest = parser.parse_known_args(argv)
+    if first is not None:
+        first(args)
+    if not getattr(args, "verbose", False):
+        import_tensorflow_quietly()
     bindings, unknown = [], []
     for item in rest:
         if item.startswith("--gin.") and "=" in item:
@@ -44,9 +53,41 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str]
 def add_gin_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gin_file", action="append", default=[],
                         help="gin file (repeatable; later files override earlier ones)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show the native libraries' start-up log lines")
     parser.epilog = ((parser.epilog or "") +
                      " Any --gin.NAME=VALUE binds a gin macro or parameter (repeatable), e.g. "
                      "--gin.TRAIN_STEPS=100 --gin.DTYPE=bfloat16.")
+
+
+@contextlib.contextmanager
+def native_stderr_silenced():
+    """Points file descriptor 2, where C++ libraries log, at /dev/null for the duration (Python's
+    own `sys.stderr` is flushed first and written again afterwards)."""
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def import_tensorflow_quietly() -> None:
+    """Imports TensorFlow (seqio's data backend) without the absl / oneDNN / CUDA lines its
+    native start-up writes even under TF_CPP_MIN_LOG_LEVEL=3, and hides the GPUs from it (as
+    t5x does: only JAX computes, and TensorFlow would otherwise claim GPU memory); an import
+    error is raised as usual by whatever needs TensorFlow, once stderr is back."""
+    if "tensorflow" in sys.modules:
+        return
+    with native_stderr_silenced():
+        try:
+            import tensorflow as tf
+        except ImportError:
+            return
+        tf.config.set_visible_devices([], "GPU")
 
 
 def user_message(error: BaseException) -> str:
@@ -62,9 +103,25 @@ def run_main(main: Callable[[], int]) -> None:
     absl_logging.set_verbosity(absl_logging.ERROR)  # orbax's info/warnings are not for users
     try:
         sys.exit(main())
-    except (UserError, FileNotFoundError) as e:
-        print(f"error: {user_message(e)}", file=sys.stderr)
+    except UserError as e:
+        code = getattr(e, "exit_code", 2)  # a run stopped by a signal: 128 + the signal
+        print(f"{'error: ' if code == 2 else ''}{user_message(e)}", file=sys.stderr)
+        sys.exit(code)
+    except OSError as e:  # a missing file, permissions, a full disk
+        print(f"error: {os_error_message(e)}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+def os_error_message(error: OSError) -> str:
+    """`No space left on device: /runs/x/checkpoints/...` plus the usual fix."""
+    fixes = {errno.ENOSPC: "free space or choose another --model_dir",
+             errno.EACCES: "check the permissions or choose another path",
+             errno.EROFS: "the file system is read-only; choose another path",
+             errno.ENOENT: "check the path"}
+    where = error.filename or ""
+    text = error.strerror or str(error)
+    fix = fixes.get(error.errno)
+    return f"{text}{': ' + str(where) if where else ''}" + (f" ({fix})" if fix else "")

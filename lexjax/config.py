@@ -13,6 +13,7 @@ root (the folder that holds `configs/`), so `configs/models/transformer.gin` wor
 from __future__ import annotations
 
 import contextlib
+import difflib
 import logging
 import os
 import re
@@ -25,8 +26,8 @@ from lexjax.errors import ConfigError
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-__all__ = ["ConfigError", "REPO_ROOT", "build_model", "configured_model", "configured_value",
-           "parse_gin", "unset_required_macros"]
+__all__ = ["ConfigError", "REPO_ROOT", "build_model", "check_bindings_used", "configured_model",
+           "configured_value", "parse_gin", "unset_required_macros"]
 
 
 def _resolve_gin_file(path: str) -> str:
@@ -103,6 +104,36 @@ def unset_required_macros() -> list[str]:
     """Macros of the parsed config still bound to `%gin.REQUIRED` (e.g. configs/features/bca.gin's
     BCA_BLOCK), which gin would otherwise pass on as an opaque sentinel object."""
     return _REQUIRED_MACRO.findall(gin.config_str())
+
+
+_MACRO_REFERENCE = re.compile(r"%([A-Za-z_]\w*)")
+
+
+def model_macros() -> set[str]:
+    """The macros the model, position and feature gins read (CHUNK_SIZE, NUM_LATENTS, ...): one
+    set of size macros serves every model, so a model may ignore some of them."""
+    names = set()
+    for kind in ("models", "positions", "features"):
+        directory = os.path.join(REPO_ROOT, "configs", kind)
+        for name in sorted(os.listdir(directory)) if os.path.isdir(directory) else ():
+            with open(os.path.join(directory, name)) as f:
+                names.update(_MACRO_REFERENCE.findall(f.read()))
+    return names
+
+
+def check_bindings_used(bindings: Iterable[str]) -> None:
+    """A `ConfigError` for a binding that sets a macro nothing in the parsed config reads (a
+    misspelt `--gin.TRAIN_STEP=5` would otherwise be ignored), naming the closest macro. The
+    models' size macros (`model_macros`) may go unread."""
+    referenced = set(_MACRO_REFERENCE.findall(gin.config_str()))
+    allowed = referenced | model_macros()
+    for binding in bindings:
+        name = binding.split("=", 1)[0].strip()
+        if "." in name or "/" in name or name in allowed:
+            continue
+        close = difflib.get_close_matches(name, sorted(referenced), n=1)
+        hint = f"did you mean {close[0]}?" if close else "check the name against the gin files"
+        raise ConfigError(f"--gin.{name} sets a macro that nothing in the config reads; {hint}")
 
 
 def _first_line(e: BaseException) -> str:

@@ -45,11 +45,12 @@ def main(argv=None) -> int:
     parser.add_argument("--mesh", default="", help="device mesh, e.g. data:2,tensor:4")
     parser.add_argument("--name", default=None, help="output file stem under model_dir/eval")
     args, bindings = cli.parse_args(parser, sys.argv[1:] if argv is None else argv)
+    check_settings(args)
 
     import os
 
     from lexjax import partitioning
-    from lexjax.evaluation import evaluate_lengths, write_report
+    from lexjax.evaluation import evaluate_lengths, markdown_table, write_report
     from lexjax.runs import configured_run, load_run
 
     gin_files = list(args.gin_file)
@@ -75,13 +76,27 @@ def main(argv=None) -> int:
                                  f"{r.perplexity:.3f}", file=sys.stderr))
     rows = [r.row(run.train_length) for r in results]
     title = f"{os.path.basename(os.path.abspath(args.model_dir))}: {name}"
-    table = write_report(os.path.join(args.model_dir, "eval"), name, rows, title=title,
+    print(markdown_table(rows), flush=True)  # before any file is written
+    write_report(os.path.join(args.model_dir, "eval"), name, rows, title=title,
                          train_length=run.train_length,
                          extra={"task": data.task, "split": args.split, "step": run.step,
                                 "per_position_loss": {r.length: r.per_position_loss
                                                       for r in results}})
-    print(table)
+    print(f"wrote {os.path.join(args.model_dir, 'eval', name)}.{{md,csv,json,png}}",
+          file=sys.stderr)
     return 0
+
+
+def check_settings(args: argparse.Namespace) -> None:
+    """One-line errors for settings the evaluation cannot use, before anything is loaded."""
+    from lexjax.errors import ConfigError
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch_size must be >= 1, got {args.batch_size}")
+    if args.max_tokens < 1:
+        raise ConfigError(f"--max_tokens must be >= 1, got {args.max_tokens}")
+    if args.stride is not None and not 0 < args.stride <= min(args.lengths):
+        raise ConfigError(f"--stride must be in 1..{min(args.lengths)} (the shortest of "
+                          f"--lengths), got {args.stride}")
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ def cli(tmp_path_factory):
     cwd = str(root)  # outside the repository: gin files must be found through the repo root
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", LEXJAX_DATA_CACHE=str(root / "cache"))
     glob = write_corpus(str(root / "corpus"))
+    glob_file = os.path.join(os.path.dirname(glob), "doc000.txt")
     paths = {"glob": glob, "bf16_dir": str(root / "bf16"), "empty_dir": str(root / "empty"),
              "noglob_dir": str(root / "noglob")}
     os.makedirs(paths["empty_dir"])
@@ -83,6 +84,15 @@ def cli(tmp_path_factory):
         "evaluate_no_checkpoints": lambda: python("-m", "lexjax.evaluate",
                                                   f"--model_dir={paths['empty_dir']}",
                                                   "--lengths=16,32"),
+        "evaluate_bad_stride": lambda: python("-m", "lexjax.evaluate",
+                                              f"--model_dir={paths['empty_dir']}",
+                                              "--lengths=64,128", "--stride=100"),
+        "evaluate_bad_batch": lambda: python("-m", "lexjax.evaluate",
+                                             f"--model_dir={paths['empty_dir']}",
+                                             "--lengths=64", "--batch_size=0"),
+        "misspelt_macro": lambda: train(QUICKSTART, "--gin.TRAIN_STEP=5",
+                                        f"--model_dir={root / 'z'}"),
+        "model_dir_is_a_file": lambda: train(QUICKSTART, *TINY, f"--model_dir={glob_file}"),
         "help_train": lambda: train("--help"),
         "help_evaluate": lambda: python("-c", help_probe),
     }
@@ -192,7 +202,9 @@ def test_gin_binding_values(value, binding):
 
 @pytest.mark.parametrize("case", ["missing_gin", "unknown_binding", "evaluate_no_checkpoints",
                                   "missing_glob", "another_model", "generate_bad_count",
-                                  "generate_bad_top_p"])
+                                  "generate_bad_top_p", "evaluate_bad_stride",
+                                  "evaluate_bad_batch", "misspelt_macro",
+                                  "model_dir_is_a_file"])
 def test_error_message_is_one_line(cli, case):
     stderr = cli[0][case].stderr
     after = stderr[stderr.index("\nerror:") + 1:] if "\nerror:" in stderr else stderr
@@ -220,4 +232,14 @@ def test_generate_prints_each_prompt_and_its_continuation(cli):
 @pytest.mark.parametrize("case, names", [("generate_bad_count", ["--max_new_tokens", "-3"]),
                                          ("generate_bad_top_p", ["top_p", "1.5"])])
 def test_generate_refuses_bad_values(cli, case, names):
+    assert_one_clear_error(cli[0][case], *names)
+
+
+@pytest.mark.parametrize("case, names", [
+    ("evaluate_bad_stride", ["--stride", "100", "1..64"]),
+    ("evaluate_bad_batch", ["--batch_size", "0"]),
+    ("misspelt_macro", ["TRAIN_STEP", "did you mean TRAIN_STEPS"]),
+    ("model_dir_is_a_file", ["doc000.txt", "is a file"]),
+])
+def test_bad_settings_are_refused_in_one_line_naming_them(cli, case, names):
     assert_one_clear_error(cli[0][case], *names)

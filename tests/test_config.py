@@ -8,6 +8,7 @@ import pytest
 import lexjax
 from lexjax import ConfigError
 from lexjax.attention import MaskSpec
+from lexjax.config import parse_gin
 from lexjax.models import Transformer
 from lexjax.positions import ALiBi, Kerple, RoPE, Sandwich, XPos
 
@@ -169,3 +170,15 @@ def test_platforms_skip_the_tpu_backend_only_on_hosts_without_tpu_chips(monkeypa
     on_tpu_vm = {}
     _platforms.configure(on_tpu_vm)
     assert on_tpu_vm == {}
+
+
+def test_a_misspelt_macro_binding_is_named_with_the_closest_macro():
+    from lexjax.config import check_bindings_used
+    parse_gin(["configs/runs/quickstart.gin"], ["TRAIN_STEP=5"])
+    with pytest.raises(ConfigError, match="TRAIN_STEP sets a macro.*did you mean TRAIN_STEPS"):
+        check_bindings_used(["TRAIN_STEP=5"])
+    sizes = ["CHUNK_SIZE=8", "NUM_LATENTS=8", "MAX_POSITIONS=64", "TRAIN_STEPS=3",
+             "lexjax.models.Transformer.dropout_rate=0.1"]
+    parse_gin(["configs/runs/quickstart.gin"], sizes)
+    check_bindings_used(sizes)  # size macros another model reads may go unread here
+    gin.clear_config()

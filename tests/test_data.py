@@ -618,7 +618,7 @@ def test_unknown_task_lists_the_registered_tasks():
 def test_empty_or_missing_glob_is_explained(tmp_path):
     pattern = str(tmp_path / "nothing" / "*.txt")
     config = data.DataConfig(task=data.TEXT_FILES, text_files_glob=pattern)
-    with pytest.raises(data.DataError, match="matches no files") as error:
+    with pytest.raises(data.DataError, match="matches no text files") as error:
         data.train_batches(config, length=8, batch_size=2)
     assert pattern in str(error.value) and "TEXT_FILES_GLOB" in str(error.value)
     for no_glob in (data.TEXT_FILES, data.DataConfig(task=data.TEXT_FILES)):
@@ -627,6 +627,19 @@ def test_empty_or_missing_glob_is_explained(tmp_path):
         assert "TEXT_FILES_GLOB" in str(error.value)
     with pytest.raises(data.DataError, match="needs a glob.*TEXT_FILES_GLOB"):
         data.text_files_corpus(None)
+
+
+def test_binary_files_are_skipped_and_counted(tmp_path, capsys):
+    (tmp_path / "a.txt").write_text("plain text\n")
+    (tmp_path / "b.txt").write_bytes(b"caf\xe9 latin-1 is still text")  # invalid UTF-8
+    (tmp_path / "c.txt").write_bytes(b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR")
+    corpus = data.text_files_corpus(str(tmp_path / "*.txt"))
+    assert corpus.relpaths == ("a.txt", "b.txt")
+    assert "skipped 1 of 3 files" in capsys.readouterr().err
+    (tmp_path / "a.txt").write_bytes(b"\0")
+    (tmp_path / "b.txt").write_bytes(b"\0")
+    with pytest.raises(data.DataError, match="matches no text files"):
+        data.text_files_corpus(str(tmp_path / "*.txt"))
 
 
 def test_empty_and_unknown_splits_are_explained(tmp_path):

@@ -239,22 +239,66 @@ def corrupt(step_dir, how):
 
 
 @pytest.mark.parametrize("how", ["truncate_params", "delete_params"])
-def test_corrupt_checkpoint_raises_checkpoint_error_naming_the_step_dir(runs, corpus, tmp_path,
-                                                                        how):
+def test_a_damaged_latest_checkpoint_is_set_aside_and_training_resumes_before_it(
+        runs, corpus, tmp_path, capsys, how):
     model_dir = tmp_path / "copy"
     shutil.copytree(runs["A"], model_dir)
     step_dir = os.path.join(str(model_dir), "checkpoints", "8")
     corrupt(step_dir, how)
-    with pytest.raises(CheckpointError) as info:
+    with pytest.raises(CheckpointError) as info:  # loading names the damaged step
         lexjax.load(str(model_dir))
     assert step_dir in str(info.value)
-    # Resuming training from it fails the same way, before anything is overwritten.
-    with pytest.raises(CheckpointError) as info:
-        run(model_dir, corpus, TRAIN_STEPS=12)
-    assert step_dir in str(info.value)
-    # The previous checkpoint is still readable.
-    params = restore_params(model_dir, configured_model(corpus), step=4)
-    assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(params))
+    result = run(model_dir, corpus, TRAIN_STEPS=12)
+    warning = [line for line in capsys.readouterr().err.splitlines() if "set aside" in line]
+    assert len(warning) == 1 and step_dir in warning[0], warning
+    assert result["step"] == 12 and os.path.isdir(step_dir + ".unreadable")
+    records = read_metrics(str(model_dir))
+    assert [r["step"] for r in records] == list(range(1, 13))  # each step logged once
+    straight = read_metrics(str(runs["A"]))
+    assert records[:4] == straight[:4]  # resumed from step 4: its history kept, 5.. retrained
+
+
+def test_a_torn_metrics_line_does_not_stop_a_resume(runs, corpus, tmp_path):
+    model_dir = tmp_path / "torn"
+    shutil.copytree(runs["A"], model_dir)
+    with open(os.path.join(str(model_dir), "metrics.jsonl"), "a") as f:
+        f.write('{"step": 9, "lo')  # a crash in the middle of a write
+    assert run(model_dir, corpus, TRAIN_STEPS=10)["step"] == 10
+    assert [r["step"] for r in read_metrics(str(model_dir))] == list(range(1, 11))
+
+
+def test_a_resume_that_fails_before_saving_leaves_config_gin_alone(runs, corpus, tmp_path):
+    model_dir = tmp_path / "diverged"
+    shutil.copytree(runs["A"], model_dir)
+    before = (model_dir / "config.gin").read_text()
+    with pytest.raises(TrainingError, match="loss"):
+        run(model_dir, corpus, TRAIN_STEPS=16, LEARNING_RATE=1e30)
+    assert (model_dir / "config.gin").read_text() == before
+    run(model_dir, corpus, TRAIN_STEPS=12)  # a resume that saves rewrites it
+    assert "TRAIN_STEPS = 12" in (model_dir / "config.gin").read_text()
+
+
+def test_a_run_directory_is_held_by_one_trainer_until_its_process_ends(corpus, tmp_path):
+    """Another process holds the lock: training is refused naming its pid; once that process is
+    killed (-9: no clean-up), the directory is free again."""
+    import subprocess
+    import sys
+
+    from lexjax.run_dir import RunDirectoryError
+    busy = str(tmp_path / "busy")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from lexjax.run_dir import RunLock; "
+         "RunLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(120)", busy],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(RunDirectoryError, match=f"in use by another trainer \\(pid "
+                                                    f"{holder.pid} on "):
+            run(busy, corpus)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert run(busy, corpus, TRAIN_STEPS=1)["step"] == 1
 
 
 def test_model_dir_of_another_model_raises_training_error(runs, corpus, tmp_path):
@@ -805,3 +849,25 @@ def test_legacy_upgrade_keeps_the_bound_model_and_every_data_setting():
     assert "lexjax.data.DataConfig.include_test_suites = False" in lines
     assert "lexjax.data.DataConfig.vocabulary = 'byte'" in lines
     assert not any("total_steps" in line or "configured_model" in line for line in lines)
+
+
+def test_unusable_model_dirs_are_refused_naming_the_path(tmp_path):
+    from lexjax.run_dir import RunDirectoryError, check_writable
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    with pytest.raises(RunDirectoryError, match="is a file"):
+        check_writable(str(a_file))
+    with pytest.raises(RunDirectoryError, match=f"lies under the file {a_file}"):
+        check_writable(str(a_file / "run"))
+    check_writable(str(tmp_path / "new" / "run"))
+    assert (tmp_path / "new" / "run").is_dir() and not list((tmp_path / "new" / "run").iterdir())
+
+
+def test_progress_lines_for_logs_that_are_not_a_terminal():
+    from lexjax.training.metrics import format_seconds, progress_line
+    record = {"step": 20, "loss": 2.34512, "tokens_per_sec": 5120.4, "mfu": 0.5012,
+              "validation_loss": 2.5}
+    assert progress_line(record, 600, 200.0) == (
+        "step 20/600: loss 2.3451, validation loss 2.5000, 5,120 tokens/s, MFU 50.1%, ETA 3m20s")
+    assert progress_line({"step": 1, "loss": 1.0}, 2, None) == "step 1/2: loss 1.0000"
+    assert [format_seconds(s) for s in (4.4, 75.2, 4000)] == ["4s", "1m15s", "1h06m"]

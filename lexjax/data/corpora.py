@@ -26,6 +26,7 @@ import dataclasses
 import glob
 import hashlib
 import os
+import sys
 import sysconfig
 from typing import Sequence
 
@@ -139,11 +140,24 @@ def glob_root(pattern: str) -> str:
     return os.sep.join(fixed) or os.sep
 
 
+_BINARY_PROBE_BYTES = 8192
+_reported_binary: set[str] = set()
+
+
+def is_binary(path: str) -> bool:
+    """Whether a file looks like binary data, not text: a NUL byte in its first 8 KB (what git
+    and grep check)."""
+    with open(path, "rb") as f:
+        return b"\0" in f.read(_BINARY_PROBE_BYTES)
+
+
 def text_files_corpus(pattern: str | None) -> Corpus:
-    """The files matching the glob `pattern` (`**` matches any number of directories).
+    """The text files matching the glob `pattern` (`**` matches any number of directories).
+    Binary files (`is_binary`) are skipped, their count reported once on stderr; invalid UTF-8
+    in a text file is read as U+FFFD (see `lexjax.data.tasks`).
 
     Raises:
-      DataError: naming the glob and the fix, if there is none or it matches no file.
+      DataError: naming the glob and the fix, if there is none or it matches no text file.
     """
     if not pattern:
         raise DataError(
@@ -152,12 +166,18 @@ def text_files_corpus(pattern: str | None) -> Corpus:
             "'/path/to/corpus/**/*.txt'")
     root = glob_root(pattern)
     matches = glob.glob(os.path.expanduser(pattern), recursive=True)
-    relpaths = sorted({
-        os.path.relpath(os.path.abspath(path), root).replace(os.sep, "/")
-        for path in matches if os.path.isfile(path)})
+    files = [path for path in matches if os.path.isfile(path)]
+    text = [path for path in files if not is_binary(path)]
+    if len(text) < len(files) and pattern not in _reported_binary:
+        _reported_binary.add(pattern)
+        print(f"lexjax.text_files: skipped {len(files) - len(text)} of {len(files)} files "
+              f"matching {pattern!r} that are not text (a NUL byte in their first 8 KB)",
+              file=sys.stderr)
+    relpaths = sorted({os.path.relpath(os.path.abspath(path), root).replace(os.sep, "/")
+                       for path in text})
     if not relpaths:
         raise DataError(
-            f"the glob {pattern!r} matches no files (searched from {root!r}); set "
+            f"the glob {pattern!r} matches no text files (searched from {root!r}); set "
             "TEXT_FILES_GLOB (DataConfig.text_files_glob) to a glob of existing text files, "
             "e.g. '/path/to/corpus/**/*.txt'")
     return Corpus(f"the text files {pattern!r}", root, tuple(relpaths))

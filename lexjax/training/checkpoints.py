@@ -3,15 +3,23 @@
 Orbax writes each step into a temporary directory and renames it when complete, so a process
 killed at any moment leaves the previous complete checkpoint as the latest one. Parameters are a
 separate item, so `lexjax.load` and fine-tuning (`--init_from`) read them without the optimizer.
+A step whose files were damaged afterwards (a truncated file, a full disk) can be `set_aside`:
+renamed `<step>.unreadable` for inspection, so the step before it becomes the latest.
 """
 from __future__ import annotations
 
+import glob
 import os
+import shutil
+import time
 from typing import Any, Optional
 
 import orbax.checkpoint as ocp
 
 from lexjax.errors import UserError
+
+
+TEMPORARY_MARK = ".orbax-checkpoint-tmp"
 
 
 class CheckpointError(UserError, RuntimeError):
@@ -20,6 +28,13 @@ class CheckpointError(UserError, RuntimeError):
 
 def checkpoint_dir(model_dir: str) -> str:
     return os.path.join(os.path.abspath(model_dir), "checkpoints")
+
+
+def remove_unfinished_saves(directory: str) -> None:
+    """Deletes the temporary directories of saves a killed process left unfinished (orbax names
+    them `<step>.orbax-checkpoint-tmp-*`; they are never read as checkpoints)."""
+    for path in glob.glob(os.path.join(directory, f"*{TEMPORARY_MARK}*")):
+        shutil.rmtree(path, ignore_errors=True)
 
 
 class Checkpointer:
@@ -34,9 +49,25 @@ class Checkpointer:
         self.manager = ocp.CheckpointManager(
             self.directory, options=ocp.CheckpointManagerOptions(
                 max_to_keep=max_to_keep, create=not read_only, read_only=read_only))
+        if not read_only:
+            remove_unfinished_saves(self.directory)
 
     def latest_step(self) -> Optional[int]:
         return self.manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def set_aside(self, step: int) -> str:
+        """Renames step `step`'s directory to `<step>.unreadable` (kept for inspection, no longer
+        a checkpoint) and returns the new path."""
+        source = os.path.join(self.directory, str(step))
+        target = source + ".unreadable"
+        if os.path.exists(target):
+            target += f".{int(time.time())}"
+        os.replace(source, target)
+        self.manager.reload()
+        return target
 
     def save(self, step: int, params: Any, opt_state: Any, meta: dict,
              carry: Any = None) -> None:
@@ -59,11 +90,11 @@ class Checkpointer:
         try:
             return self.manager.restore(step, args=ocp.args.Composite(**items))
         except Exception as e:  # orbax raises many types for damaged or foreign data
+            first_line = (str(e).splitlines() or [""])[0][:300]
             raise CheckpointError(
                 f"cannot read checkpoint {os.path.join(self.directory, str(step))}: "
-                f"{type(e).__name__}: {str(e).splitlines()[0][:300]}. If it is damaged, delete "
-                "that step's directory to fall back to the previous one; if it belongs to another "
-                "model, use a fresh --model_dir") from None
+                f"{type(e).__name__}: {first_line} (its files are damaged, or hold another "
+                "model's parameters)") from None
 
     def meta(self, step: Optional[int] = None) -> dict:
         step = self._step(step)

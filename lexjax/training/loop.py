@@ -10,11 +10,18 @@ time is not counted as training time.
 Data: a model that keeps packed documents apart trains on packed rows with their segment ids; a
 model that cannot (an FFT convolution, a recurrence over the row) on padded rows, one document
 piece each; a state-carrying model on row streams (`lexjax.training.inputs`).
+
+Safety: the run directory is checked and locked before anything is written (`run_dir`); SIGTERM
+and SIGINT end the run after the current step with a checkpoint of it (`interrupts`); resume
+skips a damaged latest checkpoint (set aside, the previous one restored) and a torn metrics line;
+a resumed run rewrites `config.gin` only once it has saved a checkpoint under the new config.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import sys
 import time
 from typing import Optional
 
@@ -31,7 +38,9 @@ from lexjax.training import flops as flops_lib
 from lexjax.training import inputs
 from lexjax.training import state as state_lib
 from lexjax.training.config import TrainConfig
+from lexjax.training.interrupts import Interrupted, StopRequests
 from lexjax.training.metrics import MetricsLogger, truncate_metrics
+from lexjax.run_dir import RunLock, check_writable
 from lexjax.training.step import ShardedTrainStep
 
 CONFIG_FILE = "config.gin"
@@ -59,7 +68,6 @@ class _Trainer:
                  init_from: Optional[str]):
         from lexjax import data
 
-        partitioning.initialize_distributed()
         self.model, self.config = model, config
         self.model_dir, self.init_from = model_dir, init_from
         self.carries_state = state_lib.carries_state(model)
@@ -82,28 +90,46 @@ class _Trainer:
         return self.scorer.mean_loss({"params": params}, self.validation_windows)
 
     # -- state ------------------------------------------------------------------------------
-    def initial_state(self) -> state_lib.TrainState:
-        latest = self.checkpointer.latest_step()
-        if latest is not None:
-            meta = self.checkpointer.meta(latest)
-            if meta.get("fingerprint") != self.fingerprint:
-                raise TrainingError(
-                    f"{self.model_dir} holds checkpoints of another model ({meta.get('model')}, "
-                    f"fingerprint {meta.get('fingerprint')}) than the configured one "
-                    f"({type(self.model).__name__}, {self.fingerprint}); use a fresh --model_dir, "
-                    "or --init_from to start from its weights")
-            params, opt_state, _ = self.checkpointer.restore(
-                self.abstract_state.params, self.abstract_state.opt_state, latest)
-            carry = (self.checkpointer.restore_carry(self.abstract_state.carry, latest)
-                     if self.carries_state else None)
-            return state_lib.TrainState(step=jnp.asarray(latest, jnp.int32), params=params,
-                                        opt_state=opt_state, carry=carry)
+    def initial_state(self, warn) -> state_lib.TrainState:
+        """The newest readable checkpoint's state (a damaged one is set aside with a `warn`ing,
+        and the one before it tried), else a fresh state (from `init_from`'s parameters)."""
+        for step in reversed(self.checkpointer.all_steps()):
+            try:
+                return self.restore(step)
+            except ckpt_lib.CheckpointError as e:
+                moved = self.checkpointer.set_aside(step)
+                warn(f"warning: {e}; set aside as {moved}, resuming from the checkpoint before it")
         state = self.step.init(self.config.seed)
         if self.init_from:
-            source = ckpt_lib.Checkpointer(self.init_from, read_only=True)
-            params = source.restore_params(self.abstract_state.params)
-            state = state.replace(params=params)
+            state = state.replace(params=self.init_from_params())
         return state
+
+    def restore(self, step: int) -> state_lib.TrainState:
+        meta = self.checkpointer.meta(step)
+        if meta.get("fingerprint") != self.fingerprint:
+            raise TrainingError(
+                f"{self.model_dir} holds checkpoints of another model ({meta.get('model')}, "
+                f"fingerprint {meta.get('fingerprint')}) than the configured one "
+                f"({type(self.model).__name__}, {self.fingerprint}); use a fresh --model_dir, "
+                "or --init_from to start from its weights")
+        params, opt_state, _ = self.checkpointer.restore(
+            self.abstract_state.params, self.abstract_state.opt_state, step)
+        carry = (self.checkpointer.restore_carry(self.abstract_state.carry, step)
+                 if self.carries_state else None)
+        return state_lib.TrainState(step=jnp.asarray(step, jnp.int32), params=params,
+                                    opt_state=opt_state, carry=carry)
+
+    def init_from_params(self):
+        """The latest parameters of the `init_from` run, which must have this run's layout."""
+        source = ckpt_lib.Checkpointer(self.init_from, read_only=True)
+        meta = source.meta()
+        if meta.get("fingerprint") not in (None, self.fingerprint):
+            raise TrainingError(
+                f"--init_from {self.init_from} holds {meta.get('model')} parameters of another "
+                f"layout (fingerprint {meta.get('fingerprint')}) than this run's "
+                f"{type(self.model).__name__} ({self.fingerprint}): the model or its size macros "
+                "differ; fine-tune with the sizes in that run's config.gin")
+        return source.restore_params(self.abstract_state.params)
 
     def meta(self) -> dict:
         """The JSON record saved with every checkpoint."""
@@ -137,74 +163,114 @@ def train(model: nn.Module, config: TrainConfig, model_dir: str,
     Args:
       model: the LM (gin: `lexjax.training.train.model = %MODEL`).
       config: the run (gin: `lexjax.training.train.config = @lexjax.training.TrainConfig()`).
-      model_dir: where checkpoints, metrics.jsonl, TensorBoard events and configs go.
+      model_dir: where checkpoints, metrics.jsonl, TensorBoard events and configs go; checked
+        writable and locked against a second trainer for the whole run.
       init_from: another run's model_dir: start from its latest parameters (fine-tuning; a new
         optimizer state, any TRAIN_LENGTH). Ignored when model_dir already has a checkpoint.
-      progress: show a progress bar (default: when stderr is a terminal).
+      progress: show a progress bar (default: when stderr is a terminal; else plain lines).
     Returns:
       the last logged metrics.
+    Raises:
+      Interrupted: after SIGTERM / SIGINT, once the step reached is checkpointed.
     """
+    partitioning.initialize_distributed()
+    writer = jax.process_index() == 0
+    if writer:
+        check_writable(model_dir)
+    with RunLock(model_dir) if writer else _no_lock():
+        return _train(model, config, model_dir, init_from, progress)
+
+
+@contextlib.contextmanager
+def _no_lock():
+    yield
+
+
+def _train(model: nn.Module, config: TrainConfig, model_dir: str, init_from: Optional[str],
+           progress: Optional[bool]) -> dict:
     trainer = _Trainer(model, config, model_dir, init_from)
-    state = trainer.initial_state()
-    start_step = int(state.step)
-    truncate_metrics(model_dir, start_step)
-    operative = _save_configs(model_dir)
-    if start_step >= config.train_steps:
-        trainer.checkpointer.close()
-        return {"step": start_step}
-
-    compiled, compile_seconds = trainer.step.compile()
-    flops_per_step = (flops_lib.training_flops_per_step(model, config.batch_size,
-                                                        config.train_length)
-                      or flops_lib.xla_flops(compiled))
-    peak, peak_source = flops_lib.device_peak_flops()
-    batches = inputs.training_batches(model, config, start_step)
-    key = jax.random.PRNGKey(config.seed)
-    logger = MetricsLogger(model_dir, total_steps=config.train_steps, start_step=start_step,
-                           progress=progress)
-    if start_step == 0:
-        logger.text("config/operative", operative)
-    logger.message(
-        f"{type(model).__name__}: {state_lib.parameter_count(state.params) / 1e6:.2f}M "
-        f"parameters, mesh {dict(trainer.mesh.shape)}, compiled in {compile_seconds:.1f}s, peak "
-        f"{peak / 1e9:.1f} GFLOP/s per device ({peak_source}), from step {start_step}")
-
-    last: dict = {}
-    summed = None
-    interval_start, interval_steps = time.perf_counter(), 0
+    logger = None
     try:
-        for step in range(start_step + 1, config.train_steps + 1):
-            state, metrics = compiled(state, trainer.step.device_batch(next(batches)), key)
-            summed = metrics if summed is None else jax.tree_util.tree_map(jnp.add, summed,
-                                                                           metrics)
-            interval_steps += 1
-            record = {}
-            if config.logs_at(step):
-                means = jax.device_get(summed)  # waits for the interval's last step
-                seconds = time.perf_counter() - interval_start
-                record = {k: float(v) / interval_steps for k, v in means.items()}
-                record["learning_rate"] = float(metrics["learning_rate"])
-                trainer.check_finite(record, step)
-                record["tokens_per_sec"] = interval_steps * config.tokens_per_step / seconds
-                record["step_seconds"] = seconds / interval_steps
-                if flops_per_step:
-                    record["mfu"] = (flops_per_step * interval_steps / seconds
-                                     / (peak * trainer.mesh.size))
-                summed, interval_steps = None, 0
-                interval_start = time.perf_counter()
-            if config.evaluates_at(step):
-                jax.block_until_ready(state.params)  # the interval's training steps are done
-                validation_start = time.perf_counter()
-                record["validation_loss"] = trainer.validation_loss(state.params)
-                interval_start += time.perf_counter() - validation_start  # not training time
-            if record:
-                logger.write(step, record)
-                last = {"step": step, **record}
-            if config.saves_at(step):
-                if "loss" not in record:
-                    trainer.check_finite({k: float(v) for k, v in metrics.items()}, step)
-                trainer.save(step, state)
+        state = trainer.initial_state(warn=_print_stderr)
+        start_step = int(state.step)
+        truncate_metrics(model_dir, start_step)
+        fresh = start_step == 0
+        operative = _save_configs(model_dir) if fresh else None  # a resume: after its first save
+        if start_step >= config.train_steps:
+            _print_stderr(f"nothing to train: {model_dir} is at step {start_step} of "
+                          f"TRAIN_STEPS {config.train_steps}; raise TRAIN_STEPS to go on")
+            return {"step": start_step}
+
+        compiled, compile_seconds = trainer.step.compile()
+        flops_per_step = (flops_lib.training_flops_per_step(model, config.batch_size,
+                                                            config.train_length)
+                          or flops_lib.xla_flops(compiled))
+        peak, peak_source = flops_lib.device_peak_flops()
+        batches = inputs.training_batches(model, config, start_step)
+        key = jax.random.PRNGKey(config.seed)
+        logger = MetricsLogger(model_dir, total_steps=config.train_steps, start_step=start_step,
+                               progress=progress)
+        if fresh:
+            logger.text("config/operative", operative)
+        logger.message(
+            f"{type(model).__name__}: {state_lib.parameter_count(state.params) / 1e6:.2f}M "
+            f"parameters, mesh {dict(trainer.mesh.shape)}, compiled in {compile_seconds:.1f}s, "
+            f"peak {peak / 1e9:.1f} GFLOP/s per device ({peak_source}), from step {start_step}")
+
+        last: dict = {}
+        summed = None
+        interval_start, interval_steps = time.perf_counter(), 0
+        saved_step = start_step
+        with StopRequests() as stop:
+            for step in range(start_step + 1, config.train_steps + 1):
+                state, metrics = compiled(state, trainer.step.device_batch(next(batches)), key)
+                summed = metrics if summed is None else jax.tree_util.tree_map(
+                    jnp.add, summed, metrics)
+                interval_steps += 1
+                record = {}
+                if config.logs_at(step):
+                    means = jax.device_get(summed)  # waits for the interval's last step
+                    seconds = time.perf_counter() - interval_start
+                    record = {k: float(v) / interval_steps for k, v in means.items()}
+                    record["learning_rate"] = float(metrics["learning_rate"])
+                    trainer.check_finite(record, step)
+                    record["tokens_per_sec"] = interval_steps * config.tokens_per_step / seconds
+                    record["step_seconds"] = seconds / interval_steps
+                    if flops_per_step:
+                        record["mfu"] = (flops_per_step * interval_steps / seconds
+                                         / (peak * trainer.mesh.size))
+                    summed, interval_steps = None, 0
+                    interval_start = time.perf_counter()
+                if config.evaluates_at(step):
+                    jax.block_until_ready(state.params)  # the interval's steps are done
+                    validation_start = time.perf_counter()
+                    record["validation_loss"] = trainer.validation_loss(state.params)
+                    interval_start += time.perf_counter() - validation_start  # not training
+                if record:
+                    logger.write(step, record)
+                    last = {"step": step, **record}
+                if config.saves_at(step) or stop.requested:
+                    if "loss" not in record:
+                        trainer.check_finite({k: float(v) for k, v in metrics.items()}, step)
+                    trainer.save(step, state)
+                    saved_step = step
+                    if operative is None:
+                        trainer.checkpointer.wait()
+                        operative = _save_configs(model_dir)
+                if stop.requested:
+                    trainer.checkpointer.wait()
+                    message = (f"stopped by {stop.name} at step {step}; checkpoint saved in "
+                               f"{trainer.checkpointer.directory}; run the same command to "
+                               "resume")
+                    logger.message(logger.summary())
+                    raise Interrupted(message, stop.requested)
+        logger.message(logger.summary(f"last checkpoint: step {saved_step}"))
+        return last
     finally:
         trainer.checkpointer.close()
-        logger.close()
-    return last
+        if logger is not None:
+            logger.close()
+
+
+def _print_stderr(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)

@@ -1,0 +1,53 @@
+"""Stopping a run cleanly on SIGTERM (a Cloud TPU preemption, `kill`) or SIGINT (Ctrl-C).
+
+Inside `StopRequests()`, the first such signal only records itself; the training loop checks
+`requested` after every step, saves a checkpoint of the step it reached, closes its logs and
+raises `Interrupted`, which the CLIs print as one line with the conventional exit status (128 +
+the signal number: 143 for SIGTERM, 130 for SIGINT). A second signal while that save runs stops
+the process at once (KeyboardInterrupt), losing only the steps since the last checkpoint.
+"""
+from __future__ import annotations
+
+import signal
+import threading
+from typing import Optional
+
+from lexjax.errors import UserError
+
+SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class Interrupted(UserError):
+    """A run stopped by a signal after saving its state; `exit_code` is 128 + the signal."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
+class StopRequests:
+    """Records SIGTERM / SIGINT while active (main thread only; elsewhere it records nothing)."""
+
+    def __init__(self):
+        self.requested: Optional[int] = None  # the signal received, if any
+        self._previous: dict = {}
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.requested).name if self.requested else ""
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested is not None:  # the second signal: stop now
+            raise KeyboardInterrupt
+        self.requested = signum
+
+    def __enter__(self) -> "StopRequests":
+        if threading.current_thread() is threading.main_thread():
+            for signum in SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
