@@ -10,6 +10,7 @@ bench` run them.
 check their arguments and the run directory before paying for those imports.
 """
 import importlib
+import importlib.util
 
 from lexjax import _platforms
 
@@ -21,10 +22,14 @@ _LAZY = {"build_model": "lexjax.config", "generate": "lexjax.generation"}
 
 
 def __getattr__(name: str):
-    """`build_model` and `generate`, imported on first use."""
-    if name not in _LAZY:
+    """`build_model` and `generate`, and the subpackages (`lexjax.models`, ...), imported on
+    first use."""
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+    elif importlib.util.find_spec(f"lexjax.{name}") is not None:
+        value = importlib.import_module(f"lexjax.{name}")
+    else:
         raise AttributeError(f"module 'lexjax' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_LAZY[name]), name)
     globals()[name] = value
     return value
 

@@ -37,8 +37,12 @@ def main(argv=None) -> int:
         raise ConfigError(f"--max_new_tokens must be >= 1, got {args.max_new_tokens}")
     texts = list(args.prompt)
     if args.prompt_file:
-        with open(args.prompt_file, encoding="utf-8") as f:
-            texts.append(f.read())
+        try:
+            with open(args.prompt_file, encoding="utf-8") as f:
+                texts.append(f.read())
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"--prompt_file {args.prompt_file} is not UTF-8 text ({e.reason} "
+                              f"at byte {e.start})") from None
     if not texts:
         raise ConfigError("give a prompt: --prompt=TEXT (repeatable) or --prompt_file=F")
 

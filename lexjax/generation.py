@@ -7,8 +7,9 @@ appends one token per iteration through `model.decode_step`, until every row has
 
 Prompts of different lengths: pass them right-padded in one `[batch, prompt]` array with
 `prompt_lengths`. The cache is filled with the shortest prompt in one prefill; the loop then
-feeds each longer row its own prompt tokens until they run out and samples after that, so every
-row is decoded exactly as if alone (no padding ever enters a cache, for any model).
+feeds each longer row its own prompt tokens until they run out and samples after that, so no
+padding ever enters a cache, for any model: greedy decoding gives every row exactly what it gets
+alone (a sampled row's draws depend on its place in the batch, as the key is per position).
 
 Sampling (the Hugging Face order): logits / temperature, then top-k, then top-p (nucleus: the
 smallest set of most likely tokens whose probability reaches p; the most likely token always
@@ -57,9 +58,10 @@ def filter_logits(logits: jnp.ndarray, top_k: Optional[int], top_p: Optional[flo
     return logits
 
 
-def next_tokens(logits: jnp.ndarray, key: jax.Array, temperature: float,
+def next_tokens(logits: jnp.ndarray, key: Optional[jax.Array], temperature: float,
                 top_k: Optional[int], top_p: Optional[float]) -> jnp.ndarray:
-    """int32 `[batch]`: the tokens chosen from float32 `logits [batch, vocab]`."""
+    """int32 `[batch]`: the tokens chosen from float32 `logits [batch, vocab]` (`key` unused,
+    and may be None, when greedy)."""
     if temperature == 0:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     logits = filter_logits(logits / temperature, top_k, top_p)
@@ -105,7 +107,8 @@ def generate(model: LanguageModel, variables: Any, prompt: jnp.ndarray, max_new_
                              f"{lengths.tolist()}")
         lengths, shortest = jnp.asarray(lengths, jnp.int32), int(lengths.min())
     if max_new_tokens == 0:
-        return prompt.astype(jnp.int32)
+        return jnp.where(jnp.arange(width)[None] < lengths[:, None], prompt, PAD_ID
+                         ).astype(jnp.int32)
     total = width + int(max_new_tokens)
     limit = model.max_positions
     if limit is not None and total > limit:
@@ -129,14 +132,16 @@ def _generation_program(model: LanguageModel, max_new_tokens: int, shortest: int
     def run(variables, prompt, lengths, key):
         batch, width = prompt.shape
         total = width + max_new_tokens
-        tokens = jnp.full((batch, total), PAD_ID, jnp.int32).at[:, :width].set(prompt)
+        in_prompt = jnp.arange(width)[None] < lengths[:, None]
+        tokens = jnp.full((batch, total), PAD_ID, jnp.int32).at[:, :width].set(
+            jnp.where(in_prompt, prompt, PAD_ID))
         logits, cache = model.prefill(variables, prompt[:, :shortest], max_length=total)
         ends = lengths + max_new_tokens  # where each row's output ends
 
         def choose(position, logits, tokens, done):
             """Token `position` of every row: its prompt's, a new one, or PAD_ID."""
-            new = next_tokens(logits, jax.random.fold_in(key, position), temperature, top_k,
-                              top_p)
+            step_key = jax.random.fold_in(key, position) if temperature > 0 else None
+            new = next_tokens(logits, step_key, temperature, top_k, top_p)
             in_prompt = position < lengths
             token = jnp.where(in_prompt, tokens[:, position], new)
             stopped = done | (position >= ends)

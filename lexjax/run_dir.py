@@ -6,8 +6,8 @@ cannot be written. `RunLock(model_dir)` takes an exclusive `fcntl` lock on `mode
 (recording host, pid and start time in it) for as long as the run lasts; a second trainer on the
 same directory is refused at once with the owner named. The operating system drops the lock when
 its process dies, however it dies (`kill -9` included), so a stale lock never blocks a restart.
-Remote paths (`gs://...`) are not locked: a pod's hosts share one run by design, and only
-process 0 writes. Within one process the lock is reentrant (`python -m lexjax.train` takes it
+Remote paths (`gs://...`) are not locked (nor, with a warning, file systems without `flock`);
+in a multi-host run process 0 takes the lock. Within one process the lock is reentrant (`python -m lexjax.train` takes it
 before its slow imports, so a second trainer is refused within a second; `train` takes it again).
 """
 from __future__ import annotations
@@ -18,6 +18,7 @@ import fcntl
 import json
 import os
 import socket
+import sys
 from typing import Optional
 
 from lexjax.errors import UserError
@@ -78,9 +79,11 @@ class RunLock:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
-            if e.errno not in (errno.EAGAIN, errno.EACCES):
+            if e.errno not in (errno.EAGAIN, errno.EACCES):  # no flock here (some NFS, FUSE)
                 handle.close()
-                raise
+                print(f"warning: cannot lock {self.path} ({e.strerror}); make sure no other "
+                      "trainer uses this run directory", file=sys.stderr)
+                return self
             owner = self.owner()
             handle.close()
             raise RunDirectoryError(

@@ -108,6 +108,7 @@ def test_redirected_output_shows_progress_lines_and_no_start_up_noise(stopped):
 
 def test_the_first_signal_is_recorded_and_the_second_stops_at_once():
     from lexjax.training.interrupts import StopRequests
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     with StopRequests() as stop:
         os.kill(os.getpid(), signal.SIGINT)
         time.sleep(0.1)
@@ -115,4 +116,4 @@ def test_the_first_signal_is_recorded_and_the_second_stops_at_once():
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(0.1)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    assert {sig: signal.getsignal(sig) for sig in before} == before  # restored

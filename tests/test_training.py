@@ -258,6 +258,19 @@ def test_a_damaged_latest_checkpoint_is_set_aside_and_training_resumes_before_it
     assert records[:4] == straight[:4]  # resumed from step 4: its history kept, 5.. retrained
 
 
+def test_when_the_step_before_is_unreadable_too_nothing_is_set_aside(runs, corpus, tmp_path):
+    """Two unreadable steps are not damage to skip (a changed optimizer, say): the latest's error
+    is raised and no checkpoint is moved or overwritten."""
+    model_dir = tmp_path / "copy"
+    shutil.copytree(runs["A"], model_dir)
+    for step in (4, 8):
+        corrupt(os.path.join(str(model_dir), "checkpoints", str(step)), "delete_params")
+    with pytest.raises(CheckpointError, match=os.path.join("checkpoints", "8")):
+        run(model_dir, corpus, TRAIN_STEPS=12)
+    assert sorted(os.listdir(os.path.join(str(model_dir), "checkpoints"))) == ["4", "8"]
+    assert [r["step"] for r in read_metrics(str(model_dir))] == list(range(1, STEPS + 1))
+
+
 def test_a_torn_metrics_line_does_not_stop_a_resume(runs, corpus, tmp_path):
     model_dir = tmp_path / "torn"
     shutil.copytree(runs["A"], model_dir)

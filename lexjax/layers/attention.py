@@ -72,15 +72,21 @@ class SelfAttention(nn.Module):
     def attend_cached(self, scheme: PositionScheme, q: jnp.ndarray, k: jnp.ndarray,
                       v: jnp.ndarray, positions: jnp.ndarray,
                       bias: Optional[RelativeBias]) -> jnp.ndarray:
-        """Decoding: the queries at `positions` attend to the cached keys and their own. Several
-        tokens at once are a prefill (`LanguageModel.prefill`: the cache held nothing), which
-        attends like the forward pass, through the attention implementation."""
+        """Decoding: the queries at `positions` attend to the cached keys and their own. Keys are
+        cached rotated where the scheme `rotates_keys_alone` (RoPE: each step rotates only its
+        own key), else as projected and rotated at every step (xPos). Several tokens at once
+        are a prefill (`LanguageModel.prefill`: the cache held nothing), which attends like the
+        forward pass, through the attention implementation."""
+        if scheme.rotates_keys_alone:
+            q, k = scheme.rotate(q, k, positions, positions)
         keys, values, key_positions, key_valid = KeyValueCache(self.mask, name="kv_cache")(
             k, v, positions)
         if q.shape[1] > 1:
-            q, k = scheme.rotate(q, k, positions, positions)
+            if not scheme.rotates_keys_alone:
+                q, k = scheme.rotate(q, k, positions, positions)
             return attend(q, k, v, mask=self.mask, bias=bias, impl=self.attention_impl,
                           block_size=self.block_size)
-        q, keys = scheme.rotate(q, keys, positions, key_positions)
+        if not scheme.rotates_keys_alone:
+            q, keys = scheme.rotate(q, keys, positions, key_positions)
         return attend_at_positions(q, keys, values, positions, key_positions, mask=self.mask,
                                    bias=bias, k_valid=key_valid)

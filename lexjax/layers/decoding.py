@@ -22,8 +22,9 @@ class KeyValueCache(nn.Module):
     """The keys and values a causal attention layer needs from earlier tokens: a ring of
     `slots` entries, `slots` = the mask's `max_lookback` (a window, chunk or BCA span) or, for a
     full mask, the length the cache was created for (positions past it see only the last
-    `slots` keys). Keys are cached as projected, before any position transform: the caller
-    rotates them at their positions, so every scheme (xPos included) stays exact.
+    `slots` keys). Keys are cached as the caller passes them: rotated for a scheme that rotates
+    each key by its own position (RoPE), as projected for one whose transform depends on the
+    keys in view (xPos, rotated again at every step), so every scheme stays exact.
 
     Call with the new tokens' keys and values `[batch, n, kv_heads, d]` at consecutive positions
     `[n]` (following the cached ones); returns `(keys, values, key_positions, key_valid)`: the

@@ -32,6 +32,13 @@ class PositionScheme(nn.Module):
         """The most positions the scheme encodes (None: any number)."""
         return None
 
+    @property
+    def rotates_keys_alone(self) -> bool:
+        """Whether `rotate` transforms each key by its own position only (RoPE), so a decoding
+        cache may keep keys rotated; False where a key's transform depends on the other
+        positions in view (xPos centres its scales on them) or there is none."""
+        return False
+
     def embed(self, positions: jnp.ndarray, features: int) -> Optional[jnp.ndarray]:
         """`positions [..., length]` -> float32 `[..., length, features]`, or None."""
         return None

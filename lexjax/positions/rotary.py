@@ -66,6 +66,10 @@ class RoPE(PositionScheme):
 
     base: float = 10000.0
 
+    @property
+    def rotates_keys_alone(self) -> bool:
+        return True
+
     def rotate(self, q, k, q_positions, k_positions):
         d = q.shape[-1]
         return (rotate_pairs(q, rotary_angles(q_positions, d, self.base)),

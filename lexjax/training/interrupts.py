@@ -3,8 +3,9 @@
 Inside `StopRequests()`, the first such signal only records itself; the training loop checks
 `requested` after every step, saves a checkpoint of the step it reached, closes its logs and
 raises `Interrupted`, which the CLIs print as one line with the conventional exit status (128 +
-the signal number: 143 for SIGTERM, 130 for SIGINT). A second signal while that save runs stops
-the process at once (KeyboardInterrupt), losing only the steps since the last checkpoint.
+the signal number: 143 for SIGTERM, 130 for SIGINT). A second signal while that save runs raises
+KeyboardInterrupt: the run stops without finishing its logs (the save in flight completes, or
+is left as a temporary directory that the next start removes; exit status 130).
 """
 from __future__ import annotations
 

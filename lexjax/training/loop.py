@@ -11,10 +11,11 @@ Data: a model that keeps packed documents apart trains on packed rows with their
 model that cannot (an FFT convolution, a recurrence over the row) on padded rows, one document
 piece each; a state-carrying model on row streams (`lexjax.training.inputs`).
 
-Safety: the run directory is checked and locked before anything is written (`run_dir`); SIGTERM
-and SIGINT end the run after the current step with a checkpoint of it (`interrupts`); resume
-skips a damaged latest checkpoint (set aside, the previous one restored) and a torn metrics line;
-a resumed run rewrites `config.gin` only once it has saved a checkpoint under the new config.
+Safety: the run directory is checked and locked before anything is written (`lexjax.run_dir`);
+SIGTERM and SIGINT end the run after the current step with a checkpoint of it (`interrupts`; on
+one host: a multi-host run does not yet agree across hosts on the step to stop at); resume skips
+a damaged latest checkpoint (set aside, the previous one restored) and a torn metrics line; a
+resumed run rewrites `config.gin` only once it has saved a checkpoint under the new config.
 """
 from __future__ import annotations
 
@@ -91,18 +92,28 @@ class _Trainer:
 
     # -- state ------------------------------------------------------------------------------
     def initial_state(self, warn) -> state_lib.TrainState:
-        """The newest readable checkpoint's state (a damaged one is set aside with a `warn`ing,
-        and the one before it tried), else a fresh state (from `init_from`'s parameters)."""
-        for step in reversed(self.checkpointer.all_steps()):
+        """The latest checkpoint's state, else a fresh state (from `init_from`'s parameters).
+        If the latest cannot be read but the one before it can, the latest is damaged: it is
+        set aside (with a `warn`ing) and training resumes from the one before. Otherwise the
+        latest's error is raised and nothing is moved."""
+        steps = self.checkpointer.all_steps()
+        if not steps:
+            state = self.step.init(self.config.seed)
+            if self.init_from:
+                state = state.replace(params=self.init_from_params())
+            return state
+        try:
+            return self.restore(steps[-1])
+        except ckpt_lib.CheckpointError as error:
+            if len(steps) < 2:
+                raise
             try:
-                return self.restore(step)
-            except ckpt_lib.CheckpointError as e:
-                moved = self.checkpointer.set_aside(step)
-                warn(f"warning: {e}; set aside as {moved}, resuming from the checkpoint before it")
-        state = self.step.init(self.config.seed)
-        if self.init_from:
-            state = state.replace(params=self.init_from_params())
-        return state
+                state = self.restore(steps[-2])
+            except ckpt_lib.CheckpointError:
+                raise error from None
+            moved = self.checkpointer.set_aside(steps[-1])
+            warn(f"warning: {error}; set aside as {moved}, resuming from step {steps[-2]}")
+            return state
 
     def restore(self, step: int) -> state_lib.TrainState:
         meta = self.checkpointer.meta(step)
@@ -249,7 +260,8 @@ def _train(model: nn.Module, config: TrainConfig, model_dir: str, init_from: Opt
                 if record:
                     logger.write(step, record)
                     last = {"step": step, **record}
-                if config.saves_at(step) or stop.requested:
+                stopping = stop.requested  # read once: a signal may land at any line
+                if config.saves_at(step) or stopping:
                     if "loss" not in record:
                         trainer.check_finite({k: float(v) for k, v in metrics.items()}, step)
                     trainer.save(step, state)
@@ -257,13 +269,13 @@ def _train(model: nn.Module, config: TrainConfig, model_dir: str, init_from: Opt
                     if operative is None:
                         trainer.checkpointer.wait()
                         operative = _save_configs(model_dir)
-                if stop.requested:
+                if stopping:
                     trainer.checkpointer.wait()
                     message = (f"stopped by {stop.name} at step {step}; checkpoint saved in "
                                f"{trainer.checkpointer.directory}; run the same command to "
                                "resume")
                     logger.message(logger.summary())
-                    raise Interrupted(message, stop.requested)
+                    raise Interrupted(message, stopping)
         logger.message(logger.summary(f"last checkpoint: step {saved_step}"))
         return last
     finally:
