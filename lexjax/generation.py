@@ -90,7 +90,7 @@ def generate(model: LanguageModel, variables: Any, prompt: jnp.ndarray, max_new_
     prompt = jnp.asarray(prompt)
     if prompt.ndim != 2 or prompt.shape[1] < 1 or not jnp.issubdtype(prompt.dtype, jnp.integer):
         raise ConfigError(f"prompt must be int tokens [batch, length >= 1], got "
-                         f"{prompt.dtype}{list(prompt.shape)}")
+                          f"{prompt.dtype}{list(prompt.shape)}")
     if isinstance(max_new_tokens, bool) or int(max_new_tokens) != max_new_tokens \
             or max_new_tokens < 0:
         raise ConfigError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
@@ -104,7 +104,7 @@ def generate(model: LanguageModel, variables: Any, prompt: jnp.ndarray, max_new_
         lengths = np.asarray(prompt_lengths)
         if lengths.shape != (batch,) or lengths.min() < 1 or lengths.max() > width:
             raise ConfigError(f"prompt_lengths must be [batch={batch}] ints in 1..{width}, got "
-                             f"{lengths.tolist()}")
+                              f"{lengths.tolist()}")
         lengths, shortest = jnp.asarray(lengths, jnp.int32), int(lengths.min())
     if max_new_tokens == 0:
         return jnp.where(jnp.arange(width)[None] < lengths[:, None], prompt, PAD_ID
@@ -112,8 +112,9 @@ def generate(model: LanguageModel, variables: Any, prompt: jnp.ndarray, max_new_
     total = width + int(max_new_tokens)
     limit = model.max_positions
     if limit is not None and total > limit:
-        raise ConfigError(f"{type(model).__name__} reads at most {limit} positions (its position "
-                         f"table) but prompt + max_new_tokens = {total}; shorten one of them")
+        raise ConfigError(f"{type(model).__name__} reads at most {limit} positions (its "
+                          f"position table) but prompt + max_new_tokens = {total}; shorten one "
+                          "of them")
     key = jax.random.PRNGKey(0) if rng is None else rng
     run = _generation_program(model, int(max_new_tokens), shortest, float(temperature),
                               None if top_k is None else int(top_k),

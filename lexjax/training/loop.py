@@ -188,13 +188,8 @@ def train(model: nn.Module, config: TrainConfig, model_dir: str,
     writer = jax.process_index() == 0
     if writer:
         check_writable(model_dir)
-    with RunLock(model_dir) if writer else _no_lock():
+    with RunLock(model_dir) if writer else contextlib.nullcontext():
         return _train(model, config, model_dir, init_from, progress)
-
-
-@contextlib.contextmanager
-def _no_lock():
-    yield
 
 
 def _train(model: nn.Module, config: TrainConfig, model_dir: str, init_from: Optional[str],
