@@ -33,10 +33,6 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str],
     Then runs `first(args)` (checks that should not wait for heavy imports) and, unless
     `--verbose`, imports TensorFlow with the native start-up noise silenced."""
     args, rest = parser.parse_known_args(argv)
-    if first is not None:
-        first(args)
-    if not getattr(args, "verbose", False):
-        import_tensorflow_quietly()
     bindings, unknown = [], []
     for item in rest:
         if item.startswith("--gin.") and "=" in item:
@@ -47,6 +43,10 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str],
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)} (gin bindings are "
                      "--gin.NAME=VALUE)")
+    if first is not None:
+        first(args)
+    if not getattr(args, "verbose", False):
+        import_tensorflow_quietly()
     return args, bindings
 
 

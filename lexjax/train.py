@@ -37,7 +37,8 @@ def claim_model_dir(args: argparse.Namespace) -> None:
     (the lock is held until this process ends; `train` takes it again). Skipped for multi-host
     runs, where process 0 locks in `train`."""
     from lexjax.run_dir import RunLock, check_writable
-    if os.environ.get("LEXJAX_DISTRIBUTED", "").lower() in ("1", "true", "yes"):
+    if getattr(args, "distributed", False) or os.environ.get(
+            "LEXJAX_DISTRIBUTED", "").lower() in ("1", "true", "yes"):
         return
     check_writable(args.model_dir)
     RunLock(args.model_dir).acquire()
