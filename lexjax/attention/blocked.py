@@ -7,6 +7,9 @@ blocks, each against all keys, rematerialized in the backward pass (O(block * N)
 a sequence of one block is attended directly.
 The relative bias is evaluated per block from positions; no `[N, N]` array exists. Segment ids
 (packed documents) are cut into the same blocks as the tokens.
+Global tokens (`MaskSpec.global_tokens` = G) keep a local mask O(N * (span + G)): every query block
+attends in one softmax to the G global keys and to its local span (less the span's keys below G,
+already counted), and the G global queries are then attended apart, over all N keys.
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ import jax.numpy as jnp
 
 from lexjax.attention.common import RelativeBias, group_query_heads, masked_softmax_attention
 from lexjax.attention.masks import MaskSpec
+from lexjax.attention.reference import attend_at_positions
 
 FULL_MASK_QUERY_BLOCK = 512
 
@@ -76,17 +80,17 @@ def _local_attention(q, k, v, *, mask, bias, block, segment_ids):
     n_pad = num_blocks * block
     before, after = mask.key_blocks_around(block)
     span = before + 1 + after
+    num_global = min(mask.global_tokens, n)
 
-    def key_spans(x):  # [b, n, ...] -> [b, blocks, span * block, ...]
+    def key_spans(x):  # [b, n, ...] -> [b, blocks, num_global + span * block, ...]
         xb = _pad_length(x, n_pad).reshape((b, num_blocks, block) + x.shape[2:])
         xb = jnp.pad(xb, [(0, 0), (before, after)] + [(0, 0)] * (xb.ndim - 2))
         spans = jnp.stack([xb[:, j:j + num_blocks] for j in range(span)], axis=2)
-        return spans.reshape((b, num_blocks, span * block) + x.shape[2:])
+        spans = spans.reshape((b, num_blocks, span * block) + x.shape[2:])
+        return _prepend_global_keys(spans, x[:, :num_global])
 
     q_pos = jnp.arange(n_pad, dtype=jnp.int32).reshape(num_blocks, block)
-    first_key = (jnp.arange(num_blocks, dtype=jnp.int32) - before) * block
-    k_pos = first_key[:, None] + jnp.arange(span * block, dtype=jnp.int32)[None, :]
-    k_valid = (k_pos >= 0) & (k_pos < n)
+    k_pos, k_valid = _key_span_positions(num_blocks, block, before, span, n, num_global)
     segments = {}
     if segment_ids is not None:
         segments = dict(q_segments=_pad_length(segment_ids, n_pad).reshape(b, num_blocks, block),
@@ -94,7 +98,46 @@ def _local_attention(q, k, v, *, mask, bias, block, segment_ids):
     out = masked_softmax_attention(_query_blocks(q, kv_heads, block), key_spans(k), key_spans(v),
                                    q_pos, k_pos, mask=mask, bias=bias, k_valid=k_valid,
                                    **segments)
-    return out.reshape(b, n_pad, h, v.shape[-1])[:, :n]
+    out = out.reshape(b, n_pad, h, v.shape[-1])[:, :n]
+    if not num_global:
+        return out
+    global_pos = jnp.arange(num_global, dtype=jnp.int32)
+    global_out = attend_at_positions(
+        q[:, :num_global], k, v, global_pos, jnp.arange(n, dtype=jnp.int32), mask=mask,
+        bias=bias, q_segments=None if segment_ids is None else segment_ids[:, :num_global],
+        k_segments=segment_ids)
+    return jnp.concatenate([global_out, out[:, num_global:]], axis=1)
+
+
+def _prepend_global_keys(spans: jnp.ndarray, global_keys: jnp.ndarray) -> jnp.ndarray:
+    """Puts the global keys in front of every block's span.
+
+    Args:
+      spans: `[batch, blocks, span_len, ...]` per-block key spans.
+      global_keys: `[batch, num_global, ...]` (the first positions of the sequence).
+    Returns:
+      `[batch, blocks, num_global + span_len, ...]`.
+    """
+    if not global_keys.shape[1]:
+        return spans
+    shape = spans.shape[:2] + global_keys.shape[1:]
+    return jnp.concatenate([jnp.broadcast_to(global_keys[:, None], shape), spans], axis=2)
+
+
+def _key_span_positions(num_blocks: int, block: int, before: int, span: int, n: int,
+                        num_global: int) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """int32 positions and validity `[blocks, num_global + span * block]` of each query block's
+    keys: the global keys 0..num_global-1, then its span (starting `before` blocks back).
+
+    A span key is valid when it is a real position (0 <= pos < n) not already among the global
+    keys, so no key is counted twice.
+    """
+    first_key = (jnp.arange(num_blocks, dtype=jnp.int32) - before) * block
+    k_pos = first_key[:, None] + jnp.arange(span * block, dtype=jnp.int32)[None, :]
+    k_valid = (k_pos >= num_global) & (k_pos < n)
+    global_pos = jnp.broadcast_to(jnp.arange(num_global, dtype=jnp.int32), (num_blocks, num_global))
+    return (jnp.concatenate([global_pos, k_pos], axis=1),
+            jnp.concatenate([jnp.ones_like(global_pos, dtype=bool), k_valid], axis=1))
 
 
 def _full_attention(q, k, v, *, mask, bias, block, segment_ids):

@@ -140,7 +140,8 @@ def pallas_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, *, mask: Ma
     Args:
       q: `[batch, length, heads, head_dim]`; k, v: `[batch, length, kv_heads, head_dim]`,
         heads a multiple of kv_heads (grouped-query attention); float32 or bfloat16.
-      mask: which keys each query sees.
+      mask: which keys each query sees; global tokens are refused (the kernels walk one
+        contiguous key-block range per query block).
       bias: None, a `HeadBias` (evaluated inside the kernel; its params get gradients), or any
         callable `rel -> [heads, *rel.shape]` (tabulated per block offset; not differentiable).
       segment_ids: optional int32 `[batch, length]`; queries see only keys of their own segment
@@ -152,6 +153,9 @@ def pallas_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, *, mask: Ma
       `[batch, length, heads, head_dim]` in q's dtype. Under a mesh with logical-axis rules the
       kernels run per device on their batch and head shards (`_mesh_specs`).
     """
+    if mask.global_tokens:
+        raise ValueError(f"{mask}: global tokens are not supported by the Pallas kernels yet; use "
+                         "attention_impl='xla' (blocked XLA skips the unneeded blocks too)")
     if lowering not in LOWERINGS:
         raise ValueError(f"unknown Pallas lowering {lowering!r}; have {sorted(LOWERINGS)}")
     b, n, heads, d = q.shape
