@@ -2,7 +2,8 @@
 
 Importing this package imports TensorFlow (quietly, with accelerators hidden from it) and registers
 the seqio tasks `lexjax.stdlib_code`, `lexjax.text_files`, `lexjax.pg19`, `lexjax.wiki40b_en`,
-`lexjax.c4_en`, `lexjax.arxiv` and `lexjax.lm1b` (see `tasks.py`).
+`lexjax.c4_en`, `lexjax.arxiv` and `lexjax.lm1b`, and the classification tasks
+`lexjax.stdlib_is_test` and `lexjax.glue_*` (see `tasks.py`, `classification.py`).
 
 A run's data is one `DataConfig` (task, vocabulary, text-files glob); the API the trainer and
 evaluator use takes it (or a bare task name, bytes) and returns numpy only:
@@ -16,6 +17,7 @@ evaluator use takes it (or a bare task name, bytes) and returns numpy only:
     segments = stream_batches(data, length=512, batch_size=32)
     # ... row i of each batch continues row i of the previous one (state-carrying models)
     bpb = loss_per_token / math.log(2) / bytes_per_token(data, "test")
+    rows = classification_examples("lexjax.stdlib_is_test", length=512)  # inputs, label
 
 Modules: `config` (DataConfig), `corpora` (local corpora and their hash splits), `vocab` (byte /
 SentencePiece), `tasks` (seqio registrations), `streams` (tf.data -> numpy, on-disk token cache),
@@ -23,6 +25,9 @@ SentencePiece), `tasks` (seqio registrations), `streams` (tf.data -> numpy, on-d
 above), `train_sentencepiece` (CLI). Nothing here reads gin; `DataConfig` is gin-configurable.
 """
 from lexjax.data import _tf_setup  # noqa: F401  (first: quiets TensorFlow before it loads)
+from lexjax.data.classification import (CLASSIFICATION_TASKS, ClassificationTask, class_counts,
+                                        classification_batches, classification_examples,
+                                        task_info)
 from lexjax.data.config import DataConfig
 from lexjax.data.corpora import SPLITS, Corpus, split_of, stdlib_corpus, text_files_corpus
 from lexjax.data.errors import DataError
@@ -31,14 +36,15 @@ from lexjax.data.pipeline import (bytes_per_token, eval_windows, stream_batches,
                                   train_batches)
 from lexjax.data.streams import CACHE_ENV, cache_root
 from lexjax.data.tasks import STDLIB_CODE, TEXT_FILES, get_task, register_tasks, task_names
-from lexjax.data.vocab import BYTE_VOCAB_SIZE, get_vocabulary, vocab_size
+from lexjax.data.vocab import BYTE_VOCAB_SIZE, get_vocabulary, vocab_size, word_continuation
 
 register_tasks()
 
 __all__ = [
-    "BYTE_VOCAB_SIZE", "CACHE_ENV", "Corpus", "DataConfig", "DataError", "EOS_ID", "PAD_ID",
+    "CLASSIFICATION_TASKS", "ClassificationTask", "class_counts", "classification_batches",
+    "classification_examples", "task_info", "BYTE_VOCAB_SIZE", "CACHE_ENV", "Corpus", "DataConfig", "DataError", "EOS_ID", "PAD_ID",
     "SPLITS", "STDLIB_CODE", "TEXT_FILES", "bytes_per_token", "cache_root", "eval_windows",
     "get_task", "get_vocabulary", "register_tasks", "segment_ids", "split_of", "stdlib_corpus",
     "stream_batches", "stream_segments", "task_names", "text_files_corpus", "train_batches",
-    "vocab_size",
+    "vocab_size", "word_continuation",
 ]

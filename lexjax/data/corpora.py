@@ -100,7 +100,8 @@ def stdlib_root() -> str:
     return os.path.realpath(sysconfig.get_paths()["stdlib"])
 
 
-def _is_test_suite(relpath: str) -> bool:
+def is_test_suite(relpath: str) -> bool:
+    """Whether the file at `relpath` belongs to one of the standard library's test suites."""
     return any(part in TEST_SUITE_DIRS for part in relpath.split("/")[:-1])
 
 
@@ -120,7 +121,7 @@ def stdlib_corpus(include_test_suites: bool = True) -> Corpus:
                 relpath = name if reldir == "." else f"{reldir}/{name}".replace(os.sep, "/")
                 relpaths.append(relpath)
     if not include_test_suites:
-        relpaths = [p for p in relpaths if not _is_test_suite(p)]
+        relpaths = [p for p in relpaths if not is_test_suite(p)]
     if not relpaths:
         raise DataError(f"no .py files under the standard library directory {root!r}")
     return Corpus(f"the Python standard library at {root!r}", root, tuple(sorted(relpaths)))

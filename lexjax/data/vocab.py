@@ -15,6 +15,7 @@ import functools
 import hashlib
 import os
 
+import numpy as np
 import seqio
 
 from lexjax.data.errors import DataError
@@ -91,3 +92,25 @@ def vocabulary_id(vocabulary: seqio.Vocabulary) -> str:
     raise DataError(
         f"unsupported vocabulary {vocabulary!r}; lexjax.data handles seqio.ByteVocabulary and "
         "seqio.SentencePieceVocabulary")
+
+
+def word_continuation(vocabulary: seqio.Vocabulary) -> np.ndarray:
+    """bool `[vocab_size]`: whether each id can continue a word (whole-word masking).
+
+    Bytes: letters, digits, `_` and the bytes of multi-byte UTF-8 characters (>= 0x80).
+    SentencePiece: pieces that do not start a word (no leading "▁"). Special ids never do.
+    """
+    size = vocab_size(vocabulary)
+    table = np.zeros(size, bool)
+    if isinstance(vocabulary, seqio.ByteVocabulary):
+        for byte in range(256):
+            char = chr(byte)
+            table[byte + 3] = byte >= 0x80 or char == "_" or (char.isascii() and char.isalnum())
+        return table
+    if isinstance(vocabulary, seqio.SentencePieceVocabulary):
+        processor = vocabulary.tokenizer
+        for i in range(min(size, processor.get_piece_size())):
+            special = processor.is_control(i) or processor.is_unknown(i)
+            table[i] = not special and not processor.id_to_piece(i).startswith("\u2581")
+        return table
+    raise DataError(f"whole-word masking does not know the words of {vocabulary!r}")
