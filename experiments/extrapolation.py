@@ -19,7 +19,6 @@ import dataclasses
 import json
 import math
 import os
-import subprocess
 import sys
 import time
 from typing import Optional, Sequence
@@ -28,6 +27,9 @@ import gin
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from commands import binding_flags, run_logged  # noqa: E402
 
 
 @gin.configurable(module="experiments")
@@ -88,10 +90,6 @@ class Cell:
         return files
 
 
-def _bindings_flags(bindings: Sequence[str]) -> list[str]:
-    return [f"--gin.{b.replace(' ', '')}" for b in bindings]
-
-
 def non_embedding_parameters(cell: Cell, study: Study) -> int:
     """Parameters outside the token and absolute-position embedding tables."""
     import jax
@@ -108,21 +106,6 @@ def non_embedding_parameters(cell: Cell, study: Study) -> int:
                    if not any(t in jax.tree_util.keystr(path) for t in embedding_tables)))
 
 
-def _shown(arg: str) -> str:
-    """A command argument as the log shows it: paths relative to the repository."""
-    return arg.replace(REPO + os.sep, "")
-
-
-def _run(cmd: list[str], log_path: str) -> None:
-    with open(log_path, "a") as log:
-        log.write("$ " + " ".join(_shown(a) for a in cmd) + "\n")
-        log.flush()
-        proc = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-    if proc.returncode:
-        raise RuntimeError(f"command failed (exit {proc.returncode}), see {log_path}: "
-                           + " ".join(cmd))
-
-
 def run_cell(cell: Cell, study: Study, out: str) -> dict:
     """Trains (unless done) and evaluates (unless done) one cell; returns its result record."""
     run_dir = os.path.join(out, "cells", cell.run_name)
@@ -133,10 +116,10 @@ def run_cell(cell: Cell, study: Study, out: str) -> dict:
     os.makedirs(run_dir, exist_ok=True)
     log = os.path.join(run_dir, "log.txt")
     started = time.time()
-    _run([sys.executable, "-m", "lexjax.train", *[f"--gin_file={f}" for f in cell.gin_files(study)],
-          *_bindings_flags(cell.overrides(study)), f"--model_dir={run_dir}"], log)
+    run_logged([sys.executable, "-m", "lexjax.train", *[f"--gin_file={f}" for f in cell.gin_files(study)],
+          *binding_flags(cell.overrides(study)), f"--model_dir={run_dir}"], log)
     trained = time.time()
-    _run([sys.executable, "-m", "lexjax.evaluate", f"--model_dir={run_dir}",
+    run_logged([sys.executable, "-m", "lexjax.evaluate", f"--model_dir={run_dir}",
           "--lengths=" + ",".join(map(str, study.eval_lengths)),
           f"--max_tokens={study.eval_tokens}", f"--batch_size={study.eval_batch_size}",
           f"--name={name}", *(["--bca"] if cell.bca else [])], log)

@@ -2,8 +2,13 @@
 `python -m lexjax.evaluate --model_dir=D --lengths=128,256,512,1024 [--bca] [--stride=S]
 [--mesh=M] [--gin_file=F] [--gin.NAME=VALUE]`.
 
-Prints a table (loss, perplexity, bits per byte, attention resolution per length) and writes
-`D/eval/<name>.{md,csv,json,png}` (name: extrapolation, or extrapolation_bca / _stride<S>).
+By the run's objective:
+- causal LM: loss, perplexity, bits per byte, attention resolution per length
+  (`D/eval/extrapolation[_bca|_stride<S>]`);
+- masked LM: masked-token loss and accuracy per length (`D/eval/masked_lm`);
+- classification: accuracy (F1, Matthews where the task defines them) and the majority baseline,
+  at the training length unless --lengths says otherwise (`D/eval/classification`).
+Prints the table and writes `D/eval/<name>.{md,csv,json,png}`.
 """
 from __future__ import annotations
 
@@ -28,13 +33,16 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lexjax.evaluate", description=__doc__)
     cli.add_gin_flags(parser)
     parser.add_argument("--model_dir", required=True)
-    parser.add_argument("--lengths", type=_lengths, required=True,
-                        help="comma-separated evaluation lengths")
+    parser.add_argument("--lengths", type=_lengths, default=None,
+                        help="comma-separated evaluation lengths (a classifier: default its "
+                             "training length)")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default latest)")
     parser.add_argument("--task", default=None, help="seqio task (default: the training task)")
     parser.add_argument("--split", default="test")
     parser.add_argument("--max_tokens", type=int, default=65536,
                         help="tokens evaluated per length (windows = max_tokens // length)")
+    parser.add_argument("--max_examples", type=int, default=None,
+                        help="a classifier: examples evaluated per length (default: all)")
     parser.add_argument("--batch_size", type=int, default=4)
     parser.add_argument("--bca", action="store_true",
                         help="blockwise causal attention at inference, blocks of TRAIN_LENGTH/2")
@@ -51,6 +59,9 @@ def main(argv=None) -> int:
 
     from lexjax import partitioning
     from lexjax.evaluation import evaluate_lengths, markdown_table, write_report
+    from lexjax.evaluation.classify import evaluate_classifier
+    from lexjax.evaluation.masked import evaluate_masked_lengths
+    from lexjax.evaluation.report import CLASSIFICATION_COLUMNS, COLUMNS, MASKED_COLUMNS
     from lexjax.runs import configured_run, load_run
 
     gin_files = list(args.gin_file)
@@ -63,28 +74,61 @@ def main(argv=None) -> int:
     data = run.config.data
     if args.task:
         data = dataclasses.replace(data, task=args.task)
-    name = args.name or ("extrapolation" + ("_bca" if args.bca else "")
-                         + (f"_stride{args.stride}" if args.stride else ""))
-    print(f"evaluating {type(run.model).__name__} (step {run.step}, trained at length "
-          f"{run.train_length}) on {data.task}:{args.split} at lengths {args.lengths}",
+    objective = run.config.objective.prepare(run.model, data)
+    check_objective_settings(args, objective.name)
+    lengths = args.lengths or [run.train_length]
+    print(f"evaluating {type(run.model).__name__} ({objective.name}, step {run.step}, trained "
+          f"at length {run.train_length}) on {data.task}:{args.split} at lengths {lengths}",
           file=sys.stderr)
-    results = evaluate_lengths(
-        run.model, run.variables, data, args.lengths, max_tokens=args.max_tokens,
-        batch_size=args.batch_size, split=args.split, respect_documents=args.respect_documents,
-        stride=args.stride, mesh=mesh, rules=run.config.logical_axis_rules,
-        progress=lambda r: print(f"  length {r.length}: loss {r.loss:.4f}, ppl "
-                                 f"{r.perplexity:.3f}", file=sys.stderr))
-    rows = [r.row(run.train_length) for r in results]
+    common = dict(train_length=run.train_length, batch_size=args.batch_size, split=args.split,
+                  mesh=mesh, rules=run.config.logical_axis_rules,
+                  progress=lambda row: print("  " + ", ".join(
+                      f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                      for k, v in row.items()), file=sys.stderr))
+    extra = {"task": data.task, "split": args.split, "step": run.step,
+             "objective": objective.name}
+    if objective.name == "masked_lm":
+        name, columns, plotted = args.name or "masked_lm", MASKED_COLUMNS, "masked_loss"
+        rows = evaluate_masked_lengths(run.model, run.variables, objective, data, lengths,
+                                       max_tokens=args.max_tokens, seed=run.config.seed,
+                                       **common)
+    elif objective.name == "classification":
+        name, columns, plotted = args.name or "classification", CLASSIFICATION_COLUMNS, \
+            "accuracy"
+        rows = evaluate_classifier(run.model, run.variables, objective, data, lengths,
+                                   max_examples=args.max_examples, **common)
+    else:
+        name = args.name or ("extrapolation" + ("_bca" if args.bca else "")
+                             + (f"_stride{args.stride}" if args.stride else ""))
+        columns, plotted = COLUMNS, "perplexity"
+        common.pop("train_length")
+        common["progress"] = lambda r: print(f"  length {r.length}: loss {r.loss:.4f}, ppl "
+                                             f"{r.perplexity:.3f}", file=sys.stderr)
+        results = evaluate_lengths(
+            run.model, run.variables, data, lengths, max_tokens=args.max_tokens,
+            respect_documents=args.respect_documents, stride=args.stride, **common)
+        rows = [r.row(run.train_length) for r in results]
+        extra["per_position_loss"] = {r.length: r.per_position_loss for r in results}
     title = f"{os.path.basename(os.path.abspath(args.model_dir))}: {name}"
-    print(markdown_table(rows), flush=True)  # before any file is written
+    print(markdown_table(rows, columns), flush=True)  # before any file is written
     write_report(os.path.join(args.model_dir, "eval"), name, rows, title=title,
-                         train_length=run.train_length,
-                         extra={"task": data.task, "split": args.split, "step": run.step,
-                                "per_position_loss": {r.length: r.per_position_loss
-                                                      for r in results}})
+                 train_length=run.train_length, extra=extra, columns=columns, plotted=plotted)
     print(f"wrote {os.path.join(args.model_dir, 'eval', name)}.{{md,csv,json,png}}",
           file=sys.stderr)
     return 0
+
+
+def check_objective_settings(args: argparse.Namespace, objective: str) -> None:
+    """One-line errors for flags the run's objective cannot use."""
+    from lexjax.errors import ConfigError
+    if objective != "causal_lm":
+        for flag in ("bca", "stride", "respect_documents"):
+            if getattr(args, flag):
+                raise ConfigError(f"--{flag} is for causal LMs; this run's objective is "
+                                  f"{objective}")
+    if objective != "classification" and args.lengths is None:
+        raise ConfigError(f"--lengths is required for a {objective} run, e.g. "
+                          "--lengths=128,256,512")
 
 
 def check_settings(args: argparse.Namespace) -> None:
@@ -92,9 +136,11 @@ def check_settings(args: argparse.Namespace) -> None:
     from lexjax.errors import ConfigError
     if args.batch_size < 1:
         raise ConfigError(f"--batch_size must be >= 1, got {args.batch_size}")
+    if args.max_examples is not None and args.max_examples < 1:
+        raise ConfigError(f"--max_examples must be >= 1, got {args.max_examples}")
     if args.max_tokens < 1:
         raise ConfigError(f"--max_tokens must be >= 1, got {args.max_tokens}")
-    if args.stride is not None and not 0 < args.stride <= min(args.lengths):
+    if args.stride is not None and args.lengths and not 0 < args.stride <= min(args.lengths):
         raise ConfigError(f"--stride must be in 1..{min(args.lengths)} (the shortest of "
                           f"--lengths), got {args.stride}")
 

@@ -54,6 +54,11 @@ def main(argv=None) -> int:
     mesh = partitioning.make_mesh(args.mesh) if args.mesh else None
     run = load_run(args.model_dir, args.step, gin_files=args.gin_file, bindings=bindings,
                    mesh=mesh)
+    if run.model.bidirectional:
+        raise ConfigError(f"{args.model_dir} holds a bidirectional encoder "
+                          f"({type(run.model).__name__}, {run.config.objective.name}): it reads "
+                          "whole inputs and does not generate; evaluate it with "
+                          "python -m lexjax.evaluate")
     vocabulary = run.config.data.seqio_vocabulary()
     encoded = [[generation.PAD_ID] + list(vocabulary.encode(text)) for text in texts]
     lengths = np.array([len(ids) for ids in encoded])

@@ -37,7 +37,7 @@ Rules = tuple[tuple[str, Any], ...]
 # Every logical name the models use: weights, then activations (kept apart, as in MaxText). A
 # name no preset maps stays replicated; add new names here (and to a preset to split them).
 WEIGHT_AXES = ("vocab", "embed", "mlp", "heads", "kv_heads", "kv", "layers", "relpos_buckets",
-               "abs_positions", "ssm_channels", "ssm_state")
+               "abs_positions", "ssm_channels", "ssm_state", "classes")
 ACTIVATION_AXES = ("activation_batch", "activation_length", "activation_embed",
                    "activation_heads", "activation_kv", "activation_mlp", "activation_vocab")
 
@@ -218,9 +218,10 @@ def bytes_per_device(tree: Any) -> int:
     return total
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Token batches `[batch, length]` are split over the data and fsdp axes."""
-    return NamedSharding(mesh, PartitionSpec(BATCH_AXES, None))
+def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+    """Batches (`[batch, length]` tokens, `[batch]` labels: `ndim` axes) are split over the
+    data and fsdp axes."""
+    return NamedSharding(mesh, PartitionSpec(BATCH_AXES, *[None] * (ndim - 1)))
 
 
 def batch_ways(mesh: Mesh) -> int:

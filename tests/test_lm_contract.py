@@ -1,5 +1,6 @@
 """The contract every language model of the zoo keeps, checked for every `configs/models/*.gin`
-at tiny sizes (see `lexjax.models.lm`):
+at tiny sizes (see `lexjax.models.lm`; bidirectional encoders keep the layout checks here and
+their own contract in `tests/test_encoder.py`):
 
 - its parameter layout (shapes and logical axis names) equals the golden JSON under
   `tests/testdata/param_layouts/` (a refactor that changes a checkpoint layout fails here), and
@@ -34,7 +35,8 @@ from lexjax.training.config import OptimizerConfig, TrainConfig
 from lexjax.training.inputs import training_batches
 from lexjax.training.step import ShardedTrainStep
 
-CONFIGS = param_layouts.model_configs()
+ALL_CONFIGS = param_layouts.model_configs()
+CONFIGS = [c for c in ALL_CONFIGS if not param_layouts.build(c).bidirectional]  # causal LMs
 VOCAB = 64
 
 
@@ -62,7 +64,7 @@ def test_every_model_config_is_covered():
                                    "block_recurrent", "perceiver_ar"} <= set(CONFIGS)
 
 
-@pytest.mark.parametrize("config", CONFIGS)
+@pytest.mark.parametrize("config", ALL_CONFIGS)
 def test_parameter_layout_equals_the_golden_json(config):
     with open(param_layouts.golden_path(config)) as f:
         golden = json.load(f)
@@ -74,7 +76,7 @@ def test_parameter_layout_equals_the_golden_json(config):
     assert not changed, f"shapes or logical axes changed: {changed}"
 
 
-@pytest.mark.parametrize("config", CONFIGS)
+@pytest.mark.parametrize("config", ALL_CONFIGS)
 def test_every_parameter_has_known_logical_axis_names(config):
     layout = param_layouts.layout(param_layouts.build(config))
     for path, leaf in layout["params"].items():
@@ -217,10 +219,14 @@ def test_the_trainer_packs_or_pads_as_the_model_needs(models, corpus, config, mo
 
 
 @functools.lru_cache(maxsize=None)
-def register_study_runner() -> None:
-    """Imports experiments/extrapolation.py (not a package) once: it registers `Study`."""
-    path = os.path.join(lexjax.config.REPO_ROOT, "experiments", "extrapolation.py")
-    spec = importlib.util.spec_from_file_location("extrapolation_study", path)
+def register_study_runner(script: str) -> None:
+    """Imports `experiments/<script>.py` (not a package) once: it registers its study
+    configurable (`Study`, `LocalAttentionStudy`)."""
+    name = f"{script}_study"
+    if name in sys.modules:
+        return
+    path = os.path.join(lexjax.config.REPO_ROOT, "experiments", f"{script}.py")
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # its dataclasses look their module up
     spec.loader.exec_module(module)
@@ -251,11 +257,16 @@ def test_every_gin_file_parses_and_builds(path):
     if kind in ("positions", "features"):
         files = ["configs/models/transformer.gin", "configs/positions/xpos.gin", path]
         bindings = ["BCA_BLOCK=64"]
+        if "local_" in path or "global_tokens" in path:  # encoder overlays
+            base = [] if "local_" in path else ["configs/features/local_blocks.gin"]
+            files = ["configs/models/encoder.gin", *base, path]
+            bindings = ["WINDOW=8", "NUM_GLOBAL=2"]
     elif kind in ("data", "meshes"):
         files = ["configs/runs/quickstart.gin", path]
         bindings = ["TEXT_FILES_GLOB='/corpus/*.txt'", "SENTENCEPIECE_MODEL='/spm.model'"]
     elif kind == "experiments":
-        register_study_runner()
+        script = "local_attention" if "local_attention" in path else "extrapolation"
+        register_study_runner(script)
     parse_gin(files, bindings)
     try:
         if kind in ("models", "positions", "features"):
@@ -264,6 +275,7 @@ def test_every_gin_file_parses_and_builds(path):
             model, run = configured_training()
             assert isinstance(model, lexjax.models.LanguageModel) and run.train_steps > 0
         else:
-            assert gin.query_parameter("experiments.Study.matrix")
+            study = "LocalAttentionStudy" if "local_attention" in path else "Study"
+            assert gin.query_parameter(f"experiments.{study}.matrix")
     finally:
         gin.clear_config()

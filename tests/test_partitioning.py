@@ -2,6 +2,7 @@
 config, one train step on every preset mesh equals the step on one device and each parameter is
 sharded as the rules say; a checkpoint moves between meshes, FSDP really shards the state, and bad
 meshes are clear errors."""
+import dataclasses
 import functools
 import glob
 import os
@@ -18,6 +19,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from lexjax import partitioning
 from lexjax.config import REPO_ROOT, build_model, parse_gin
 from lexjax.data import DataConfig
+from lexjax.objectives import MaskedLM
 from lexjax.partitioning import MeshError
 from lexjax.training import OptimizerConfig, ShardedTrainStep, TrainConfig
 from lexjax.training.state import TrainState
@@ -139,9 +141,13 @@ SMOOTH = OptimizerConfig(learning_rate=0.5, warmup_steps=1, b1=0.0, b2=0.0, eps=
 
 
 def _sharded_step(model, mesh_spec: str, devices) -> ShardedTrainStep:
-    """The trainer's step of `model` laid out on the mesh `mesh_spec` over `devices`."""
+    """The trainer's step of `model` laid out on the mesh `mesh_spec` over `devices` (an
+    encoder's: masked-LM pre-training)."""
     mesh = partitioning.make_mesh(mesh_spec, devices)
-    return ShardedTrainStep(model, _run(optimizer=SMOOTH), mesh)
+    run = _run(optimizer=SMOOTH)
+    if model.bidirectional:
+        run = dataclasses.replace(run, objective=MaskedLM())
+    return ShardedTrainStep(model, run, mesh)
 
 
 def _run_step(step: ShardedTrainStep, state: TrainState) -> tuple[float, TrainState]:

@@ -883,4 +883,6 @@ def test_progress_lines_for_logs_that_are_not_a_terminal():
     assert progress_line(record, 600, 200.0) == (
         "step 20/600: loss 2.3451, validation loss 2.5000, 5,120 tokens/s, MFU 50.1%, ETA 3m20s")
     assert progress_line({"step": 1, "loss": 1.0}, 2, None) == "step 1/2: loss 1.0000"
+    assert progress_line({"step": 3, "loss": 2.0, "masked_accuracy": 0.4125}, 9, None) == (
+        "step 3/9: loss 2.0000, masked accuracy 41.2%")
     assert [format_seconds(s) for s in (4.4, 75.2, 4000)] == ["4s", "1m15s", "1h06m"]

@@ -1,5 +1,5 @@
-"""Tables and plots of evaluation results: Markdown, CSV, JSON, and a PNG of perplexity against
-evaluation length (log-x, the training length marked)."""
+"""Tables and plots of evaluation results: Markdown, CSV, JSON, and a PNG of a metric
+(perplexity by default) against evaluation length (log-x, the training length marked)."""
 from __future__ import annotations
 
 import csv
@@ -9,6 +9,12 @@ from typing import Optional, Sequence
 
 COLUMNS = ("length", "x_train", "loss", "perplexity", "bits_per_byte", "resolution", "windows",
            "scored_tokens")
+#: Masked-LM evaluation (`lexjax.evaluation.masked`).
+MASKED_COLUMNS = ("length", "x_train", "masked_loss", "masked_accuracy", "masked_tokens",
+                  "windows")
+#: Classification (`lexjax.evaluation.classify`).
+CLASSIFICATION_COLUMNS = ("length", "x_train", "accuracy", "f1", "mcc", "loss",
+                          "majority_baseline", "examples")
 
 
 def _cell(value) -> str:
@@ -26,8 +32,8 @@ def markdown_table(rows: Sequence[dict], columns: Sequence[str] = COLUMNS) -> st
     return "\n".join(lines) + "\n"
 
 
-def write_csv(path: str, rows: Sequence[dict]) -> None:
-    columns = [c for c in COLUMNS if any(c in r for r in rows)]
+def write_csv(path: str, rows: Sequence[dict], columns: Sequence[str] = COLUMNS) -> None:
+    columns = [c for c in columns if any(c in r for r in rows)]
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
@@ -64,17 +70,19 @@ def plot_curves(path: str, curves: dict[str, tuple[Sequence[int], Sequence[float
 
 
 def write_report(directory: str, name: str, rows: Sequence[dict], *, title: str,
-                 train_length: Optional[int], extra: Optional[dict] = None) -> str:
-    """Writes `directory/name.{md,csv,json,png}`; returns the Markdown table."""
+                 train_length: Optional[int], extra: Optional[dict] = None,
+                 columns: Sequence[str] = COLUMNS, plotted: str = "perplexity") -> str:
+    """Writes `directory/name.{md,csv,json,png}` (the plot: `plotted` against length);
+    returns the Markdown table."""
     os.makedirs(directory, exist_ok=True)
-    table = markdown_table(rows)
+    table = markdown_table(rows, columns)
     with open(os.path.join(directory, f"{name}.md"), "w") as f:
         f.write(f"# {title}\n\n{table}")
-    write_csv(os.path.join(directory, f"{name}.csv"), rows)
+    write_csv(os.path.join(directory, f"{name}.csv"), rows, columns)
     with open(os.path.join(directory, f"{name}.json"), "w") as f:
         json.dump({"title": title, "train_length": train_length, "rows": list(rows),
                    **(extra or {})}, f, indent=1)
     plot_curves(os.path.join(directory, f"{name}.png"),
-                {title: ([r["length"] for r in rows], [r["perplexity"] for r in rows])},
-                train_length=train_length, title=title)
+                {title: ([r["length"] for r in rows], [r[plotted] for r in rows])},
+                train_length=train_length, title=title, ylabel=plotted.replace("_", " "))
     return table

@@ -100,6 +100,7 @@ class LanguageModel(nn.Module, kw_only=True):
     decodes_chunks: ClassVar[bool] = False  # a decode call takes several tokens (one-pass prefill)
     mixes_segments: ClassVar[Optional[str]] = None  # why packed documents cannot be kept apart
     padding_side: ClassVar[str] = "right"  # where padded training rows put their padding
+    bidirectional: ClassVar[bool] = False  # every position sees the whole input (an encoder)
 
     def __post_init__(self):
         self.check()  # a bad field fails where the model is built (build_model: a ConfigError)
@@ -174,6 +175,12 @@ class LanguageModel(nn.Module, kw_only=True):
         x = self.embed(embedding, tokens, positions, segment_ids, deterministic)
         x = self.backbone(x, positions, segment_ids=segment_ids, deterministic=deterministic,
                           decode=decode)
+        return self.head(embedding, x, segment_ids=segment_ids, deterministic=deterministic)
+
+    def head(self, embedding: Embedding, x: jnp.ndarray, *, segment_ids: Optional[jnp.ndarray],
+             deterministic: bool) -> jnp.ndarray:
+        """The model's outputs from the backbone's hidden states `[batch, length, embed]`: the
+        LM's float32 logits `[batch, length, vocab]` (`output_logits`); encoders add heads."""
         return self.output_logits(embedding, x)
 
     @nn.nowrap

@@ -14,6 +14,7 @@ import shutil
 import time
 from typing import Any, Optional
 
+import jax
 import orbax.checkpoint as ocp
 
 from lexjax.errors import UserError
@@ -35,6 +36,10 @@ def remove_unfinished_saves(directory: str) -> None:
     them `<step>.orbax-checkpoint-tmp-*`; they are never read as checkpoints)."""
     for path in glob.glob(os.path.join(directory, f"*{TEMPORARY_MARK}*")):
         shutil.rmtree(path, ignore_errors=True)
+
+
+def _one_device() -> jax.sharding.Sharding:
+    return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
 
 
 class Checkpointer:
@@ -101,8 +106,13 @@ class Checkpointer:
         return dict(self._restore(step, meta=ocp.args.JsonRestore())["meta"])
 
     def restore_params(self, abstract_params: Any, step: Optional[int] = None) -> Any:
-        """Parameters only, shaped (and sharded) like `abstract_params` (ShapeDtypeStructs)."""
+        """Parameters only, shaped (and sharded) like `abstract_params` (ShapeDtypeStructs), or
+        as saved (host arrays) when `abstract_params` is None."""
         step = self._step(step)
+        if abstract_params is None:
+            item = self.manager.item_metadata(step)["params"]
+            abstract_params = jax.tree_util.tree_map(
+                lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=_one_device()), item)
         return self._restore(step, params=ocp.args.StandardRestore(abstract_params))["params"]
 
     def restore(self, abstract_params: Any, abstract_opt_state: Any,

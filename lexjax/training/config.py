@@ -24,6 +24,7 @@ import gin
 
 from lexjax import partitioning
 from lexjax.errors import ConfigError
+from lexjax.objectives import CausalLM, Objective
 
 if TYPE_CHECKING:  # lexjax.data imports TensorFlow; the config only holds its DataConfig
     from lexjax.data import DataConfig
@@ -111,6 +112,8 @@ class TrainConfig:
       logical_axis_rules: logical axis name -> mesh axes (`partitioning.LOGICAL_AXIS_RULES`).
       keep_checkpoints: the newest checkpoints kept on disk.
       optimizer: the `OptimizerConfig`.
+      objective: what the model learns (`lexjax.objectives`: `CausalLM()` by default,
+        `MaskedLM()`, `Classification()`).
     """
 
     data: "DataConfig"
@@ -126,6 +129,7 @@ class TrainConfig:
     logical_axis_rules: partitioning.Rules = partitioning.LOGICAL_AXIS_RULES
     keep_checkpoints: int = 3
     optimizer: OptimizerConfig = OptimizerConfig()
+    objective: Objective = CausalLM()
 
     def __post_init__(self):
         if not hasattr(self.data, "task"):
@@ -142,6 +146,9 @@ class TrainConfig:
         if not isinstance(self.optimizer, OptimizerConfig):
             raise ConfigError(f"TrainConfig.optimizer must be an OptimizerConfig, got "
                               f"{self.optimizer!r}")
+        if not isinstance(self.objective, Objective):
+            raise ConfigError(f"TrainConfig.objective must be a lexjax.objectives objective "
+                              f"(CausalLM, MaskedLM, Classification), got {self.objective!r}")
         object.__setattr__(self, "logical_axis_rules",
                            partitioning.check_rules(self.logical_axis_rules))
 

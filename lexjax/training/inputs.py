@@ -1,4 +1,5 @@
-"""What the train step reads, by model (shared by the trainer, the step and the bench):
+"""What the train step reads: the run objective's batches (`training_batches`); for the token
+objectives (causal and masked LM), by model (shared by the trainer, the step and the bench):
 
 - a model that keeps packed documents apart (`keeps_segments_apart`): packed rows of the token
   stream and their segment ids (`lexjax.data.segment_ids`), which the model reads;
@@ -31,8 +32,14 @@ def reads_segment_ids(model: nn.Module) -> bool:
 
 def training_batches(model: nn.Module, config: TrainConfig, start_step: int = 0
                      ) -> Iterator[dict[str, np.ndarray]]:
-    """This process's rows of the global batches from `start_step` on: `{"targets"}`, plus
-    `{"segment_ids"}` for models without carried state."""
+    """This process's rows of the global batches of `config.objective` from `start_step` on."""
+    return config.objective.training_batches(model, config, start_step)
+
+
+def token_batches(model: nn.Module, config: TrainConfig, start_step: int = 0
+                  ) -> Iterator[dict[str, np.ndarray]]:
+    """This process's rows of the global token batches from `start_step` on: `{"targets"}`,
+    plus `{"segment_ids"}` for models without carried state."""
     from lexjax import data
 
     common = dict(length=config.train_length, batch_size=config.batch_size, seed=config.seed,

@@ -24,7 +24,7 @@ import math
 import os
 import sys
 import time
-from typing import Optional
+from typing import Any, Optional
 
 import flax.linen as nn
 import gin
@@ -33,7 +33,6 @@ import jax.numpy as jnp
 
 from lexjax import partitioning
 from lexjax.errors import UserError
-from lexjax.evaluation.scoring import Scorer
 from lexjax.training import checkpoints as ckpt_lib
 from lexjax.training import flops as flops_lib
 from lexjax.training import inputs
@@ -67,8 +66,6 @@ class _Trainer:
 
     def __init__(self, model: nn.Module, config: TrainConfig, model_dir: str,
                  init_from: Optional[str]):
-        from lexjax import data
-
         self.model, self.config = model, config
         self.model_dir, self.init_from = model_dir, init_from
         self.carries_state = state_lib.carries_state(model)
@@ -78,17 +75,11 @@ class _Trainer:
         self.abstract_state = self.step.abstract_state
         self.fingerprint = state_lib.params_fingerprint(self.abstract_state.params)
         self.checkpointer = ckpt_lib.Checkpointer(model_dir, max_to_keep=config.keep_checkpoints)
-        self.validation_windows = None
-        if config.eval_every:
-            self.validation_windows = data.eval_windows(
-                config.data, length=config.train_length, split="validation",
-                max_windows=config.eval_windows)
-            self.scorer = Scorer(model, batch_size=config.batch_size, mesh=self.mesh,
-                                 rules=config.logical_axis_rules)
-
-    def validation_loss(self, params) -> float:
-        """The mean loss over the validation windows (the scoring path of `evaluate`)."""
-        return self.scorer.mean_loss({"params": params}, self.validation_windows)
+        # params -> the objective's validation metrics (`validation_loss`, ...), scored as
+        # `evaluate` scores, on the validation split.
+        self.validation = (self.step.objective.validator(model, config, self.mesh,
+                                                         config.logical_axis_rules)
+                           if config.eval_every else None)
 
     # -- state ------------------------------------------------------------------------------
     def initial_state(self, warn) -> state_lib.TrainState:
@@ -100,7 +91,7 @@ class _Trainer:
         if not steps:
             state = self.step.init(self.config.seed)
             if self.init_from:
-                state = state.replace(params=self.init_from_params())
+                state = state.replace(params=self.init_from_params(state.params, warn))
             return state
         try:
             return self.restore(steps[-1])
@@ -130,22 +121,27 @@ class _Trainer:
         return state_lib.TrainState(step=jnp.asarray(step, jnp.int32), params=params,
                                     opt_state=opt_state, carry=carry)
 
-    def init_from_params(self):
-        """The latest parameters of the `init_from` run, which must have this run's layout."""
+    def init_from_params(self, fresh: Any, warn) -> Any:
+        """The latest parameters of the `init_from` run. Of another layout (fine-tuning with a
+        new head: a classifier from a masked-LM run), the parameters both models have are
+        taken from it and the others keep their fresh values (`warn` lists both kinds); a
+        parameter of the same name and another shape is an error."""
         source = ckpt_lib.Checkpointer(self.init_from, read_only=True)
         meta = source.meta()
-        if meta.get("fingerprint") not in (None, self.fingerprint):
-            raise TrainingError(
-                f"--init_from {self.init_from} holds {meta.get('model')} parameters of another "
-                f"layout (fingerprint {meta.get('fingerprint')}) than this run's "
-                f"{type(self.model).__name__} ({self.fingerprint}): the model or its size macros "
-                "differ; fine-tune with the sizes in that run's config.gin")
-        return source.restore_params(self.abstract_state.params)
+        if meta.get("fingerprint") in (None, self.fingerprint):
+            return source.restore_params(self.abstract_state.params)
+        params, fresh_names, unused = transfer_params(source.restore_params(None), fresh,
+                                                      self.init_from)
+        warn(f"--init_from {self.init_from} ({meta.get('model')}): "
+             f"{len(fresh_names)} parameter arrays start fresh ({_names(fresh_names)}); "
+             f"{len(unused)} of its arrays are not used ({_names(unused)})")
+        return params
 
     def meta(self) -> dict:
         """The JSON record saved with every checkpoint."""
         return {"model": type(self.model).__name__, "fingerprint": self.fingerprint,
-                "train_length": self.config.train_length, "task": self.config.data.task}
+                "train_length": self.config.train_length, "task": self.config.data.task,
+                "objective": self.step.objective.name}
 
     def save(self, step: int, state: state_lib.TrainState) -> None:
         self.checkpointer.save(step, state.params, state.opt_state, {**self.meta(), "step": step},
@@ -164,6 +160,43 @@ class _Trainer:
             f"loss {loss}, gradient norm {grad_norm}, parameter norm {param_norm} at step "
             f"{step}; stopped without saving: {last_good}. Lower LEARNING_RATE, check "
             "the data, or train in float32 (DTYPE='float32')")
+
+
+def transfer_params(saved: Any, fresh: Any, source: str) -> tuple[Any, list[str], list[str]]:
+    """`fresh` (a parameter tree of arrays) with every array that `saved` holds under the same
+    path; returns (the tree, the paths kept fresh, the paths of `saved` not used).
+
+    Raises:
+      TrainingError: if an array of the same path has another shape, or nothing is shared.
+    """
+    saved_leaves = {jax.tree_util.keystr(p): x
+                    for p, x in jax.tree_util.tree_flatten_with_path(saved)[0]}
+    paths, leaves, fresh_names = [], [], []
+    for path, leaf in jax.tree_util.tree_flatten_with_path(fresh)[0]:
+        name = jax.tree_util.keystr(path)
+        paths.append(name)
+        if name not in saved_leaves:
+            fresh_names.append(name)
+            leaves.append(leaf)
+            continue
+        value = saved_leaves[name]
+        if tuple(value.shape) != tuple(leaf.shape):
+            raise TrainingError(
+                f"--init_from {source}: parameter {name} has shape {tuple(value.shape)} there "
+                f"and {tuple(leaf.shape)} here: the model sizes differ; fine-tune with the "
+                "sizes in that run's config.gin")
+        leaves.append(jax.device_put(jnp.asarray(value, leaf.dtype), leaf.sharding))
+    if len(fresh_names) == len(paths):
+        raise TrainingError(f"--init_from {source} shares no parameter with this model "
+                            "(another architecture); start it fresh or pick a matching run")
+    unused = sorted(set(saved_leaves) - set(paths))
+    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(fresh), leaves), \
+        fresh_names, unused
+
+
+def _names(paths: list[str], shown: int = 4) -> str:
+    more = f", ... {len(paths) - shown} more" if len(paths) > shown else ""
+    return ", ".join(paths[:shown]) + more if paths else "none"
 
 
 @gin.register(module="lexjax.training", allowlist=["model", "config"])
@@ -250,7 +283,7 @@ def _train(model: nn.Module, config: TrainConfig, model_dir: str, init_from: Opt
                 if config.evaluates_at(step):
                     jax.block_until_ready(state.params)  # the interval's steps are done
                     validation_start = time.perf_counter()
-                    record["validation_loss"] = trainer.validation_loss(state.params)
+                    record.update(trainer.validation(state.params))
                     interval_start += time.perf_counter() - validation_start  # not training
                 if record:
                     logger.write(step, record)

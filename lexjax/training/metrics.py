@@ -116,6 +116,11 @@ def format_seconds(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
+#: The objectives' accuracies (`lexjax.objectives`), shown in progress lines when logged.
+ACCURACIES = ("masked_accuracy", "accuracy", "validation_masked_accuracy",
+              "validation_accuracy")
+
+
 def progress_line(record: dict, total: int, eta: Optional[float]) -> str:
     """`step 20/600: loss 2.3451, 5,120 tokens/s, MFU 50.1%, ETA 3m20s` (what is known)."""
     parts = []
@@ -123,6 +128,9 @@ def progress_line(record: dict, total: int, eta: Optional[float]) -> str:
         parts.append(f"loss {record['loss']:.4f}")
     if "validation_loss" in record:
         parts.append(f"validation loss {record['validation_loss']:.4f}")
+    for name in ACCURACIES:
+        if name in record:
+            parts.append(f"{name.replace('_', ' ')} {100 * record[name]:.1f}%")
     if "tokens_per_sec" in record:
         parts.append(f"{record['tokens_per_sec']:,.0f} tokens/s")
     if "mfu" in record:

@@ -1,10 +1,10 @@
-"""The train step: one AdamW step on the next-token loss, jitted with in/out shardings on a mesh
-and the state donated; shared by training and the bench (`lexjax.benchmarking`).
+"""The train step: one AdamW step on the run's objective (`lexjax.objectives`: next-token loss
+by default), jitted with in/out shardings on a mesh and the state donated; shared by training and
+the bench (`lexjax.benchmarking`).
 
-A batch is a dict of int32 `[batch, length]` arrays: `"targets"` (the tokens) and, for models
-without carried state, `"segment_ids"` (`lexjax.data.segment_ids`: 1, 2, ... per document piece,
-0 for padding). A model that keeps documents apart (`keeps_segments_apart`) reads the segment ids;
-every model starts each segment from BOS and is not scored on padding (`lexjax.losses`).
+A batch is a dict of int32 arrays whose names and shapes the objective gives (`batch_spec`): for
+the causal LM, `"targets"` (the tokens, `[batch, length]`) and, for models without carried state,
+`"segment_ids"` (`lexjax.data.segment_ids`: 1, 2, ... per document piece, 0 for padding).
 """
 from __future__ import annotations
 
@@ -18,49 +18,30 @@ import numpy as np
 import optax
 
 from lexjax import partitioning
-from lexjax.losses import mean_loss, shift_right
+from lexjax.objectives import CausalLM, Objective
 from lexjax.training import state as state_lib
 from lexjax.training.config import TrainConfig
-from lexjax.training.inputs import reads_segment_ids
 from lexjax.training.optimizer import make_optimizer
 
-Batch = dict  # {"targets": int32 [batch, length], "segment_ids": int32 [batch, length]}
+Batch = dict  # name -> int32 array, as the objective's `batch_spec` says
 
 
-def batch_spec(model: nn.Module, batch_size: int, length: int) -> Batch:
-    """`ShapeDtypeStruct`s of one global batch for `model`."""
-    shape = jax.ShapeDtypeStruct((batch_size, length), jnp.int32)
-    if state_lib.carries_state(model):
-        return {"targets": shape}
-    return {"targets": shape, "segment_ids": shape}
+def batch_spec(model: nn.Module, batch_size: int, length: int,
+               objective: Objective = CausalLM()) -> Batch:
+    """`ShapeDtypeStruct`s of one global batch for `model` under `objective`."""
+    return objective.batch_spec(model, batch_size, length)
 
 
 def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation,
-                    schedule: optax.Schedule, segments_per_stream: Optional[int] = None):
-    """`(state, batch, key) -> (state, metrics)`: one optimizer step on the next-token loss,
-    dropout keyed by (key, step).
+                    schedule: optax.Schedule, segments_per_stream: Optional[int] = None,
+                    objective: Objective = CausalLM()):
+    """`(state, batch, key) -> (state, metrics)`: one optimizer step on `objective`'s loss
+    (prepared: `objective.prepare(model, data)`), dropout (and masks) keyed by (key, step).
 
-    A state-carrying model (`state.carry` not None) reads the carry of the previous step's
-    segment and returns the next one, with no gradient through it (truncated backpropagation
-    through time); its first input token is the previous segment's last token instead of BOS.
-    The carry restarts (zeros: a fresh stream) at every multiple of `segments_per_stream` steps,
-    where the data's row streams restart (see `lexjax.data.stream_batches`).
+    A state-carrying model's carry (`state.carry`, see `CausalLM`) restarts (zeros: a fresh
+    stream) at every multiple of `segments_per_stream` steps, where the data's row streams
+    restart (see `lexjax.data.stream_batches`).
     """
-    passes_segments = reads_segment_ids(model)
-
-    def loss_fn(params, batch, rng, carry):
-        targets, segments = batch["targets"], batch.get("segment_ids")
-        kwargs = dict(deterministic=False, rngs={"dropout": rng})
-        if carry is None:
-            if passes_segments:
-                kwargs["segment_ids"] = segments
-            logits = model.apply({"params": params}, shift_right(targets, segments), **kwargs)
-            return mean_loss(logits, targets, segments), None
-        inputs = shift_right(targets).at[:, 0].set(carry["last_token"])
-        logits, model_carry = model.apply({"params": params}, inputs, carry=carry["model"],
-                                          return_carry=True, **kwargs)
-        next_carry = {"model": jax.lax.stop_gradient(model_carry), "last_token": targets[:, -1]}
-        return mean_loss(logits, targets), next_carry
 
     def restart_streams(carry, step):
         if carry is None or not segments_per_stream:
@@ -68,10 +49,14 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation,
         fresh = step % segments_per_stream == 0
         return jax.tree_util.tree_map(lambda x: jnp.where(fresh, jnp.zeros_like(x), x), carry)
 
+    def loss_fn(params, batch, rng, carry):
+        loss, metrics, carry = objective.loss(model, params, batch, rng=rng, carry=carry)
+        return loss, (metrics, carry)
+
     def train_step(state: state_lib.TrainState, batch: Batch, key: jax.Array):
         rng = jax.random.fold_in(key, state.step)
         carry = restart_streams(state.carry, state.step)
-        (loss, carry), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        (loss, (extra, carry)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             state.params, batch, rng, carry)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -80,7 +65,7 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation,
                    else jnp.zeros((), jnp.float32))
         metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
                    "param_norm": optax.global_norm(params),
-                   "learning_rate": schedule(state.step), "padding": padding}
+                   "learning_rate": schedule(state.step), "padding": padding, **extra}
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                              carry=carry), metrics
 
@@ -93,19 +78,23 @@ class ShardedTrainStep:
     (sharded, donated) init and train steps. The mesh may be of real devices or of a TPU
     topology's compile-only devices (then only `lower` applies). A state-carrying model's carry
     is part of the state, sharded like activations; `segments_per_stream` is when it restarts
-    (see `make_train_step`)."""
+    (see `make_train_step`). `objective` is the run's, prepared (`config.objective.prepare`
+    by default)."""
 
     def __init__(self, model: nn.Module, config: TrainConfig, mesh,
-                 segments_per_stream: Optional[int] = None):
+                 segments_per_stream: Optional[int] = None,
+                 objective: Optional[Objective] = None):
         self.model, self.config, self.mesh = model, config, mesh
         self.rules = config.logical_axis_rules
+        self.objective = objective or config.objective.prepare(model, config.data)
         self.optimizer, self.schedule = make_optimizer(config.optimizer, config.train_steps)
         partitioning.check_batch_divides(mesh, config.batch_size)
-        self.example = batch_spec(model, config.batch_size, config.train_length)
-        state_lib.check_logical_axes(state_lib.boxed_params(model, self.example["targets"]))
+        self.example = batch_spec(model, config.batch_size, config.train_length, self.objective)
+        token_shape = jax.ShapeDtypeStruct((config.batch_size, config.train_length), jnp.int32)
+        state_lib.check_logical_axes(state_lib.boxed_params(model, token_shape))
 
         def boxed_state(rng):
-            tokens = jnp.zeros(self.example["targets"].shape, jnp.int32)
+            tokens = jnp.zeros(token_shape.shape, jnp.int32)
             params = model.init(rng, tokens)["params"]
             return state_lib.TrainState(step=jnp.asarray(0, jnp.int32), params=params,
                                         opt_state=self.optimizer.init(params),
@@ -114,14 +103,15 @@ class ShardedTrainStep:
         boxed = jax.eval_shape(boxed_state, jax.random.PRNGKey(0))
         self.abstract_state = partitioning.sharded_abstract(boxed, mesh, self.rules)
         self.state_shardings = jax.tree_util.tree_map(lambda x: x.sharding, self.abstract_state)
-        batch_sharding = partitioning.batch_sharding(mesh)
-        self.batch_shardings = {name: batch_sharding for name in self.example}
+        self.batch_shardings = {name: partitioning.batch_sharding(mesh, spec.ndim)
+                                for name, spec in self.example.items()}
         self.replicated = partitioning.replicated(mesh)
         with self.context():
             self._init = jax.jit(lambda rng: nn.unbox(boxed_state(rng)),
                                  out_shardings=self.state_shardings)
             self.jitted = jax.jit(
-                make_train_step(model, self.optimizer, self.schedule, segments_per_stream),
+                make_train_step(model, self.optimizer, self.schedule, segments_per_stream,
+                                self.objective),
                 in_shardings=(self.state_shardings, self.batch_shardings, self.replicated),
                 out_shardings=(self.state_shardings, self.replicated), donate_argnums=(0,))
 
@@ -147,7 +137,7 @@ class ShardedTrainStep:
         return compiled, time.perf_counter() - start
 
     def device_batch(self, local: dict[str, np.ndarray]) -> Batch:
-        """The global batch from this process's rows (`[batch / processes, length]` each)."""
+        """The global batch from this process's rows (`[batch / processes, ...]` each)."""
         return {name: jax.make_array_from_process_local_data(
                     self.batch_shardings[name], np.asarray(local[name], np.int32),
                     self.example[name].shape)

@@ -1,0 +1,110 @@
+"""Sequence classification: fine-tune an encoder (or any model with a classification head) on a
+labelled task (`lexjax.data.classification`)."""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from lexjax.errors import ConfigError
+from lexjax.objectives.base import Objective
+
+
+def confusion_metrics(confusion: np.ndarray) -> dict[str, float]:
+    """accuracy, f1 (of class 1, for two classes) and mcc (Matthews, any number of classes) of
+    a confusion matrix `[classes, classes]` (rows: true class, columns: predicted)."""
+    c = np.asarray(confusion, np.float64)
+    total = c.sum()
+    correct = np.trace(c)
+    out = {"accuracy": correct / max(total, 1.0)}
+    if c.shape[0] == 2:
+        tp, fp, fn = c[1, 1], c[0, 1], c[1, 0]
+        out["f1"] = 2 * tp / max(2 * tp + fp + fn, 1.0)
+    true, predicted = c.sum(axis=1), c.sum(axis=0)
+    denominator = math.sqrt(max(total ** 2 - predicted @ predicted, 0.0)
+                            * max(total ** 2 - true @ true, 0.0))
+    out["mcc"] = (correct * total - true @ predicted) / denominator if denominator else 0.0
+    return {k: float(v) for k, v in out.items()}
+
+
+@gin.register(module="lexjax.objectives")
+@dataclasses.dataclass(frozen=True)
+class Classification(Objective):
+    """Cross entropy of the model's class logits `[batch, classes]` against each row's label.
+
+    The model must output one row of logits per example (an encoder with `num_classes` set,
+    NUM_CLASSES in configs/runs/classify_quickstart.gin), as many as the task has classes.
+    """
+
+    name = "classification"
+
+    def prepare(self, model, data):
+        from lexjax.data import task_info
+        info = task_info(data.task)
+        classes = getattr(model, "num_classes", None)
+        if classes != info.num_classes:
+            raise ConfigError(
+                f"{data.task} has {info.num_classes} classes {info.labels}; the model's "
+                f"classification head has {classes}: set NUM_CLASSES = {info.num_classes} "
+                f"({type(model).__name__}.num_classes)")
+        return self
+
+    def batch_spec(self, model, batch_size, length):
+        rows = jax.ShapeDtypeStruct((batch_size, length), jnp.int32)
+        return {"inputs": rows, "segment_ids": rows,
+                "label": jax.ShapeDtypeStruct((batch_size,), jnp.int32)}
+
+    @staticmethod
+    def logits(model, variables, batch, **kwargs) -> jnp.ndarray:
+        """float32 class logits `[batch, classes]`."""
+        return model.apply(variables, batch["inputs"], segment_ids=batch["segment_ids"],
+                           **kwargs).astype(jnp.float32)
+
+    def loss(self, model, params, batch, *, rng, carry=None):
+        logits = self.logits(model, {"params": params}, batch, deterministic=False,
+                             rngs={"dropout": rng})
+        losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
+        accuracy = jnp.mean((jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32))
+        return jnp.mean(losses), {"accuracy": accuracy}, None
+
+    def statistics(self, model):
+        """`(variables, batch, valid, key) -> {"loss", "count", "confusion" [C, C]}` sums."""
+        def statistics(variables, batch, valid, key):
+            del key
+            logits = self.logits(model, variables, batch, deterministic=True)
+            losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
+            keep = valid.astype(jnp.float32)
+            classes = logits.shape[-1]
+            pairs = (jax.nn.one_hot(batch["label"], classes)[:, :, None]
+                     * jax.nn.one_hot(jnp.argmax(logits, -1), classes)[:, None, :])
+            return {"loss": jnp.sum(losses * keep), "count": jnp.sum(keep),
+                    "confusion": jnp.sum(pairs * keep[:, None, None], axis=0)}
+        return statistics
+
+    def training_batches(self, model, config, start_step=0):
+        from lexjax import data
+        return data.classification_batches(
+            config.data, length=config.train_length, batch_size=config.batch_size,
+            seed=config.seed, start_step=start_step, shard_index=jax.process_index(),
+            num_shards=jax.process_count())
+
+    def validator(self, model, config, mesh, rules):
+        from lexjax import data
+        from lexjax.evaluation.batches import BatchEvaluator
+        rows = data.classification_examples(config.data, length=config.train_length,
+                                            split="validation",
+                                            max_examples=config.eval_windows)
+        evaluator = BatchEvaluator(self.statistics(model), batch_size=config.batch_size,
+                                   mesh=mesh, rules=rules)
+
+        def validate(params):
+            sums = evaluator({"params": params}, rows)
+            scores = confusion_metrics(sums["confusion"])
+            return {"validation_loss": float(sums["loss"]) / max(float(sums["count"]), 1.0),
+                    "validation_accuracy": scores["accuracy"]}
+        return validate

@@ -1,0 +1,163 @@
+"""Masked-language-model pre-training (BERT / RoBERTa style, masks drawn anew every step)."""
+from __future__ import annotations
+
+import dataclasses
+import numbers
+from typing import Optional
+
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from lexjax.errors import ConfigError
+from lexjax.objectives.base import Objective, is_bidirectional, token_batch_spec
+from lexjax.objectives.masking import UNITS, mask_tokens, unit_starts
+
+#: The first id of a text token in lexjax's vocabularies (0 pad, 1 EOS, 2 UNK come first).
+FIRST_TEXT_ID = 3
+
+
+@gin.register(module="lexjax.objectives")
+@dataclasses.dataclass(frozen=True)
+class MaskedLM(Objective):
+    """Predict the masked tokens of packed rows (`lexjax.objectives.masking`).
+
+    Attributes:
+      mask_rate: the probability a unit is masked (MASK_RATE; 0.15 in BERT, up to 0.5 for 3ML).
+      unit: "token", "word" (whole words: runs of letters, digits and `_` for bytes, pieces
+        without a leading "▁" continue a SentencePiece word) or "span" (`span_length` tokens).
+      span_length: tokens per span for `unit="span"`.
+      keep_fraction, random_fraction: of the masked tokens, the fractions left as they are and
+        replaced by a random text token (BERT: 0.1 and 0.1; the rest become the mask token).
+      mask_id, text_ids, continues_word: resolved by `prepare` from the vocabulary (the mask
+        token is the first id past the vocabulary, so VOCAB_SIZE must leave room for it).
+    """
+
+    mask_rate: float = 0.15
+    unit: str = "token"
+    span_length: int = 3
+    keep_fraction: float = 0.1
+    random_fraction: float = 0.1
+    mask_id: Optional[int] = None
+    text_ids: Optional[tuple[int, int]] = None
+    continues_word: Optional[tuple[bool, ...]] = None
+
+    name = "masked_lm"
+
+    def __post_init__(self):
+        rate = self.mask_rate
+        if isinstance(rate, bool) or not isinstance(rate, numbers.Real) or not 0 < rate < 1:
+            raise ConfigError(f"MASK_RATE (MaskedLM.mask_rate) must lie in (0, 1), got {rate!r}")
+        if self.unit not in UNITS:
+            raise ConfigError(f"lexjax.objectives.MaskedLM.unit must be one of {UNITS}, got "
+                              f"{self.unit!r}")
+        if not isinstance(self.span_length, int) or self.span_length < 1:
+            raise ConfigError(f"lexjax.objectives.MaskedLM.span_length must be a positive int, "
+                              f"got {self.span_length!r}")
+        if not (0 <= self.keep_fraction and 0 <= self.random_fraction
+                and self.keep_fraction + self.random_fraction <= 1):
+            raise ConfigError("MaskedLM.keep_fraction and random_fraction must be >= 0 with a "
+                              f"sum <= 1, got {self.keep_fraction} and {self.random_fraction}")
+
+    def prepare(self, model, data):
+        from lexjax.data import word_continuation
+        from lexjax.training.state import carries_state
+        if not is_bidirectional(model):
+            raise ConfigError(
+                f"{type(model).__name__} is causal: masked-LM pre-training needs a bidirectional "
+                "encoder (configs/models/encoder.gin); causal models train with the default "
+                "next-token objective")
+        if carries_state(model):
+            raise ConfigError(f"{type(model).__name__} carries state across segments; masked-LM "
+                              "pre-training reads independent rows")
+        vocabulary = data.seqio_vocabulary()
+        size = int(vocabulary.vocab_size)
+        if model.vocab_size <= size:
+            raise ConfigError(
+                f"VOCAB_SIZE {model.vocab_size} leaves no id for the mask token: the vocabulary "
+                f"has {size} ids and the mask token is id {size}; set VOCAB_SIZE > {size}")
+        table = np.zeros(model.vocab_size, bool)
+        table[:size] = word_continuation(vocabulary)
+        return dataclasses.replace(self, mask_id=size, text_ids=(FIRST_TEXT_ID, size),
+                                   continues_word=tuple(bool(x) for x in table))
+
+    def corrupt(self, key: jax.Array, targets: jnp.ndarray, segment_ids: jnp.ndarray
+                ) -> tuple[jnp.ndarray, jnp.ndarray]:
+        """(model inputs, picked) for `targets [batch, length]` (see `masking.mask_tokens`)."""
+        if self.mask_id is None:
+            raise ValueError("MaskedLM.prepare(model, data) resolves the mask token first")
+        phase_key, mask_key = jax.random.split(key)
+        phase = jax.random.randint(phase_key, targets.shape[:1], 0, self.span_length)
+        starts = unit_starts(targets, segment_ids, self.unit,
+                             continues_word=jnp.asarray(self.continues_word, bool),
+                             span_length=self.span_length, phase=phase)
+        return mask_tokens(mask_key, targets, segment_ids, starts, rate=self.mask_rate,
+                           mask_id=self.mask_id, random_ids=self.text_ids,
+                           keep_fraction=self.keep_fraction,
+                           random_fraction=self.random_fraction)
+
+    def masked_statistics(self, model, variables, batch, key, *, deterministic=True,
+                          rngs=None) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
+        """Per-row (loss sum, correct predictions, masked tokens) `[batch]` float32 of one
+        masked forward pass."""
+        from lexjax.training.inputs import reads_segment_ids
+        targets, segments = batch["targets"], batch["segment_ids"]
+        inputs, picked = self.corrupt(key, targets, segments)
+        logits = model.apply(variables, inputs, deterministic=deterministic, rngs=rngs,
+                             segment_ids=segments if reads_segment_ids(model) else None)
+        losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32),
+                                                                 targets)
+        weights = picked.astype(jnp.float32)
+        correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+        return (jnp.sum(losses * weights, axis=1), jnp.sum(correct * weights, axis=1),
+                jnp.sum(weights, axis=1))
+
+    def batch_spec(self, model, batch_size, length):
+        return token_batch_spec(model, batch_size, length)
+
+    def loss(self, model, params, batch, *, rng, carry=None):
+        mask_key, dropout_key = jax.random.split(rng)
+        losses, correct, count = self.masked_statistics(
+            model, {"params": params}, batch, mask_key, deterministic=False,
+            rngs={"dropout": dropout_key})
+        total = jnp.maximum(jnp.sum(count), 1.0)
+        tokens = jnp.maximum(jnp.sum((batch["segment_ids"] > 0).astype(jnp.float32)), 1.0)
+        metrics = {"masked_accuracy": jnp.sum(correct) / total,
+                   "masked_fraction": jnp.sum(count) / tokens}
+        return jnp.sum(losses) / total, metrics, None
+
+    def statistics(self, model):
+        """`(variables, batch, valid, key) -> sums` for `lexjax.evaluation.BatchEvaluator`."""
+        def statistics(variables, batch, valid, key):
+            losses, correct, count = self.masked_statistics(model, variables, batch, key)
+            keep = valid.astype(jnp.float32)
+            return {"loss": jnp.sum(losses * keep), "correct": jnp.sum(correct * keep),
+                    "count": jnp.sum(count * keep)}
+        return statistics
+
+    def training_batches(self, model, config, start_step=0):
+        from lexjax.training.inputs import token_batches
+        return token_batches(model, config, start_step)
+
+    def windows(self, data, *, length: int, split: str, max_windows: int) -> dict:
+        """Evaluation rows: consecutive windows of the split's stream, with segment ids."""
+        from lexjax import data as data_lib
+        windows = data_lib.eval_windows(data, length=length, split=split,
+                                        max_windows=max_windows)
+        return {"targets": windows, "segment_ids": data_lib.segment_ids(windows)}
+
+    def validator(self, model, config, mesh, rules):
+        from lexjax.evaluation.batches import BatchEvaluator
+        rows = self.windows(config.data, length=config.train_length, split="validation",
+                            max_windows=config.eval_windows)
+        evaluator = BatchEvaluator(self.statistics(model), batch_size=config.batch_size,
+                                   mesh=mesh, rules=rules)
+
+        def validate(params):
+            sums = evaluator({"params": params}, rows, seed=config.seed)
+            count = max(float(sums["count"]), 1.0)
+            return {"validation_loss": float(sums["loss"]) / count,
+                    "validation_masked_accuracy": float(sums["correct"]) / count}
+        return validate

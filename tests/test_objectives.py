@@ -1,0 +1,174 @@
+"""The training objectives (`lexjax.objectives`): BERT masking against its definition, the
+masked-LM and classification losses against numpy, metrics against hand-worked values, and the
+checks that keep an objective and its model consistent."""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import lexjax
+from lexjax.data import DataConfig, get_vocabulary, segment_ids, word_continuation
+from lexjax.errors import ConfigError
+from lexjax.objectives import CausalLM, Classification, MaskedLM, mask_tokens, unit_starts
+from lexjax.objectives.classification import confusion_metrics
+
+TINY = ["NUM_LAYERS=1", "EMBED_DIM=32", "NUM_HEADS=2", "MLP_DIM=64"]
+DATA = DataConfig(task="lexjax.stdlib_code")
+
+
+def encoder(*bindings):
+    return lexjax.build_model(["configs/models/encoder.gin"], TINY + list(bindings))
+
+
+def byte_ids(text: str) -> np.ndarray:
+    return np.frombuffer(text.encode(), np.uint8).astype(np.int32) + 3
+
+
+def test_masking_rates_and_replacements():
+    tokens = jnp.asarray(np.random.default_rng(0).integers(3, 259, (64, 512)), jnp.int32)
+    segments = jnp.ones_like(tokens)
+    starts = unit_starts(tokens, segments, "token")
+    inputs, picked = mask_tokens(jax.random.PRNGKey(1), tokens, segments, starts, rate=0.15,
+                                 mask_id=259, random_ids=(3, 259))
+    inputs, picked, tokens = map(np.asarray, (inputs, picked, tokens))
+    assert picked.mean() == pytest.approx(0.15, abs=0.005)
+    masked = inputs[picked] == 259
+    unchanged = inputs[picked] == tokens[picked]
+    assert masked.mean() == pytest.approx(0.8, abs=0.02)
+    assert unchanged.mean() == pytest.approx(0.1 + 0.1 / 256, abs=0.015)  # kept, or drew itself
+    assert np.all(inputs[~picked] == tokens[~picked])
+    assert np.all((inputs >= 3) & (inputs <= 259))
+
+
+def test_masking_never_picks_padding_or_eos_and_is_a_function_of_the_key():
+    rng = np.random.default_rng(2)
+    tokens = rng.integers(3, 259, (8, 64))
+    tokens[:, 40] = 1  # EOS
+    tokens[:, 50:] = 0  # padding
+    tokens = jnp.asarray(tokens, jnp.int32)
+    segments = jnp.asarray(segment_ids(np.asarray(tokens)))
+    starts = unit_starts(tokens, segments, "token")
+    kwargs = dict(rate=0.9, mask_id=259, random_ids=(3, 259))
+    inputs, picked = mask_tokens(jax.random.PRNGKey(0), tokens, segments, starts, **kwargs)
+    assert not np.asarray(picked)[:, 50:].any() and not np.asarray(picked)[:, 40].any()
+    again = mask_tokens(jax.random.PRNGKey(0), tokens, segments, starts, **kwargs)
+    other = mask_tokens(jax.random.PRNGKey(1), tokens, segments, starts, **kwargs)
+    assert np.array_equal(inputs, again[0]) and not np.array_equal(inputs, other[0])
+
+
+def test_whole_word_masking_picks_words_entirely():
+    text = "def foo_bar(self, x2):\n    return self.value + x2  # café ok\n" * 4
+    tokens = jnp.asarray(byte_ids(text)[None], jnp.int32)
+    segments = jnp.ones_like(tokens)
+    table = jnp.asarray(word_continuation(get_vocabulary()))
+    starts = np.asarray(unit_starts(tokens, segments, "word", continues_word=table))[0]
+    # Word starts by hand: a word character after a non-word character, and every other byte.
+    word = [c == "_" or c.isalnum() or ord(c) >= 0x80 for c in text.encode().decode("latin-1")]
+    expected = [i == 0 or not (word[i] and word[i - 1]) for i in range(len(word))]
+    assert starts.tolist() == expected
+    _, picked = mask_tokens(jax.random.PRNGKey(3), tokens, segments, jnp.asarray(starts[None]),
+                            rate=0.5, mask_id=259, random_ids=(3, 259))
+    picked = np.asarray(picked)[0]
+    unit = np.cumsum(starts)
+    for u in np.unique(unit):
+        assert len(set(picked[unit == u])) == 1  # a word is masked entirely or not at all
+    assert 0 < picked.mean() < 1
+
+
+def test_span_masking_picks_aligned_spans():
+    tokens = jnp.asarray(np.full((4, 30), 100), jnp.int32)
+    segments = jnp.ones_like(tokens)
+    phase = jnp.asarray([0, 1, 2, 0], jnp.int32)
+    starts = np.asarray(unit_starts(tokens, segments, "span", span_length=3, phase=phase))
+    for row, p in enumerate([0, 1, 2, 0]):
+        assert np.flatnonzero(starts[row]).tolist() == [0] + [
+            i for i in range(1, 30) if (i + p) % 3 == 0]
+
+
+def test_a_new_segment_starts_a_unit():
+    tokens = jnp.asarray(byte_ids("abcdefgh")[None], jnp.int32)
+    segments = jnp.asarray([[1, 1, 1, 1, 2, 2, 2, 2]], jnp.int32)
+    table = jnp.asarray(word_continuation(get_vocabulary()))
+    starts = np.asarray(unit_starts(tokens, segments, "word", continues_word=table))[0]
+    assert starts.tolist() == [True, False, False, False, True, False, False, False]
+
+
+def test_masked_lm_prepare_resolves_the_vocabulary():
+    objective = MaskedLM().prepare(encoder(), DATA)
+    assert objective.mask_id == 259 and objective.text_ids == (3, 259)
+    table = objective.continues_word
+    assert len(table) == 384 and table[ord("a") + 3] and not table[ord(" ") + 3]
+    with pytest.raises(ConfigError, match="VOCAB_SIZE 259 leaves no id for the mask token"):
+        MaskedLM().prepare(encoder("VOCAB_SIZE=259"), DATA)
+    causal = lexjax.build_model(["configs/models/transformer.gin"], TINY)
+    with pytest.raises(ConfigError, match="is causal"):
+        MaskedLM().prepare(causal, DATA)
+    with pytest.raises(ConfigError, match="is bidirectional"):
+        CausalLM().prepare(encoder(), DATA)
+    with pytest.raises(ConfigError, match="MASK_RATE"):
+        MaskedLM(mask_rate=1.5)
+    with pytest.raises(ConfigError, match="unit"):
+        MaskedLM(unit="sentence")
+
+
+def log_softmax64(logits):
+    logits = np.asarray(logits, np.float64)
+    top = logits.max(-1, keepdims=True)
+    return logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
+
+
+def test_masked_lm_loss_is_the_mean_over_masked_tokens():
+    model = encoder()
+    objective = MaskedLM(mask_rate=0.3).prepare(model, DATA)
+    targets = np.random.default_rng(4).integers(3, 259, (2, 32))
+    targets[1, 20:] = 0
+    batch = {"targets": jnp.asarray(targets, jnp.int32),
+             "segment_ids": jnp.asarray(segment_ids(targets))}
+    params = model.init(jax.random.PRNGKey(0), batch["targets"])["params"]
+    rng = jax.random.PRNGKey(7)
+    loss, metrics, carry = objective.loss(model, params, batch, rng=rng)
+    mask_key, _ = jax.random.split(rng)
+    inputs, picked = objective.corrupt(mask_key, batch["targets"], batch["segment_ids"])
+    logits = model.apply({"params": params}, inputs, segment_ids=batch["segment_ids"])
+    logp = log_softmax64(logits)
+    picked = np.asarray(picked)
+    nll = -np.take_along_axis(logp, targets[..., None], -1)[..., 0]
+    assert carry is None and picked.any()
+    assert float(loss) == pytest.approx(nll[picked].mean(), rel=1e-5)
+    correct = (logp.argmax(-1) == targets)[picked].mean()
+    assert float(metrics["masked_accuracy"]) == pytest.approx(correct)
+    assert float(metrics["masked_fraction"]) == pytest.approx(picked.sum() / (targets > 0).sum())
+
+
+def test_classification_loss_and_prepare():
+    model = encoder("NUM_CLASSES=3")
+    batch = {"inputs": jnp.asarray(np.random.default_rng(5).integers(3, 259, (4, 16)), jnp.int32),
+             "segment_ids": jnp.ones((4, 16), jnp.int32),
+             "label": jnp.asarray([0, 2, 1, 2], jnp.int32)}
+    params = model.init(jax.random.PRNGKey(0), batch["inputs"])["params"]
+    loss, metrics, _ = Classification().loss(model, params, batch, rng=jax.random.PRNGKey(0))
+    logits = model.apply({"params": params}, batch["inputs"], segment_ids=batch["segment_ids"])
+    logp = log_softmax64(logits)
+    labels = np.asarray(batch["label"])
+    assert float(loss) == pytest.approx(-logp[np.arange(4), labels].mean(), rel=1e-5)
+    assert float(metrics["accuracy"]) == pytest.approx((logp.argmax(-1) == labels).mean())
+    binary = DataConfig(task="lexjax.stdlib_is_test")
+    with pytest.raises(ConfigError, match="set NUM_CLASSES = 2"):
+        Classification().prepare(model, binary)
+    assert Classification().prepare(encoder("NUM_CLASSES=2"), binary) == Classification()
+
+
+def test_confusion_metrics_hand_worked():
+    # rows: true class; columns: predicted. tp=40, fn=10, fp=5, tn=45.
+    confusion = np.array([[45, 5], [10, 40]])
+    scores = confusion_metrics(confusion)
+    assert scores["accuracy"] == pytest.approx(85 / 100)
+    assert scores["f1"] == pytest.approx(2 * 40 / (2 * 40 + 5 + 10))
+    mcc = (40 * 45 - 5 * 10) / math.sqrt((40 + 5) * (40 + 10) * (45 + 5) * (45 + 10))
+    assert scores["mcc"] == pytest.approx(mcc)
+    three = np.array([[5, 0, 0], [0, 5, 0], [0, 0, 5]])
+    assert confusion_metrics(three)["mcc"] == pytest.approx(1.0)
+    assert "f1" not in confusion_metrics(three)
+    assert confusion_metrics(np.array([[10, 0], [10, 0]]))["mcc"] == 0.0  # one predicted class
