@@ -116,13 +116,14 @@ def run_cell(cell: Cell, study: Study, out: str) -> dict:
     os.makedirs(run_dir, exist_ok=True)
     log = os.path.join(run_dir, "log.txt")
     started = time.time()
-    run_logged([sys.executable, "-m", "lexjax.train", *[f"--gin_file={f}" for f in cell.gin_files(study)],
-          *binding_flags(cell.overrides(study)), f"--model_dir={run_dir}"], log)
+    run_logged([sys.executable, "-m", "lexjax.train",
+                *[f"--gin_file={f}" for f in cell.gin_files(study)],
+                *binding_flags(cell.overrides(study)), f"--model_dir={run_dir}"], log)
     trained = time.time()
     run_logged([sys.executable, "-m", "lexjax.evaluate", f"--model_dir={run_dir}",
-          "--lengths=" + ",".join(map(str, study.eval_lengths)),
-          f"--max_tokens={study.eval_tokens}", f"--batch_size={study.eval_batch_size}",
-          f"--name={name}", *(["--bca"] if cell.bca else [])], log)
+                "--lengths=" + ",".join(map(str, study.eval_lengths)),
+                f"--max_tokens={study.eval_tokens}", f"--batch_size={study.eval_batch_size}",
+                f"--name={name}", *(["--bca"] if cell.bca else [])], log)
     record = json.load(open(result_path))
     record["seconds"] = {"train": trained - started, "evaluate": time.time() - trained}
     with open(result_path, "w") as f:

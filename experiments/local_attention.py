@@ -71,6 +71,13 @@ def _median_seconds_per_token(run_dir: str) -> float:
     return 1.0 / statistics.median(rates)
 
 
+def _mean_metric(run_dir: str, name: str) -> float:
+    """The mean of a logged training metric over the run (e.g. the padded fraction of rows)."""
+    rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))
+            if line.strip()]
+    return statistics.mean(r[name] for r in rows if name in r)
+
+
 def step_cost(study: LocalAttentionStudy, files: list[str], bindings: list[str]) -> dict:
     """The fine-tuning step's mean keys per query and temporary memory (XLA memory analysis of
     the step compiled for this host, batch and length as the fine-tuning run has them)."""
@@ -126,6 +133,7 @@ def run_cell(study: LocalAttentionStudy, name: str, out: str) -> dict:
               "majority_baseline": classified["majority_baseline"],
               "examples": classified["examples"],
               "pretrain_us_per_token": 1e6 * _median_seconds_per_token(mlm),
+              "pretrain_padding": _mean_metric(mlm, "padding"),
               "pretrain_seconds": pretrained - started, **step_cost(study, files, bindings)}
     with open(record_path, "w") as f:
         json.dump(record, f, indent=1)
@@ -138,7 +146,7 @@ def _train_length(run_dir: str) -> int:
 
 
 COLUMNS = ("cell", "masked_loss", "masked_accuracy", "accuracy", "majority_baseline",
-           "pretrain_us_per_token", "keys_per_query", "finetune_temp_mib")
+           "pretrain_us_per_token", "pretrain_padding", "keys_per_query", "finetune_temp_mib")
 
 
 def build_report(study: LocalAttentionStudy, records: dict, out: str) -> str:

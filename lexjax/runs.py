@@ -36,7 +36,7 @@ class Run:
       model: the LM, as configured (plus any gin files and bindings given to `load_run`).
       variables: `{"params": ...}` of the checkpoint, on the mesh it was restored to.
       config: the run's `TrainConfig` (its `data` says what the run read).
-      meta: the checkpoint's record: model, fingerprint, train_length, task, step.
+      meta: the checkpoint's record: model, fingerprint, train_length, task, objective, step.
     """
 
     model: nn.Module

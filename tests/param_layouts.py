@@ -35,6 +35,11 @@ def model_configs() -> list[str]:
                   for p in glob.glob(os.path.join(REPO, "configs", "models", "*.gin")))
 
 
+def causal_model_configs() -> list[str]:
+    """The model configs that are causal LMs (decoding, next-token loss): all but encoders."""
+    return [c for c in model_configs() if not build(c).bidirectional]
+
+
 def layout(model: nn.Module) -> dict:
     """`{"model": class name, "params": {path: {"shape", "axes"}}}` of a model's parameters."""
     tokens = jax.ShapeDtypeStruct((2, INIT_LENGTH), jnp.int32)

@@ -143,6 +143,11 @@ def test_transfer_params_keeps_shared_arrays_and_fresh_heads():
         transfer_params({"encoder": {"w": np.ones((4, 3))}}, fresh, "SRC")
     with pytest.raises(TrainingError, match="shares no parameter"):
         transfer_params({"other": np.ones(1)}, fresh, "SRC")
+    three_classes = {"encoder": {"w": np.ones((2, 3))}, "classifier": {"kernel": np.ones((3, 3))}}
+    params, fresh_names, unused = transfer_params(three_classes, fresh, "SRC",
+                                                  heads=("classifier",))
+    assert np.all(np.asarray(params["classifier"]["kernel"]) == 0)  # another class count
+    assert fresh_names == unused == ["['classifier']['kernel']"]
 
 
 @pytest.mark.parametrize("features,bindings", [
@@ -165,3 +170,46 @@ def test_pallas_kernels_equal_the_xla_path(features, bindings):
     grads = [jax.grad(functools.partial(loss, m))(variables["params"]) for m in (xla, pallas)]
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
                            *grads)
+
+
+def test_global_tokens_need_a_local_mask_and_one_document_per_row():
+    with pytest.raises(lexjax.ConfigError, match="only add to a local mask"):
+        build(["configs/features/global_tokens.gin"], ["NUM_GLOBAL=2"])
+    plain = build(["configs/features/local_blocks.gin"], ["WINDOW=8"])
+    with_global = build(["configs/features/local_blocks.gin", "configs/features/global_tokens.gin"],
+                        ["WINDOW=8", "NUM_GLOBAL=2"])
+    assert plain.packs_documents and not with_global.packs_documents
+    from lexjax.data import DataConfig
+    from lexjax.objectives import MaskedLM
+    data = DataConfig(task="lexjax.stdlib_code")
+    assert MaskedLM().prepare(with_global, data).documents_apart
+    assert not MaskedLM().prepare(plain, data).documents_apart
+    with pytest.raises(lexjax.ConfigError, match="has a classification head"):
+        MaskedLM().prepare(build(bindings=["NUM_CLASSES=2"]), data)
+
+
+def test_classification_step_on_a_mesh_equals_one_device():
+    """The fine-tuning step (class labels `[batch]` split over the batch axes) on a data x
+    tensor mesh equals the one-device step."""
+    from lexjax import partitioning
+    from lexjax.data import DataConfig
+    from lexjax.objectives import Classification
+    from lexjax.training import OptimizerConfig, ShardedTrainStep, TrainConfig
+
+    model = build(bindings=["NUM_CLASSES=2"])
+    config = TrainConfig(data=DataConfig(task="lexjax.stdlib_is_test"), train_steps=10,
+                         batch_size=4, train_length=16, objective=Classification(),
+                         optimizer=OptimizerConfig(learning_rate=0.1, warmup_steps=1))
+    inputs = np.array(tokens_of((4, 16)))
+    inputs[1, 10:] = 0
+    batch = {"inputs": inputs, "segment_ids": (inputs != 0).astype(np.int32),
+             "label": np.asarray([0, 1, 1, 0], np.int32)}
+    losses = []
+    for spec, devices in (("", jax.devices()[:1]), ("data:2,tensor:2", jax.devices()[:4])):
+        step = ShardedTrainStep(model, config, partitioning.make_mesh(spec, devices))
+        compiled, _ = step.compile()
+        state = step.init(0)
+        for _ in range(2):  # the first step has learning rate 0
+            state, metrics = compiled(state, step.device_batch(batch), jax.random.PRNGKey(0))
+        losses.append(float(metrics["loss"]))
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)

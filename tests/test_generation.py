@@ -12,7 +12,7 @@ import param_layouts
 from lexjax import ConfigError, generation
 from lexjax.attention import MaskSpec
 
-CONFIGS = param_layouts.model_configs()
+CONFIGS = param_layouts.causal_model_configs()  # encoders do not generate
 VOCAB = 64
 
 

@@ -36,7 +36,7 @@ from lexjax.training.inputs import training_batches
 from lexjax.training.step import ShardedTrainStep
 
 ALL_CONFIGS = param_layouts.model_configs()
-CONFIGS = [c for c in ALL_CONFIGS if not param_layouts.build(c).bidirectional]  # causal LMs
+CONFIGS = param_layouts.causal_model_configs()
 VOCAB = 64
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import lexjax
-from lexjax.data import DataConfig, get_vocabulary, segment_ids, word_continuation
+from lexjax.data import DataConfig, get_vocabulary, segment_ids, word_roles
 from lexjax.errors import ConfigError
 from lexjax.objectives import CausalLM, Classification, MaskedLM, mask_tokens, unit_starts
 from lexjax.objectives.classification import confusion_metrics
@@ -62,8 +62,8 @@ def test_whole_word_masking_picks_words_entirely():
     text = "def foo_bar(self, x2):\n    return self.value + x2  # café ok\n" * 4
     tokens = jnp.asarray(byte_ids(text)[None], jnp.int32)
     segments = jnp.ones_like(tokens)
-    table = jnp.asarray(word_continuation(get_vocabulary()))
-    starts = np.asarray(unit_starts(tokens, segments, "word", continues_word=table))[0]
+    table = jnp.asarray(word_roles(get_vocabulary()))
+    starts = np.asarray(unit_starts(tokens, segments, "word", word_roles=table))[0]
     # Word starts by hand: a word character after a non-word character, and every other byte.
     word = [c == "_" or c.isalnum() or ord(c) >= 0x80 for c in text.encode().decode("latin-1")]
     expected = [i == 0 or not (word[i] and word[i - 1]) for i in range(len(word))]
@@ -75,6 +75,16 @@ def test_whole_word_masking_picks_words_entirely():
     for u in np.unique(unit):
         assert len(set(picked[unit == u])) == 1  # a word is masked entirely or not at all
     assert 0 < picked.mean() < 1
+
+
+def test_whole_words_of_sentencepiece_pieces():
+    """SentencePiece words: a piece with a leading "▁" starts one, the pieces after it without
+    one continue it (the roles `word_roles` gives a SentencePiece vocabulary)."""
+    roles = jnp.asarray([0, 0, 0, 1, 3, 1, 3, 3], jnp.int8)  # ids 3, 5: "▁hel", "▁wor"
+    tokens = jnp.asarray([[3, 4, 5, 6, 7, 1, 3, 4]], jnp.int32)  # ▁hel lo ▁wor ld d EOS ▁hel lo
+    segments = jnp.asarray([[1] * 6 + [2] * 2], jnp.int32)
+    starts = np.asarray(unit_starts(tokens, segments, "word", word_roles=roles))[0]
+    assert starts.tolist() == [True, False, True, False, False, True, True, False]
 
 
 def test_span_masking_picks_aligned_spans():
@@ -90,16 +100,16 @@ def test_span_masking_picks_aligned_spans():
 def test_a_new_segment_starts_a_unit():
     tokens = jnp.asarray(byte_ids("abcdefgh")[None], jnp.int32)
     segments = jnp.asarray([[1, 1, 1, 1, 2, 2, 2, 2]], jnp.int32)
-    table = jnp.asarray(word_continuation(get_vocabulary()))
-    starts = np.asarray(unit_starts(tokens, segments, "word", continues_word=table))[0]
+    table = jnp.asarray(word_roles(get_vocabulary()))
+    starts = np.asarray(unit_starts(tokens, segments, "word", word_roles=table))[0]
     assert starts.tolist() == [True, False, False, False, True, False, False, False]
 
 
 def test_masked_lm_prepare_resolves_the_vocabulary():
     objective = MaskedLM().prepare(encoder(), DATA)
     assert objective.mask_id == 259 and objective.text_ids == (3, 259)
-    table = objective.continues_word
-    assert len(table) == 384 and table[ord("a") + 3] and not table[ord(" ") + 3]
+    table = objective.word_roles
+    assert len(table) == 384 and table[ord("a") + 3] == 3 and table[ord(" ") + 3] == 0
     with pytest.raises(ConfigError, match="VOCAB_SIZE 259 leaves no id for the mask token"):
         MaskedLM().prepare(encoder("VOCAB_SIZE=259"), DATA)
     causal = lexjax.build_model(["configs/models/transformer.gin"], TINY)
@@ -172,3 +182,24 @@ def test_confusion_metrics_hand_worked():
     assert confusion_metrics(three)["mcc"] == pytest.approx(1.0)
     assert "f1" not in confusion_metrics(three)
     assert confusion_metrics(np.array([[10, 0], [10, 0]]))["mcc"] == 0.0  # one predicted class
+
+
+@pytest.mark.parametrize("mesh", ["", "data:2"])
+def test_batch_evaluator_counts_every_example_once(mesh):
+    """A last batch short of examples is filled up, and the filler rows are not counted."""
+    from lexjax import partitioning
+    from lexjax.evaluation.batches import BatchEvaluator
+
+    def statistics(variables, batch, valid, key):
+        keep = valid.astype(jnp.float32)
+        return {"total": jnp.sum(batch["x"][:, 0] * keep), "count": jnp.sum(keep),
+                "per_label": jnp.sum(jax.nn.one_hot(batch["label"], 3) * keep[:, None], 0)}
+
+    devices = jax.devices()[:2] if mesh else jax.devices()[:1]
+    evaluator = BatchEvaluator(statistics, batch_size=3,
+                               mesh=partitioning.make_mesh(mesh, devices))
+    examples = {"x": np.arange(10, dtype=np.float32)[:, None] * np.ones((1, 5), np.float32),
+                "label": np.arange(10, dtype=np.int32) % 3}
+    sums = evaluator(None, examples)
+    assert sums["total"] == 45 and sums["count"] == 10
+    assert sums["per_label"].tolist() == [4, 3, 3]

@@ -17,7 +17,7 @@ evaluator use takes it (or a bare task name, bytes) and returns numpy only:
     segments = stream_batches(data, length=512, batch_size=32)
     # ... row i of each batch continues row i of the previous one (state-carrying models)
     bpb = loss_per_token / math.log(2) / bytes_per_token(data, "test")
-    rows = classification_examples("lexjax.stdlib_is_test", length=512)  # inputs, label
+    rows = classification_examples("lexjax.stdlib_is_test", length=512)  # inputs, labels
 
 Modules: `config` (DataConfig), `corpora` (local corpora and their hash splits), `vocab` (byte /
 SentencePiece), `tasks` (seqio registrations), `streams` (tf.data -> numpy, on-disk token cache),
@@ -36,15 +36,15 @@ from lexjax.data.pipeline import (bytes_per_token, eval_windows, stream_batches,
                                   train_batches)
 from lexjax.data.streams import CACHE_ENV, cache_root
 from lexjax.data.tasks import STDLIB_CODE, TEXT_FILES, get_task, register_tasks, task_names
-from lexjax.data.vocab import BYTE_VOCAB_SIZE, get_vocabulary, vocab_size, word_continuation
+from lexjax.data.vocab import BYTE_VOCAB_SIZE, get_vocabulary, vocab_size, word_roles
 
 register_tasks()
 
 __all__ = [
     "CLASSIFICATION_TASKS", "ClassificationTask", "class_counts", "classification_batches",
-    "classification_examples", "task_info", "BYTE_VOCAB_SIZE", "CACHE_ENV", "Corpus", "DataConfig", "DataError", "EOS_ID", "PAD_ID",
-    "SPLITS", "STDLIB_CODE", "TEXT_FILES", "bytes_per_token", "cache_root", "eval_windows",
-    "get_task", "get_vocabulary", "register_tasks", "segment_ids", "split_of", "stdlib_corpus",
-    "stream_batches", "stream_segments", "task_names", "text_files_corpus", "train_batches",
-    "vocab_size", "word_continuation",
+    "classification_examples", "task_info", "BYTE_VOCAB_SIZE", "CACHE_ENV", "Corpus", "DataConfig",
+    "DataError", "EOS_ID", "PAD_ID", "SPLITS", "STDLIB_CODE", "TEXT_FILES", "bytes_per_token",
+    "cache_root", "eval_windows", "get_task", "get_vocabulary", "register_tasks", "segment_ids",
+    "split_of", "stdlib_corpus", "stream_batches", "stream_segments", "task_names",
+    "text_files_corpus", "train_batches", "vocab_size", "word_roles",
 ]

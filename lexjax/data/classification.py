@@ -11,7 +11,8 @@ Rows are padded after the text with PAD (id 0); `segment_ids` are 1 on text and 
 Training batches are a pure function of (seed, step), as for the LM tasks.
 
     info = task_info("lexjax.stdlib_is_test")      # ClassificationTask: classes, metrics
-    rows = classification_examples(data, length=512, split="test")   # {"inputs", "segment_ids", "label"}
+    rows = classification_examples(data, length=512, split="test")
+    # {"inputs": [E, 512], "segment_ids": [E, 512], "label": [E]}
     batches = classification_batches(data, length=512, batch_size=32, seed=0)
 """
 from __future__ import annotations

@@ -19,6 +19,7 @@ import numpy as np
 import seqio
 
 from lexjax.data.errors import DataError
+from lexjax.objectives.masking import CONTINUES_WORD, IN_WORD
 
 BYTE_VOCAB_SIZE = 259
 VOCABULARY_KINDS = ("byte", "sentencepiece")
@@ -94,23 +95,30 @@ def vocabulary_id(vocabulary: seqio.Vocabulary) -> str:
         "seqio.SentencePieceVocabulary")
 
 
-def word_continuation(vocabulary: seqio.Vocabulary) -> np.ndarray:
-    """bool `[vocab_size]`: whether each id can continue a word (whole-word masking).
+def word_roles(vocabulary: seqio.Vocabulary) -> np.ndarray:
+    """int8 `[vocab_size]`: each id's role in words, for whole-word masking: `IN_WORD` (a word
+    may go on after it) | `CONTINUES_WORD` (it joins the word of the token before it, when that
+    one is `IN_WORD`).
 
-    Bytes: letters, digits, `_` and the bytes of multi-byte UTF-8 characters (>= 0x80).
-    SentencePiece: pieces that do not start a word (no leading "▁"). Special ids never do.
+    Bytes: letters, digits, `_` and the bytes of multi-byte UTF-8 characters (>= 0x80) have
+    both bits; every other byte neither (words are runs of word bytes). SentencePiece: a piece
+    with a leading "▁" starts a word (`IN_WORD`), any other normal piece continues one (both
+    bits); control and unknown pieces have neither.
     """
     size = vocab_size(vocabulary)
-    table = np.zeros(size, bool)
+    roles = np.zeros(size, np.int8)
     if isinstance(vocabulary, seqio.ByteVocabulary):
         for byte in range(256):
             char = chr(byte)
-            table[byte + 3] = byte >= 0x80 or char == "_" or (char.isascii() and char.isalnum())
-        return table
+            if byte >= 0x80 or char == "_" or (char.isascii() and char.isalnum()):
+                roles[byte + 3] = IN_WORD | CONTINUES_WORD
+        return roles
     if isinstance(vocabulary, seqio.SentencePieceVocabulary):
         processor = vocabulary.tokenizer
         for i in range(min(size, processor.get_piece_size())):
-            special = processor.is_control(i) or processor.is_unknown(i)
-            table[i] = not special and not processor.id_to_piece(i).startswith("\u2581")
-        return table
+            if processor.is_control(i) or processor.is_unknown(i):
+                continue
+            starts = processor.id_to_piece(i).startswith("\u2581")
+            roles[i] = IN_WORD if starts else IN_WORD | CONTINUES_WORD
+        return roles
     raise DataError(f"whole-word masking does not know the words of {vocabulary!r}")

@@ -27,12 +27,14 @@ POOLING = ("mean", "first")
 
 class EncoderHeads(nn.Module, kw_only=True):
     """The heads of a bidirectional encoder; mix in before the `LanguageModel` it extends
-    (`class MyEncoder(EncoderHeads, MyBase)`): it replaces `head`.
+    (`class MyEncoder(EncoderHeads, MyBase)`): it replaces `head`, extends `check`, and refuses
+    decoding. Both heads read the backbone's output after `final_norm`, so `--init_from` moves
+    the encoder (and that norm) between them.
 
     Attributes:
-      num_classes: None: masked-LM logits over the vocabulary (a norm + dense + GELU transform,
-        then the final norm and the tied embedding); else class logits `[batch, num_classes]` from the pooled
-        hidden states (a dense + tanh pooler, then `classifier`).
+      num_classes: None: masked-LM logits `[batch, length, vocab]` through BERT's transform
+        (`mlm_dense`, GELU, `mlm_norm`) and the tied embedding; else class logits
+        `[batch, num_classes]` from the pooled hidden states (a tanh `pooler`, `classifier`).
       pooling: "mean" over the non-padding positions, or the "first" position.
     """
 
@@ -40,9 +42,13 @@ class EncoderHeads(nn.Module, kw_only=True):
     pooling: str = "mean"
 
     bidirectional: ClassVar[bool] = True
+    #: The head's parameters: they start fresh when `--init_from` holds them in another shape.
+    head_parameters: ClassVar[tuple[str, ...]] = ("mlm_dense", "mlm_norm", "pooler",
+                                                  "classifier")
 
     @nn.nowrap
-    def check_heads(self) -> None:
+    def check(self) -> None:
+        super().check()
         if self.num_classes is not None and (not isinstance(self.num_classes, (int, np.integer))
                                              or self.num_classes < 2):
             raise ValueError(f"{type(self).__name__}.num_classes (NUM_CLASSES) must be an int "
@@ -60,10 +66,13 @@ class EncoderHeads(nn.Module, kw_only=True):
 
     def head(self, embedding: Embedding, x: jnp.ndarray, *, segment_ids: Optional[jnp.ndarray],
              deterministic: bool) -> jnp.ndarray:
+        x = self.final_normalization(x)
         if self.num_classes is None:
-            return self.output_logits(embedding, self.mlm_transform(x))
-        x = make_norm(self.norm, dtype=self.compute_dtype, name="final_norm")(x)
-        pooled = self.pool(x, segment_ids)
+            h = nn.gelu(dense(self.embed_dim, ("embed", "mlp"), dtype=self.compute_dtype,
+                              name="mlm_dense")(x))
+            h = make_norm(self.norm, dtype=self.compute_dtype, name="mlm_norm")(h)
+            return self.vocab_logits(embedding, h)
+        pooled = self.pool(x, segment_ids).astype(self.compute_dtype)
         pooled = jnp.tanh(dense(self.embed_dim, ("embed", "mlp"), dtype=self.compute_dtype,
                                 name="pooler")(pooled))
         pooled = nn.Dropout(self.dropout_rate)(pooled, deterministic=deterministic)
@@ -71,23 +80,17 @@ class EncoderHeads(nn.Module, kw_only=True):
                        name="classifier")(pooled)
         return logits.astype(jnp.float32)
 
-    def mlm_transform(self, x: jnp.ndarray) -> jnp.ndarray:
-        """BERT's prediction-head transform, pre-norm: `[b, n, embed]` -> norm, dense, GELU
-        (the base's final norm and the tied output embedding follow)."""
-        x = make_norm(self.norm, dtype=self.compute_dtype, name="mlm_norm")(x)
-        return nn.gelu(dense(self.embed_dim, ("embed", "mlp"), dtype=self.compute_dtype,
-                             name="mlm_dense")(x))
-
     @nn.nowrap
     def pool(self, x: jnp.ndarray, segment_ids: Optional[jnp.ndarray]) -> jnp.ndarray:
-        """`[batch, length, embed]` -> `[batch, embed]`: the first position, or the mean over
-        positions whose segment id is not 0 (all positions without segment ids)."""
+        """`[batch, length, embed]` -> float32 `[batch, embed]`: the first position, or the mean
+        over positions whose segment id is not 0 (all positions without segment ids)."""
+        x = x.astype(jnp.float32)
         if self.pooling == "first":
             return x[:, 0]
         if segment_ids is None:
             return jnp.mean(x, axis=1)
-        weights = (segment_ids > 0).astype(x.dtype)[..., None]
-        return jnp.sum(x * weights, axis=1) / jnp.maximum(jnp.sum(weights, axis=1), 1)
+        weights = (segment_ids > 0).astype(jnp.float32)[..., None]
+        return jnp.sum(x * weights, axis=1) / jnp.maximum(jnp.sum(weights, axis=1), 1.0)
 
 
 @gin.register(module="lexjax.models")
@@ -97,7 +100,9 @@ class Encoder(EncoderHeads, Transformer, kw_only=True):
 
     Every position scheme works in its bidirectional form: a scheme with a `bidirectional`
     field (T5 buckets) gets it set; ALiBi, KERPLE and Sandwich use |q - k|; RoPE and xPos rotate
-    as they do in the decoder. The mask (default `MaskSpec(causal=False)`) may be a sliding
+    as they do in the decoder (xPos's scale then decays with distance for keys before a query
+    and grows for keys after it: finite at training lengths, centred on the keys, but not a
+    decay on both sides). The mask (default `MaskSpec(causal=False)`) may be a sliding
     window, disjoint blocks (`chunk`) and global tokens (configs/features/local_*.gin,
     global_tokens.gin).
     """
@@ -110,12 +115,17 @@ class Encoder(EncoderHeads, Transformer, kw_only=True):
     @nn.nowrap
     def check(self) -> None:
         super().check()
-        self.check_heads()
         for name in ("mask", "inference_mask"):
             mask = getattr(self, name)
             if mask is not None and mask.causal:
                 raise ValueError(f"Encoder.{name} must be bidirectional (causal=False), got "
                                  f"{mask}; causal models are lexjax.models.Transformer")
+
+    @property
+    def packs_documents(self) -> bool:
+        """Global tokens are a row's first positions, which later documents of a packed row
+        could not see: with global tokens, encoders train on one document (piece) per row."""
+        return not self.mask.global_tokens
 
     @property
     def position_template(self) -> Optional[PositionScheme]:

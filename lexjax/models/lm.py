@@ -143,6 +143,12 @@ class LanguageModel(nn.Module, kw_only=True):
         return self.mixes_segments is None
 
     @property
+    def packs_documents(self) -> bool:
+        """Whether training rows pack several documents (told apart by segment ids); else each
+        row holds one document piece, padded (`lexjax.training.inputs`)."""
+        return self.keeps_segments_apart
+
+    @property
     def compute_dtype(self) -> jnp.dtype:
         return compute_dtype(self.dtype)
 
@@ -237,7 +243,16 @@ class LanguageModel(nn.Module, kw_only=True):
         the final norm (unless the model has none), then the tied embedding (scaled by
         embed_dim^-0.5) or a separate `logits` projection."""
         if self.final_norm:
-            x = make_norm(self.norm, dtype=self.compute_dtype, name="final_norm")(x)
+            x = self.final_normalization(x)
+        return self.vocab_logits(embedding, x)
+
+    def final_normalization(self, x: jnp.ndarray) -> jnp.ndarray:
+        """The norm between the backbone and the outputs, `final_norm`: `[b, n, embed]`."""
+        return make_norm(self.norm, dtype=self.compute_dtype, name="final_norm")(x)
+
+    def vocab_logits(self, embedding: Embedding, x: jnp.ndarray) -> jnp.ndarray:
+        """float32 logits `[batch, length, vocab]`: the tied embedding (scaled by
+        embed_dim^-0.5), or a separate `logits` projection, of `x [batch, length, embed]`."""
         if self.tie_embeddings:
             return embedding.attend(x) * (self.embed_dim ** -0.5)
         logits = dense(self.vocab_size, ("embed", "vocab"), dtype=x.dtype, name="logits")(x)

@@ -6,7 +6,7 @@ An objective is a frozen, gin-registered dataclass. The trainer, the bench and `
     spec = objective.batch_spec(model, batch_size, length)      # ShapeDtypeStructs of a batch
     loss, metrics, carry = objective.loss(model, params, batch, rng=rng, carry=carry)  # in jit
     batches = objective.training_batches(model, config, start_step)   # numpy, this host's rows
-    validate = objective.validator(model, config, mesh)         # params -> {"validation_...": x}
+    validate = objective.validator(model, config, mesh, rules)  # params -> {"validation_...": x}
 
 `metrics` are scalars averaged over the batch (the loop averages them again over each logging
 interval); `loss` is what the optimizer minimises.
@@ -65,19 +65,26 @@ class Objective:
         raise NotImplementedError
 
 
-def token_batch_spec(model: nn.Module, batch_size: int, length: int) -> Batch:
-    """`{"targets"}` (+ `"segment_ids"` for models without carried state): int32
-    `[batch, length]` each, the rows of the token stream."""
-    from lexjax.training.state import carries_state
-    shape = jax.ShapeDtypeStruct((batch_size, length), jnp.int32)
-    if carries_state(model):
-        return {"targets": shape}
-    return {"targets": shape, "segment_ids": shape}
+class TokenObjective(Objective):
+    """An objective on rows of the token stream (causal and masked LM): `{"targets"}`, plus
+    `{"segment_ids"}` for models without carried state, int32 `[batch, length]` each
+    (`lexjax.training.inputs.token_batches`: packed, padded or row streams, by model)."""
+
+    def batch_spec(self, model, batch_size, length):
+        from lexjax.training.state import carries_state
+        shape = jax.ShapeDtypeStruct((batch_size, length), jnp.int32)
+        if carries_state(model):
+            return {"targets": shape}
+        return {"targets": shape, "segment_ids": shape}
+
+    def training_batches(self, model, config, start_step=0):
+        from lexjax.training.inputs import token_batches
+        return token_batches(model, config, start_step)
 
 
 @gin.register(module="lexjax.objectives")
 @dataclasses.dataclass(frozen=True)
-class CausalLM(Objective):
+class CausalLM(TokenObjective):
     """Next-token prediction (`lexjax.losses`: the model reads the tokens shifted right, BOS at
     every segment start, and is scored on every non-padding token).
 
@@ -97,9 +104,6 @@ class CausalLM(Objective):
                 "(configs/runs/classify_quickstart.gin)")
         return self
 
-    def batch_spec(self, model, batch_size, length):
-        return token_batch_spec(model, batch_size, length)
-
     def loss(self, model, params, batch, *, rng, carry=None):
         from lexjax.training.inputs import reads_segment_ids
         targets, segments = batch["targets"], batch.get("segment_ids")
@@ -114,10 +118,6 @@ class CausalLM(Objective):
                                           return_carry=True, **kwargs)
         next_carry = {"model": jax.lax.stop_gradient(model_carry), "last_token": targets[:, -1]}
         return mean_loss(logits, targets), {}, next_carry
-
-    def training_batches(self, model, config, start_step=0):
-        from lexjax.training.inputs import token_batches
-        return token_batches(model, config, start_step)
 
     def validator(self, model, config, mesh, rules):
         from lexjax import data

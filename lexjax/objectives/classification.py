@@ -46,7 +46,11 @@ class Classification(Objective):
     def prepare(self, model, data):
         from lexjax.data import task_info
         info = task_info(data.task)
-        classes = getattr(model, "num_classes", None)
+        if not hasattr(model, "num_classes"):
+            raise ConfigError(f"{type(model).__name__} has no classification head; fine-tune an "
+                              "encoder (configs/models/encoder.gin, configs/runs/"
+                              "classify_quickstart.gin)")
+        classes = model.num_classes
         if classes != info.num_classes:
             raise ConfigError(
                 f"{data.task} has {info.num_classes} classes {info.labels}; the model's "

@@ -12,7 +12,7 @@ import numpy as np
 import optax
 
 from lexjax.errors import ConfigError
-from lexjax.objectives.base import Objective, is_bidirectional, token_batch_spec
+from lexjax.objectives.base import TokenObjective, is_bidirectional
 from lexjax.objectives.masking import UNITS, mask_tokens, unit_starts
 
 #: The first id of a text token in lexjax's vocabularies (0 pad, 1 EOS, 2 UNK come first).
@@ -21,7 +21,7 @@ FIRST_TEXT_ID = 3
 
 @gin.register(module="lexjax.objectives")
 @dataclasses.dataclass(frozen=True)
-class MaskedLM(Objective):
+class MaskedLM(TokenObjective):
     """Predict the masked tokens of packed rows (`lexjax.objectives.masking`).
 
     Attributes:
@@ -31,8 +31,10 @@ class MaskedLM(Objective):
       span_length: tokens per span for `unit="span"`.
       keep_fraction, random_fraction: of the masked tokens, the fractions left as they are and
         replaced by a random text token (BERT: 0.1 and 0.1; the rest become the mask token).
-      mask_id, text_ids, continues_word: resolved by `prepare` from the vocabulary (the mask
-        token is the first id past the vocabulary, so VOCAB_SIZE must leave room for it).
+      mask_id, text_ids, word_roles: resolved by `prepare` from the vocabulary (the mask
+        token is the first id past the vocabulary, so VOCAB_SIZE must leave room for it);
+        documents_apart: evaluation windows stay inside documents (models trained on one
+        document per row, `packs_documents` False).
     """
 
     mask_rate: float = 0.15
@@ -40,9 +42,10 @@ class MaskedLM(Objective):
     span_length: int = 3
     keep_fraction: float = 0.1
     random_fraction: float = 0.1
-    mask_id: Optional[int] = None
-    text_ids: Optional[tuple[int, int]] = None
-    continues_word: Optional[tuple[bool, ...]] = None
+    mask_id: Optional[int] = dataclasses.field(default=None, init=False)
+    text_ids: Optional[tuple[int, int]] = dataclasses.field(default=None, init=False)
+    word_roles: Optional[tuple[int, ...]] = dataclasses.field(default=None, init=False)
+    documents_apart: bool = dataclasses.field(default=False, init=False)
 
     name = "masked_lm"
 
@@ -62,7 +65,7 @@ class MaskedLM(Objective):
                               f"sum <= 1, got {self.keep_fraction} and {self.random_fraction}")
 
     def prepare(self, model, data):
-        from lexjax.data import word_continuation
+        from lexjax.data import word_roles
         from lexjax.training.state import carries_state
         if not is_bidirectional(model):
             raise ConfigError(
@@ -72,16 +75,25 @@ class MaskedLM(Objective):
         if carries_state(model):
             raise ConfigError(f"{type(model).__name__} carries state across segments; masked-LM "
                               "pre-training reads independent rows")
+        if getattr(model, "num_classes", None) is not None:
+            raise ConfigError(f"{type(model).__name__} has a classification head (NUM_CLASSES = "
+                              f"{model.num_classes}); masked-LM pre-training needs "
+                              "NUM_CLASSES = None, classification configs/runs/"
+                              "classify_quickstart.gin")
         vocabulary = data.seqio_vocabulary()
         size = int(vocabulary.vocab_size)
         if model.vocab_size <= size:
             raise ConfigError(
                 f"VOCAB_SIZE {model.vocab_size} leaves no id for the mask token: the vocabulary "
                 f"has {size} ids and the mask token is id {size}; set VOCAB_SIZE > {size}")
-        table = np.zeros(model.vocab_size, bool)
-        table[:size] = word_continuation(vocabulary)
-        return dataclasses.replace(self, mask_id=size, text_ids=(FIRST_TEXT_ID, size),
-                                   continues_word=tuple(bool(x) for x in table))
+        table = np.zeros(model.vocab_size, np.int8)
+        table[:size] = word_roles(vocabulary)
+        prepared = dataclasses.replace(self)
+        for name, value in (("mask_id", size), ("text_ids", (FIRST_TEXT_ID, size)),
+                            ("word_roles", tuple(int(x) for x in table)),
+                            ("documents_apart", not model.packs_documents)):
+            object.__setattr__(prepared, name, value)
+        return prepared
 
     def corrupt(self, key: jax.Array, targets: jnp.ndarray, segment_ids: jnp.ndarray
                 ) -> tuple[jnp.ndarray, jnp.ndarray]:
@@ -91,7 +103,7 @@ class MaskedLM(Objective):
         phase_key, mask_key = jax.random.split(key)
         phase = jax.random.randint(phase_key, targets.shape[:1], 0, self.span_length)
         starts = unit_starts(targets, segment_ids, self.unit,
-                             continues_word=jnp.asarray(self.continues_word, bool),
+                             word_roles=jnp.asarray(self.word_roles, jnp.int8),
                              span_length=self.span_length, phase=phase)
         return mask_tokens(mask_key, targets, segment_ids, starts, rate=self.mask_rate,
                            mask_id=self.mask_id, random_ids=self.text_ids,
@@ -114,9 +126,6 @@ class MaskedLM(Objective):
         return (jnp.sum(losses * weights, axis=1), jnp.sum(correct * weights, axis=1),
                 jnp.sum(weights, axis=1))
 
-    def batch_spec(self, model, batch_size, length):
-        return token_batch_spec(model, batch_size, length)
-
     def loss(self, model, params, batch, *, rng, carry=None):
         mask_key, dropout_key = jax.random.split(rng)
         losses, correct, count = self.masked_statistics(
@@ -137,15 +146,13 @@ class MaskedLM(Objective):
                     "count": jnp.sum(count * keep)}
         return statistics
 
-    def training_batches(self, model, config, start_step=0):
-        from lexjax.training.inputs import token_batches
-        return token_batches(model, config, start_step)
-
     def windows(self, data, *, length: int, split: str, max_windows: int) -> dict:
-        """Evaluation rows: consecutive windows of the split's stream, with segment ids."""
+        """Evaluation rows: consecutive windows of the split's stream with their segment ids
+        (windows inside documents, `documents_apart`, as the model trained)."""
         from lexjax import data as data_lib
         windows = data_lib.eval_windows(data, length=length, split=split,
-                                        max_windows=max_windows)
+                                        max_windows=max_windows,
+                                        respect_documents=self.documents_apart)
         return {"targets": windows, "segment_ids": data_lib.segment_ids(windows)}
 
     def validator(self, model, config, mesh, rules):

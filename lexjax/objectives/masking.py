@@ -17,16 +17,22 @@ import jax.numpy as jnp
 UNITS = ("token", "word", "span")
 
 
+#: The bits of a vocabulary's word roles (`lexjax.data.word_roles`): the token is part of a
+#: word (one may go on after it); it continues the word of the token before it.
+IN_WORD, CONTINUES_WORD = 1, 2
+
+
 def unit_starts(tokens: jnp.ndarray, segment_ids: jnp.ndarray, unit: str, *,
-                continues_word: Optional[jnp.ndarray] = None, span_length: int = 1,
+                word_roles: Optional[jnp.ndarray] = None, span_length: int = 1,
                 phase: Optional[jnp.ndarray] = None) -> jnp.ndarray:
     """bool `[batch, length]`: where a masking unit starts.
 
     Args:
       tokens, segment_ids: int32 `[batch, length]`.
-      unit: "token" (every token), "word" (a token starts a word unless it and the token before
-        it both continue words: `continues_word [vocab]`, bool, from the vocabulary), or "span"
-        (every `span_length` tokens, from a per-row offset `phase [batch]`).
+      unit: "token" (every token), "word" (a token starts a unit unless it continues the word
+        of the token before it: `word_roles [vocab]` int8 from the vocabulary,
+        `lexjax.data.word_roles`), or "span" (every `span_length` tokens, from a per-row
+        offset `phase [batch]`).
       A new segment always starts a unit.
     """
     if unit not in UNITS:
@@ -37,9 +43,9 @@ def unit_starts(tokens: jnp.ndarray, segment_ids: jnp.ndarray, unit: str, *,
     if unit == "token":
         return jnp.ones((batch, length), bool)
     if unit == "word":
-        inside = continues_word[tokens]
-        joined = jnp.concatenate([jnp.zeros((batch, 1), bool),
-                                  inside[:, 1:] & inside[:, :-1]], axis=1)
+        roles = word_roles[tokens]
+        joins = ((roles[:, 1:] & CONTINUES_WORD) > 0) & ((roles[:, :-1] & IN_WORD) > 0)
+        joined = jnp.concatenate([jnp.zeros((batch, 1), bool), joins], axis=1)
         return new_segment | ~joined
     index = jnp.arange(length, dtype=jnp.int32)[None, :]
     return new_segment | ((index + phase[:, None]) % span_length == 0)

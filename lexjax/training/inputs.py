@@ -2,7 +2,8 @@
 objectives (causal and masked LM), by model (shared by the trainer, the step and the bench):
 
 - a model that keeps packed documents apart (`keeps_segments_apart`): packed rows of the token
-  stream and their segment ids (`lexjax.data.segment_ids`), which the model reads;
+  stream and their segment ids (`lexjax.data.segment_ids`), which the model reads (an encoder
+  with global tokens, `packs_documents` False: padded rows, the segment ids marking padding);
 - a model whose layers mix the whole row: padded rows, one document piece each (segment id 1,
   padding 0, which is not scored), padded after the piece, or before it for a model scored on
   a row's last positions (`padding_side = "left"`: Perceiver AR);
@@ -50,7 +51,8 @@ def token_batches(model: nn.Module, config: TrainConfig, start_step: int = 0
             yield {"targets": tokens}
         return
     pad_left = getattr(model, "padding_side", "right") == "left"
-    for tokens in data.train_batches(config.data, pack=reads_segment_ids(model),
+    pack = reads_segment_ids(model) and model.packs_documents
+    for tokens in data.train_batches(config.data, pack=pack,
                                      pad_left=pad_left, **common):
         yield {"targets": tokens, "segment_ids": data.segment_ids(tokens)}
 

@@ -130,8 +130,9 @@ class _Trainer:
         meta = source.meta()
         if meta.get("fingerprint") in (None, self.fingerprint):
             return source.restore_params(self.abstract_state.params)
-        params, fresh_names, unused = transfer_params(source.restore_params(None), fresh,
-                                                      self.init_from)
+        params, fresh_names, unused = transfer_params(
+            source.restore_params(None), fresh, self.init_from,
+            heads=getattr(self.model, "head_parameters", ()))
         warn(f"--init_from {self.init_from} ({meta.get('model')}): "
              f"{len(fresh_names)} parameter arrays start fresh ({_names(fresh_names)}); "
              f"{len(unused)} of its arrays are not used ({_names(unused)})")
@@ -162,12 +163,15 @@ class _Trainer:
             "the data, or train in float32 (DTYPE='float32')")
 
 
-def transfer_params(saved: Any, fresh: Any, source: str) -> tuple[Any, list[str], list[str]]:
+def transfer_params(saved: Any, fresh: Any, source: str, heads: tuple[str, ...] = ()
+                    ) -> tuple[Any, list[str], list[str]]:
     """`fresh` (a parameter tree of arrays) with every array that `saved` holds under the same
-    path; returns (the tree, the paths kept fresh, the paths of `saved` not used).
+    path and shape; returns (the tree, the paths kept fresh, the paths of `saved` not used).
+    Arrays under the top-level names `heads` (a model's `head_parameters`: a classifier of
+    another class count) stay fresh when their shapes differ.
 
     Raises:
-      TrainingError: if an array of the same path has another shape, or nothing is shared.
+      TrainingError: if another array of the same path has another shape, or nothing is shared.
     """
     saved_leaves = {jax.tree_util.keystr(p): x
                     for p, x in jax.tree_util.tree_flatten_with_path(saved)[0]}
@@ -180,6 +184,10 @@ def transfer_params(saved: Any, fresh: Any, source: str) -> tuple[Any, list[str]
             leaves.append(leaf)
             continue
         value = saved_leaves[name]
+        if tuple(value.shape) != tuple(leaf.shape) and getattr(path[0], "key", None) in heads:
+            fresh_names.append(name)
+            leaves.append(leaf)
+            continue
         if tuple(value.shape) != tuple(leaf.shape):
             raise TrainingError(
                 f"--init_from {source}: parameter {name} has shape {tuple(value.shape)} there "
@@ -189,7 +197,7 @@ def transfer_params(saved: Any, fresh: Any, source: str) -> tuple[Any, list[str]
     if len(fresh_names) == len(paths):
         raise TrainingError(f"--init_from {source} shares no parameter with this model "
                             "(another architecture); start it fresh or pick a matching run")
-    unused = sorted(set(saved_leaves) - set(paths))
+    unused = sorted(set(saved_leaves) - (set(paths) - set(fresh_names)))
     return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(fresh), leaves), \
         fresh_names, unused
 
