@@ -670,6 +670,15 @@ def test_matmul_peak_compiles_its_chain_once():
     assert flops.measured_matmul_peak(32, 3) > 0
 
 
+def test_mfu_never_exceeds_one_against_a_measured_peak():
+    """A CPU peak measured while the machine was busy rises to the run's own rate; a
+    specification peak (TPU, GPU) does not, so a wrong FLOP count still shows."""
+    from lexjax.training.flops import utilization
+    assert utilization(50.0, 100.0, "measured cpu f32 matmul rate") == (0.5, 100.0)
+    assert utilization(150.0, 100.0, "measured cpu f32 matmul rate") == (1.0, 150.0)
+    assert utilization(150.0, 100.0, "TPU v5 lite bf16 peak") == (1.5, 100.0)
+
+
 # ----------------------------------------------------------------------------------------------
 # Models that carry state across steps (Block-Recurrent Transformer, Transformer-XL)
 # ----------------------------------------------------------------------------------------------

@@ -61,6 +61,16 @@ def device_peak_flops(device: Optional[jax.Device] = None) -> tuple[float, str]:
     return measured_matmul_peak(), f"measured {device.platform} f32 matmul rate"
 
 
+def utilization(achieved: float, peak: float, peak_source: str) -> tuple[float, float]:
+    """`(MFU, peak)` for `achieved` FLOP/s per device. A measured peak (the CPU's matmul rate,
+    taken once when training starts) rises to a rate the run itself achieved, so a machine that
+    was busier when the peak was measured than later never reports an MFU above 1; a
+    specification peak stays (an MFU above 1 then means a FLOP count is wrong)."""
+    if peak_source.startswith("measured") and achieved > peak:
+        peak = achieved
+    return achieved / peak, peak
+
+
 def training_flops_per_step(model, batch: int, length: int) -> Optional[float]:
     """3 x forward model FLOPs for one step, or None if the model cannot count its own."""
     per_token = getattr(model, "flops_per_token", None)

@@ -284,8 +284,8 @@ def _train(model: nn.Module, config: TrainConfig, model_dir: str, init_from: Opt
                     record["tokens_per_sec"] = interval_steps * config.tokens_per_step / seconds
                     record["step_seconds"] = seconds / interval_steps
                     if flops_per_step:
-                        record["mfu"] = (flops_per_step * interval_steps / seconds
-                                         / (peak * trainer.mesh.size))
+                        achieved = flops_per_step * interval_steps / seconds / trainer.mesh.size
+                        record["mfu"], peak = flops_lib.utilization(achieved, peak, peak_source)
                     summed, interval_steps = None, 0
                     interval_start = time.perf_counter()
                 if config.evaluates_at(step):
