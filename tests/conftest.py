@@ -40,3 +40,14 @@ import pytest  # noqa: E402
 def rng():
     """A fresh, seeded numpy generator per test."""
     return np.random.default_rng(0)
+
+
+@pytest.fixture(scope="module")
+def isolated_data_cache(tmp_path_factory):
+    """Token streams cached under a temporary directory for a module's tests (via
+    $LEXJAX_DATA_CACHE, `lexjax.data.CACHE_ENV`), so mock or toy corpora never reach a real
+    cache."""
+    cache = str(tmp_path_factory.mktemp("data_cache"))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LEXJAX_DATA_CACHE", cache)
+        yield cache

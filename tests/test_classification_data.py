@@ -65,13 +65,7 @@ def take(iterator, n: int) -> list[dict]:
     return batches
 
 
-@pytest.fixture(scope="module", autouse=True)
-def data_cache(tmp_path_factory):
-    """Token streams are cached under a temporary directory, via $LEXJAX_DATA_CACHE."""
-    cache = str(tmp_path_factory.mktemp("cache"))
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(data.CACHE_ENV, cache)
-        yield cache
+pytestmark = pytest.mark.usefixtures("isolated_data_cache")
 
 
 # ----------------------------------------------------------------------------- stdlib_is_test

@@ -104,13 +104,7 @@ def write_corpus(root: str, min_files: int = 40) -> TextCorpus:
     return TextCorpus(root, texts)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def data_cache(tmp_path_factory):
-    """Every test caches token streams under a temporary directory, via $LEXJAX_DATA_CACHE."""
-    cache = str(tmp_path_factory.mktemp("cache"))
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(data.CACHE_ENV, cache)
-        yield cache
+pytestmark = pytest.mark.usefixtures("isolated_data_cache")
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ interval); `loss` is what the optimizer minimises.
 """
 from __future__ import annotations
 
+import abc
 import dataclasses
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator
 
@@ -31,12 +32,7 @@ Batch = dict  # name -> array; numpy on the host, jax.Array in the step
 Metrics = dict  # name -> float32 scalar
 
 
-def is_bidirectional(model: nn.Module) -> bool:
-    """Whether the model sees the whole input at every position (an encoder)."""
-    return bool(getattr(model, "bidirectional", False))
-
-
-class Objective:
+class Objective(abc.ABC):
     """What a run trains a model to do (see the module docstring). Subclasses are frozen
     dataclasses registered with gin under `lexjax.objectives`."""
 
@@ -48,21 +44,24 @@ class Objective:
         data-dependent value (token ids, class counts) resolved; raises `ConfigError`."""
         return self
 
+    @abc.abstractmethod
     def batch_spec(self, model: nn.Module, batch_size: int, length: int) -> Batch:
-        raise NotImplementedError
+        """`ShapeDtypeStruct`s of one global batch: name -> `[batch, ...]`."""
 
+    @abc.abstractmethod
     def loss(self, model: nn.Module, params: Any, batch: Batch, *, rng: jax.Array,
              carry: Any = None) -> tuple[jnp.ndarray, Metrics, Any]:
-        raise NotImplementedError
+        """(the loss to minimise, extra scalar metrics, the next carry), traced in the step."""
 
+    @abc.abstractmethod
     def training_batches(self, model: nn.Module, config: "TrainConfig", start_step: int = 0
                          ) -> Iterator[Batch]:
-        raise NotImplementedError
+        """This host's numpy rows of the global batches from `start_step` on."""
 
+    @abc.abstractmethod
     def validator(self, model: nn.Module, config: "TrainConfig", mesh, rules
                   ) -> Callable[[Any], dict[str, float]]:
         """`params -> {"validation_<metric>": value}` on the validation split."""
-        raise NotImplementedError
 
 
 class TokenObjective(Objective):
@@ -96,7 +95,7 @@ class CausalLM(TokenObjective):
     name = "causal_lm"
 
     def prepare(self, model, data):
-        if is_bidirectional(model):
+        if model.bidirectional:
             raise ConfigError(
                 f"{type(model).__name__} is bidirectional: a next-token loss would let it read "
                 "the tokens it predicts. Pre-train it with the masked-LM objective "
