@@ -32,6 +32,12 @@ Batch = dict  # name -> array; numpy on the host, jax.Array in the step
 Metrics = dict  # name -> float32 scalar
 
 
+def is_bidirectional(model: nn.Module) -> bool:
+    """Whether the model sees the whole input at every position (an encoder); any flax module
+    that is not a `LanguageModel` counts as causal."""
+    return bool(getattr(model, "bidirectional", False))
+
+
 class Objective(abc.ABC):
     """What a run trains a model to do (see the module docstring). Subclasses are frozen
     dataclasses registered with gin under `lexjax.objectives`."""
@@ -95,7 +101,7 @@ class CausalLM(TokenObjective):
     name = "causal_lm"
 
     def prepare(self, model, data):
-        if model.bidirectional:
+        if is_bidirectional(model):
             raise ConfigError(
                 f"{type(model).__name__} is bidirectional: a next-token loss would let it read "
                 "the tokens it predicts. Pre-train it with the masked-LM objective "

@@ -12,7 +12,7 @@ import numpy as np
 import optax
 
 from lexjax.errors import ConfigError
-from lexjax.objectives.base import TokenObjective
+from lexjax.objectives.base import TokenObjective, is_bidirectional
 from lexjax.objectives.masking import UNITS, mask_tokens, unit_starts
 
 #: The first id of a text token in lexjax's vocabularies (0 pad, 1 EOS, 2 UNK come first).
@@ -67,7 +67,7 @@ class MaskedLM(TokenObjective):
     def prepare(self, model, data):
         from lexjax.data import word_roles
         from lexjax.training.state import carries_state
-        if not model.bidirectional:
+        if not is_bidirectional(model):
             raise ConfigError(
                 f"{type(model).__name__} is causal: masked-LM pre-training needs a bidirectional "
                 "encoder (configs/models/encoder.gin); causal models train with the default "
