@@ -5,8 +5,8 @@ attends to key blocks i-before .. i+after (`MaskSpec.key_blocks_around`), all bl
 memory and time are O(N * span). Full masks take a memory-lean path: a sequential map over query
 blocks, each against all keys, rematerialized in the backward pass (O(block * N) live memory);
 a sequence of one block is attended directly.
-The relative bias is evaluated per block from positions; no `[N, N]` array exists. Segment ids
-(packed documents) are cut into the same blocks as the tokens.
+The relative bias (and a content bias, DeBERTa's) is evaluated per block from positions; no
+`[N, N]` array exists. Segment ids (packed documents) are cut into the same blocks as the tokens.
 Global tokens (`MaskSpec.global_tokens` = G) keep a local mask O(N * (span + G)): every query block
 attends in one softmax to the G global keys and to its local span (less the span's keys below G,
 already counted), and the G global queries are then attended apart, over all N keys.
@@ -18,7 +18,8 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from lexjax.attention.common import RelativeBias, group_query_heads, masked_softmax_attention
+from lexjax.attention.common import (ContentBias, RelativeBias, group_query_heads,
+                                     masked_softmax_attention)
 from lexjax.attention.masks import MaskSpec
 from lexjax.attention.reference import attend_at_positions
 
@@ -47,7 +48,8 @@ def _pad_length(x: jnp.ndarray, length: int, value=0) -> jnp.ndarray:
 
 def blocked_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, *, mask: MaskSpec,
                       bias: Optional[RelativeBias] = None, block_size: Optional[int] = None,
-                      segment_ids: Optional[jnp.ndarray] = None) -> jnp.ndarray:
+                      segment_ids: Optional[jnp.ndarray] = None,
+                      content_bias: Optional[ContentBias] = None) -> jnp.ndarray:
     """Self-attention computing only the blocks `mask` needs; same contract as `attend`.
 
     Args:
@@ -55,6 +57,8 @@ def blocked_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, *, mask: M
       block_size: query/key block length; default `default_block_size(mask)`, clipped to the
         sequence length.
       segment_ids: optional int32 `[batch, length]`: a query sees only keys of its own segment.
+      content_bias: optional `ContentBias`, called per block with the block's query and key
+        positions (padding positions past the sequence included: clip them when gathering).
     """
     if q.shape[1] != k.shape[1]:
         raise ValueError(f"blocked attention is self-attention: query length {q.shape[1]} != "
@@ -62,7 +66,8 @@ def blocked_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, *, mask: M
     n = q.shape[1]
     block = min(block_size or default_block_size(mask), _round_up(n, 8))
     attention = _local_attention if mask.is_local else _full_attention
-    return attention(q, k, v, mask=mask, bias=bias, block=block, segment_ids=segment_ids)
+    return attention(q, k, v, mask=mask, bias=bias, block=block, segment_ids=segment_ids,
+                     content_bias=content_bias)
 
 
 def _query_blocks(q: jnp.ndarray, kv_heads: int, block: int) -> jnp.ndarray:
@@ -73,7 +78,7 @@ def _query_blocks(q: jnp.ndarray, kv_heads: int, block: int) -> jnp.ndarray:
     return grouped.reshape(b, num_blocks, block, kv_heads, h // kv_heads, d)
 
 
-def _local_attention(q, k, v, *, mask, bias, block, segment_ids):
+def _local_attention(q, k, v, *, mask, bias, block, segment_ids, content_bias):
     b, n, h, _ = q.shape
     kv_heads = k.shape[2]
     num_blocks = -(-n // block)
@@ -97,7 +102,7 @@ def _local_attention(q, k, v, *, mask, bias, block, segment_ids):
                         k_segments=key_spans(segment_ids))
     out = masked_softmax_attention(_query_blocks(q, kv_heads, block), key_spans(k), key_spans(v),
                                    q_pos, k_pos, mask=mask, bias=bias, k_valid=k_valid,
-                                   **segments)
+                                   content_bias=content_bias, **segments)
     out = out.reshape(b, n_pad, h, v.shape[-1])[:, :n]
     if not num_global:
         return out
@@ -105,7 +110,7 @@ def _local_attention(q, k, v, *, mask, bias, block, segment_ids):
     global_out = attend_at_positions(
         q[:, :num_global], k, v, global_pos, jnp.arange(n, dtype=jnp.int32), mask=mask,
         bias=bias, q_segments=None if segment_ids is None else segment_ids[:, :num_global],
-        k_segments=segment_ids)
+        k_segments=segment_ids, content_bias=content_bias)
     return jnp.concatenate([global_out, out[:, num_global:]], axis=1)
 
 
@@ -140,7 +145,7 @@ def _key_span_positions(num_blocks: int, block: int, before: int, span: int, n: 
             jnp.concatenate([jnp.ones_like(global_pos, dtype=bool), k_valid], axis=1))
 
 
-def _full_attention(q, k, v, *, mask, bias, block, segment_ids):
+def _full_attention(q, k, v, *, mask, bias, block, segment_ids, content_bias):
     b, n, h, _ = q.shape
     num_blocks = -(-n // block)
     n_pad = num_blocks * block
@@ -152,7 +157,8 @@ def _full_attention(q, k, v, *, mask, bias, block, segment_ids):
 
     def one_block(q_block, q_block_pos, q_block_segments):
         return masked_softmax_attention(q_block, k, v, q_block_pos, k_pos, mask=mask, bias=bias,
-                                        q_segments=q_block_segments, k_segments=segment_ids)
+                                        q_segments=q_block_segments, k_segments=segment_ids,
+                                        content_bias=content_bias)
 
     if num_blocks == 1:  # short sequences: one plain block, nothing to rematerialize
         out = one_block(q_blocks[:, 0], q_pos[0],

@@ -12,6 +12,12 @@ from lexjax.attention.masks import MaskSpec
 # Maps relative distance `q_pos - k_pos` (int32, any shape S) to additive logits `[heads, *S]`.
 RelativeBias = Callable[[jnp.ndarray], jnp.ndarray]
 
+# Maps query and key positions (int32 `[..., q]`, `[..., k]`) to additive float32 logits
+# `[batch, ..., heads, q, k]`: a bias that reads the queries' and keys' content (DeBERTa's
+# content-to-position and position-to-content terms), so it is not a function of distance alone.
+# Evaluated per block like `RelativeBias`.
+ContentBias = Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray]
+
 # Finite "minus infinity": keeps fully masked rows (padding) free of NaNs.
 NEG_INF = -1e30
 
@@ -34,7 +40,8 @@ def masked_softmax_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray,
                              q_pos: jnp.ndarray, k_pos: jnp.ndarray, *, mask: MaskSpec,
                              bias: Optional[RelativeBias], k_valid: Optional[jnp.ndarray] = None,
                              q_segments: Optional[jnp.ndarray] = None,
-                             k_segments: Optional[jnp.ndarray] = None) -> jnp.ndarray:
+                             k_segments: Optional[jnp.ndarray] = None,
+                             content_bias: Optional[ContentBias] = None) -> jnp.ndarray:
     """Softmax attention of grouped queries over one span of keys, logits in float32.
 
     Computed head-major (`[..., kv_heads, (group,) q, k]` logits), with the group axis dropped
@@ -50,6 +57,8 @@ def masked_softmax_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray,
       k_valid: optional `[..., k_len]` bool, False for padding keys.
       q_segments, k_segments: optional int32 `[..., q_len]`, `[..., k_len]` segment ids (packed
         documents): a query sees only keys of its own segment. Both or neither.
+      content_bias: optional `ContentBias`, called with `q_pos` and `k_pos`; its `[batch, ...,
+        heads, q, k]` logits are added to the scores.
     Returns:
       `[..., q_len, kv_heads, group, d]`.
     """
@@ -66,6 +75,11 @@ def masked_softmax_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray,
         b = b[:, 0] if group == 1 else b
         logits = logits + jnp.moveaxis(b, tuple(range(len(heads))),
                                        tuple(range(-2 - len(heads), -2)))
+    if content_bias is not None:
+        extra = content_bias(q_pos, k_pos).astype(jnp.float32)  # [..., heads, q, k]
+        if group > 1:
+            extra = extra.reshape(extra.shape[:-3] + (k.shape[-2], group) + extra.shape[-2:])
+        logits = logits + extra
     visible = mask.allows(q_pos[..., :, None], k_pos[..., None, :])
     if k_valid is not None:
         visible = visible & k_valid[..., None, :]

@@ -16,12 +16,14 @@ from typing import Callable, Optional
 import jax.numpy as jnp
 
 from lexjax.attention.blocked import blocked_attention
-from lexjax.attention.common import RelativeBias
+from lexjax.attention.common import ContentBias, RelativeBias
 from lexjax.attention.kernels.impl import PALLAS_IMPLEMENTATIONS
 from lexjax.attention.masks import MaskSpec
 from lexjax.attention.reference import reference_attention
 
 IMPLEMENTATIONS: dict[str, Callable[..., jnp.ndarray]] = {}
+#: The implementations that take a `content_bias` (a bias of the queries' and keys' content).
+CONTENT_BIAS_IMPLEMENTATIONS = {"reference", "xla"}
 
 
 def register_implementation(name: str, fn: Callable[..., jnp.ndarray]) -> None:
@@ -30,9 +32,10 @@ def register_implementation(name: str, fn: Callable[..., jnp.ndarray]) -> None:
     IMPLEMENTATIONS[name] = fn
 
 
-def _reference(q, k, v, *, mask, bias, block_size, segment_ids):
+def _reference(q, k, v, *, mask, bias, block_size, segment_ids, content_bias=None):
     del block_size  # one block: everything materialized
-    return reference_attention(q, k, v, mask=mask, bias=bias, segment_ids=segment_ids)
+    return reference_attention(q, k, v, mask=mask, bias=bias, segment_ids=segment_ids,
+                               content_bias=content_bias)
 
 
 register_implementation("reference", _reference)
@@ -60,7 +63,8 @@ def _check_shapes(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray,
 def attend(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, *, mask: MaskSpec = MaskSpec(),
            bias: Optional[RelativeBias] = None, impl: str = "auto",
            block_size: Optional[int] = None,
-           segment_ids: Optional[jnp.ndarray] = None) -> jnp.ndarray:
+           segment_ids: Optional[jnp.ndarray] = None,
+           content_bias: Optional[ContentBias] = None) -> jnp.ndarray:
     """Scaled dot-product self-attention under a `MaskSpec`, with an optional relative bias.
 
     Args:
@@ -75,6 +79,9 @@ def attend(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, *, mask: MaskSpec = M
       block_size: block length for blocked implementations.
       segment_ids: optional int32 `[batch, length]` for packed sequences: a query sees only keys
         of its own segment.
+      content_bias: optional `ContentBias`: logits of the queries' and keys' content by
+        position (DeBERTa's disentangled terms), evaluated block by block; "reference" and
+        "xla" only (the Pallas kernels read a bias of distance from a per-head table).
     Returns:
       `[batch, length, heads, head_dim]` in v's dtype.
     """
@@ -83,5 +90,13 @@ def attend(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, *, mask: MaskSpec = M
     if name not in IMPLEMENTATIONS:
         raise ValueError(f"unknown attention impl {impl!r}; available: "
                          f"{sorted(IMPLEMENTATIONS) + ['auto']}")
+    if content_bias is None:
+        return IMPLEMENTATIONS[name](q, k, v, mask=mask, bias=bias, block_size=block_size,
+                                     segment_ids=segment_ids)
+    if name not in CONTENT_BIAS_IMPLEMENTATIONS:
+        raise ValueError(
+            f"attention impl {impl!r} takes no content bias (DeBERTa's content-to-position "
+            "terms): the Pallas kernels add a bias of distance read from a per-head table, not "
+            f"one of the queries and keys; use one of {sorted(CONTENT_BIAS_IMPLEMENTATIONS)}")
     return IMPLEMENTATIONS[name](q, k, v, mask=mask, bias=bias, block_size=block_size,
-                                 segment_ids=segment_ids)
+                                 segment_ids=segment_ids, content_bias=content_bias)

@@ -8,7 +8,8 @@ from typing import Optional
 
 import jax.numpy as jnp
 
-from lexjax.attention.common import RelativeBias, group_query_heads, masked_softmax_attention
+from lexjax.attention.common import (ContentBias, RelativeBias, group_query_heads,
+                                     masked_softmax_attention)
 from lexjax.attention.masks import MaskSpec
 
 
@@ -17,7 +18,8 @@ def attend_at_positions(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, q_pos: j
                         bias: Optional[RelativeBias] = None,
                         k_valid: Optional[jnp.ndarray] = None,
                         q_segments: Optional[jnp.ndarray] = None,
-                        k_segments: Optional[jnp.ndarray] = None) -> jnp.ndarray:
+                        k_segments: Optional[jnp.ndarray] = None,
+                        content_bias: Optional[ContentBias] = None) -> jnp.ndarray:
     """Softmax attention of queries at `q_pos` over keys at `k_pos`, logits in float32.
 
     Args:
@@ -29,6 +31,7 @@ def attend_at_positions(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, q_pos: j
       k_valid: optional bool `[..., k_len]` (broadcastable), False for keys no query may see.
       q_segments, k_segments: optional int32 `[..., q_len]`, `[..., k_len]`: a query sees only
         keys of its own segment.
+      content_bias: optional `ContentBias` of `(q_pos, k_pos)` (logits `[batch, heads, q, k]`).
     Returns:
       `[..., q_len, heads, head_dim]` in the dtype of `v`.
     """
@@ -36,13 +39,14 @@ def attend_at_positions(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, q_pos: j
     grouped = grouped.reshape(q.shape[:-2] + grouped.shape[-3:])
     out = masked_softmax_attention(grouped, k, v, q_pos, k_pos, mask=mask, bias=bias,
                                    k_valid=k_valid, q_segments=q_segments,
-                                   k_segments=k_segments)
+                                   k_segments=k_segments, content_bias=content_bias)
     return out.reshape(q.shape[:-1] + (v.shape[-1],))
 
 
 def reference_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, *, mask: MaskSpec,
                         bias: Optional[RelativeBias] = None,
-                        segment_ids: Optional[jnp.ndarray] = None) -> jnp.ndarray:
+                        segment_ids: Optional[jnp.ndarray] = None,
+                        content_bias: Optional[ContentBias] = None) -> jnp.ndarray:
     """Self-attention with every logit materialized.
 
     Args:
@@ -53,10 +57,12 @@ def reference_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, *, mask:
       bias: maps relative distance `q_pos - k_pos` (int32, any shape) to additive logits
         `[heads, *shape]`.
       segment_ids: optional int32 `[batch, length]`: a query sees only keys of its own segment.
+      content_bias: optional `ContentBias` (logits `[batch, heads, length, length]`).
     Returns:
       `[batch, length, heads, head_dim]` in the dtype of `v`.
     """
     q_pos = jnp.arange(q.shape[1], dtype=jnp.int32)
     k_pos = jnp.arange(k.shape[1], dtype=jnp.int32)
     return attend_at_positions(q, k, v, q_pos, k_pos, mask=mask, bias=bias,
-                               q_segments=segment_ids, k_segments=segment_ids)
+                               q_segments=segment_ids, k_segments=segment_ids,
+                               content_bias=content_bias)

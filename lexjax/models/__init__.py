@@ -1,6 +1,7 @@
 """One file per architecture, each a complete LM (tokens [batch, length] -> logits), all built on
 `lexjax.models.lm.LanguageModel`; encoders add `lexjax.models.encoder.EncoderHeads`."""
 from lexjax.models.block_recurrent import BlockRecurrentTransformer, RecurrentCarry
+from lexjax.models.deberta import DeBERTa
 from lexjax.models.encoder import Encoder, EncoderHeads
 from lexjax.models.flash import Flash
 from lexjax.models.gss import GSS, GSSTransformer
@@ -12,4 +13,4 @@ from lexjax.models.transformer import Transformer
 
 __all__ = ["LanguageModel", "AttentionLanguageModel", "Transformer", "Flash", "GSS",
            "GSSTransformer", "Mega", "PerceiverAR", "Spade", "BlockRecurrentTransformer",
-           "RecurrentCarry", "Encoder", "EncoderHeads"]
+           "RecurrentCarry", "Encoder", "EncoderHeads", "DeBERTa"]
