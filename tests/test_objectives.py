@@ -203,3 +203,65 @@ def test_batch_evaluator_counts_every_example_once(mesh):
     sums = evaluator(None, examples)
     assert sums["total"] == 45 and sums["count"] == 10
     assert sums["per_label"].tolist() == [4, 3, 3]
+
+
+def test_visible_length_is_what_exact_masking_leaves():
+    from lexjax.objectives.masking import visible_length
+    for n in (1, 7, 16, 100, 512):
+        for rate in (0.01, 0.15, 0.3, 0.5, 0.9):
+            assert visible_length(n, rate) == n - math.floor(rate * n)
+    assert visible_length(16, 0.5) == 8 and visible_length(10, 0.15) == 9
+    assert visible_length(512, 0.5) == 256 and visible_length(7, 0.5) == 4
+
+
+def test_exact_masking_picks_floor_rate_times_tokens_plus_u():
+    """`visible=`: per row exactly floor(rate x eligible + u) tokens, u uniform (so the mean
+    count is rate x eligible), all of them [MASK] with no 80/10/10, spread over the row."""
+    from lexjax.objectives.masking import visible_length
+    tokens = jnp.asarray(np.random.default_rng(3).integers(3, 259, (256, 64)), jnp.int32)
+    segments = jnp.ones_like(tokens)
+    starts = unit_starts(tokens, segments, "token")
+    visible = visible_length(64, 0.3)
+    kwargs = dict(rate=0.3, mask_id=259, random_ids=(3, 259), keep_fraction=0.0,
+                  random_fraction=0.0, visible=visible)
+    inputs, picked = mask_tokens(jax.random.PRNGKey(5), tokens, segments, starts, **kwargs)
+    inputs, picked, tokens = map(np.asarray, (inputs, picked, tokens))
+    counts = picked.sum(axis=1)
+    assert set(counts.tolist()) == {19, 20}  # floor(0.3 x 64 + u) = 19 + (u >= 0.8)
+    assert counts.mean() == pytest.approx(0.3 * 64, abs=0.1)
+    assert np.all(64 - counts <= visible)
+    assert np.all(inputs[picked] == 259) and np.all(inputs[~picked] == tokens[~picked])
+    halves = picked.reshape(256, 2, 32).mean(axis=(0, 2))
+    np.testing.assert_allclose(halves, 0.3, atol=0.03)
+
+
+def test_exact_masking_with_padding_eos_and_many_documents():
+    from lexjax.objectives.masking import visible_length
+    rng = np.random.default_rng(4)
+    tokens = rng.integers(3, 259, (4, 64))
+    tokens[0, 40] = 1  # EOS
+    tokens[0, 50:] = 0  # padding: 49 eligible of 50 real tokens
+    tokens[1, [10, 30, 63]] = 1  # three documents, no padding: 61 eligible
+    tokens[2, ::4] = tokens[2, 1::4] = tokens[2, 2::4] = 1  # 16 eligible of 64
+    tokens[3, 5:] = 0  # one short document without EOS (5 eligible)
+    tokens = jnp.asarray(tokens, jnp.int32)
+    segments = jnp.asarray(segment_ids(np.asarray(tokens)))
+    starts = unit_starts(tokens, segments, "token")
+    visible = visible_length(64, 0.5)
+    kwargs = dict(rate=0.5, mask_id=259, random_ids=(3, 259), keep_fraction=0.0,
+                  random_fraction=0.0, visible=visible)
+    inputs, picked = mask_tokens(jax.random.PRNGKey(0), tokens, segments, starts, **kwargs)
+    picked, tokens, segments = map(np.asarray, (picked, tokens, segments))
+    eligible = (segments > 0) & (tokens != 1)
+    assert not np.any(picked & ~eligible)
+    counts = picked.sum(axis=1)
+    assert counts[0] in (24, 25)  # floor(0.5 x 49 + u); 50 - 32 = 18 fewer would do
+    assert counts[1] == 32  # floor(0.5 x 61 + u) = 30 or 31, raised: at most 32 stay unpicked
+    assert counts[2] == 16  # every eligible token (the 48 EOS still overflow the encoder)
+    assert counts[3] in (2, 3)
+    again = mask_tokens(jax.random.PRNGKey(0), jnp.asarray(tokens), jnp.asarray(segments),
+                        starts, **kwargs)
+    other = mask_tokens(jax.random.PRNGKey(1), jnp.asarray(tokens), jnp.asarray(segments),
+                        starts, **kwargs)
+    assert np.array_equal(picked, again[1]) and np.array_equal(inputs, again[0])
+    assert not np.array_equal(picked, other[1])

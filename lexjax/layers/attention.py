@@ -90,3 +90,29 @@ class SelfAttention(nn.Module):
             q, keys = scheme.rotate(q, keys, positions, key_positions)
         return attend_at_positions(q, keys, values, positions, key_positions, mask=self.mask,
                                    bias=bias, k_valid=key_valid)
+
+
+class CrossAttention(nn.Module):
+    """Bidirectional cross-attention without positions: queries from `x [batch, q_len, embed]`,
+    keys and values from `memory [batch, k_len, embed]`; segment ids keep documents apart (a
+    query sees only memory slots of its own segment; slots of segment 0 are padding)."""
+
+    num_heads: int
+    head_dim: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, memory: jnp.ndarray, q_segments: jnp.ndarray,
+                 k_segments: jnp.ndarray) -> jnp.ndarray:
+        """int32 `q_segments [batch, q_len]`, `k_segments [batch, k_len]` -> `[batch, q_len,
+        embed]`."""
+        heads = (self.num_heads, self.head_dim)
+        q = dense(heads, ("embed", "heads", "kv"), dtype=self.dtype, name="query")(x)
+        k = dense(heads, ("embed", "heads", "kv"), dtype=self.dtype, name="key")(memory)
+        v = dense(heads, ("embed", "heads", "kv"), dtype=self.dtype, name="value")(memory)
+        out = attend_at_positions(
+            q, k, v, jnp.arange(x.shape[1], dtype=jnp.int32),
+            jnp.arange(memory.shape[1], dtype=jnp.int32), mask=MaskSpec(causal=False),
+            k_valid=k_segments > 0, q_segments=q_segments, k_segments=k_segments)
+        return dense(x.shape[-1], ("heads", "kv", "embed"), dtype=self.dtype, contract=(-2, -1),
+                     name="out")(out)

@@ -5,6 +5,7 @@ from lexjax.models.deberta import DeBERTa
 from lexjax.models.encoder import Encoder, EncoderHeads
 from lexjax.models.flash import Flash
 from lexjax.models.gss import GSS, GSSTransformer
+from lexjax.models.late_mask import LateMask
 from lexjax.models.lm import AttentionLanguageModel, LanguageModel
 from lexjax.models.mega import Mega
 from lexjax.models.perceiver_ar import PerceiverAR
@@ -13,4 +14,5 @@ from lexjax.models.transformer import Transformer
 
 __all__ = ["LanguageModel", "AttentionLanguageModel", "Transformer", "Flash", "GSS",
            "GSSTransformer", "Mega", "PerceiverAR", "Spade", "BlockRecurrentTransformer",
-           "RecurrentCarry", "Encoder", "EncoderHeads", "DeBERTa"]
+           "RecurrentCarry", "Encoder", "EncoderHeads", "DeBERTa",
+           "LateMask"]

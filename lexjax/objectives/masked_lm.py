@@ -13,7 +13,7 @@ import optax
 
 from lexjax.errors import ConfigError
 from lexjax.objectives.base import TokenObjective, is_bidirectional
-from lexjax.objectives.masking import UNITS, mask_tokens, unit_starts
+from lexjax.objectives.masking import UNITS, mask_tokens, unit_starts, visible_length
 
 #: The first id of a text token in lexjax's vocabularies (0 pad, 1 EOS, 2 UNK come first).
 FIRST_TEXT_ID = 3
@@ -34,7 +34,10 @@ class MaskedLM(TokenObjective):
       mask_id, text_ids, word_roles: resolved by `prepare` from the vocabulary (the mask
         token is the first id past the vocabulary, so VOCAB_SIZE must leave room for it);
         documents_apart: evaluation windows stay inside documents (models trained on one
-        document per row, `packs_documents` False).
+        document per row, `packs_documents` False); hides_masks: the model hides the masked
+        tokens from its encoder (`hides_masked_tokens`: late [MASK] insertion), so exactly
+        `floor(rate x tokens)` are picked per row, all become [MASK] (no 80/10/10: the encoder
+        never reads those positions), and the model is told which (`hidden=`).
     """
 
     mask_rate: float = 0.15
@@ -46,6 +49,7 @@ class MaskedLM(TokenObjective):
     text_ids: Optional[tuple[int, int]] = dataclasses.field(default=None, init=False)
     word_roles: Optional[tuple[int, ...]] = dataclasses.field(default=None, init=False)
     documents_apart: bool = dataclasses.field(default=False, init=False)
+    hides_masks: bool = dataclasses.field(default=False, init=False)
 
     name = "masked_lm"
 
@@ -80,6 +84,12 @@ class MaskedLM(TokenObjective):
                               f"{model.num_classes}); masked-LM pre-training needs "
                               "NUM_CLASSES = None, classification configs/runs/"
                               "classify_quickstart.gin")
+        hides_masks = bool(getattr(model, "hides_masked_tokens", False))
+        if hides_masks and model.mask_rate != self.mask_rate:
+            raise ConfigError(
+                f"{type(model).__name__}.mask_rate {model.mask_rate} sizes its encoder for another "
+                f"rate than MaskedLM.mask_rate {self.mask_rate}: bind both to MASK_RATE "
+                "(configs/models/late_mask.gin does)")
         vocabulary = data.seqio_vocabulary()
         size = int(vocabulary.vocab_size)
         if model.vocab_size <= size:
@@ -91,7 +101,8 @@ class MaskedLM(TokenObjective):
         prepared = dataclasses.replace(self)
         for name, value in (("mask_id", size), ("text_ids", (FIRST_TEXT_ID, size)),
                             ("word_roles", tuple(int(x) for x in table)),
-                            ("documents_apart", not model.packs_documents)):
+                            ("documents_apart", not model.packs_documents),
+                            ("hides_masks", hides_masks)):
             object.__setattr__(prepared, name, value)
         return prepared
 
@@ -105,6 +116,11 @@ class MaskedLM(TokenObjective):
         starts = unit_starts(targets, segment_ids, self.unit,
                              word_roles=jnp.asarray(self.word_roles, jnp.int8),
                              span_length=self.span_length, phase=phase)
+        if self.hides_masks:
+            return mask_tokens(mask_key, targets, segment_ids, starts, rate=self.mask_rate,
+                               mask_id=self.mask_id, random_ids=self.text_ids,
+                               keep_fraction=0.0, random_fraction=0.0,
+                               visible=visible_length(targets.shape[1], self.mask_rate))
         return mask_tokens(mask_key, targets, segment_ids, starts, rate=self.mask_rate,
                            mask_id=self.mask_id, random_ids=self.text_ids,
                            keep_fraction=self.keep_fraction,
@@ -117,8 +133,10 @@ class MaskedLM(TokenObjective):
         from lexjax.training.inputs import reads_segment_ids
         targets, segments = batch["targets"], batch["segment_ids"]
         inputs, picked = self.corrupt(key, targets, segments)
+        hidden = {"hidden": picked} if self.hides_masks else {}
         logits = model.apply(variables, inputs, deterministic=deterministic, rngs=rngs,
-                             segment_ids=segments if reads_segment_ids(model) else None)
+                             segment_ids=segments if reads_segment_ids(model) else None,
+                             **hidden)
         losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32),
                                                                  targets)
         weights = picked.astype(jnp.float32)
