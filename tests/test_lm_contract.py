@@ -218,10 +218,15 @@ def test_the_trainer_packs_or_pads_as_the_model_needs(models, corpus, config, mo
         assert np.all(ids[:, -1] == 1) if ends_with_text else np.all(ids[:, 0] == 1)
 
 
+#: The study runners in experiments/ and the configurable each registers.
+STUDY_RUNNERS = {"local_attention": "LocalAttentionStudy", "mlm_efficiency": "MLMEfficiencyStudy",
+                 "extrapolation": "Study"}
+
+
 @functools.lru_cache(maxsize=None)
 def register_study_runner(script: str) -> None:
     """Imports `experiments/<script>.py` (not a package) once: it registers its study
-    configurable (`Study`, `LocalAttentionStudy`)."""
+    configurable (`STUDY_RUNNERS`)."""
     name = f"{script}_study"
     if name in sys.modules:
         return
@@ -265,7 +270,7 @@ def test_every_gin_file_parses_and_builds(path):
         files = ["configs/runs/quickstart.gin", path]
         bindings = ["TEXT_FILES_GLOB='/corpus/*.txt'", "SENTENCEPIECE_MODEL='/spm.model'"]
     elif kind == "experiments":
-        script = "local_attention" if "local_attention" in path else "extrapolation"
+        script = next((s for s in STUDY_RUNNERS if s in path), "extrapolation")
         register_study_runner(script)
     parse_gin(files, bindings)
     try:
@@ -275,7 +280,6 @@ def test_every_gin_file_parses_and_builds(path):
             model, run = configured_training()
             assert isinstance(model, lexjax.models.LanguageModel) and run.train_steps > 0
         else:
-            study = "LocalAttentionStudy" if "local_attention" in path else "Study"
-            assert gin.query_parameter(f"experiments.{study}.matrix")
+            assert gin.query_parameter(f"experiments.{STUDY_RUNNERS[script]}.matrix")
     finally:
         gin.clear_config()
