@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from helpers import write_corpus
+from lexjax.attention import MaskSpec
 from lexjax.config import build_model, parse_gin
 from lexjax.evaluation import Scorer, evaluate_lengths, resolution, sliding_windows
 from lexjax.evaluation.extrapolation import summarize
@@ -335,3 +336,49 @@ def test_evaluate_main_on_a_text_files_run_uses_its_own_task(tiny_run, tmp_path)
                                  "--batch_size=2", "--name=own_task"]) == 0
     with open(os.path.join(tiny_run, "eval", "own_task.json")) as f:
         assert json.load(f)["task"] == TASK
+
+
+@pytest.mark.parametrize("mask", [MaskSpec(blockwise=4), MaskSpec(window=5),
+                                  MaskSpec(chunk=4), MaskSpec()])
+def test_mean_score_by_distance_counts_only_the_pairs_the_mask_admits(mask):
+    """Against every (query, key) score written out in float64 and averaged by distance over the
+    pairs the inference mask admits; -inf where it admits none (BCA at 13 tokens, blocks of 4:
+    distances above 7 are never attended)."""
+    rng = np.random.default_rng(2)
+    b, n, h, d = 2, 13, 4, 8
+    q = rng.normal(size=(b, n, h, d))
+    k = rng.normal(size=(b, n, 2, d))
+    bias = rng.normal(size=(h, n))
+    scores = np.einsum("bqhd,bkhd->bhqk", q, np.repeat(k, 2, axis=2)) / math.sqrt(d)
+    distance = np.arange(n)[:, None] - np.arange(n)[None, :]
+    scores = scores + bias[:, np.clip(distance, 0, n - 1)][None]
+    admitted = np.asarray(mask.allows(np.arange(n)[:, None], np.arange(n)[None, :]))
+    want = np.full(n, -np.inf)
+    for dist in range(n):
+        pairs = admitted & (distance == dist)
+        if pairs.any():
+            want[dist] = scores[:, :, pairs].mean()
+    got = mean_score_by_distance(jnp.asarray(q, jnp.float32), jnp.asarray(k, jnp.float32),
+                                 jnp.asarray(bias, jnp.float32), mask)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    if mask.blockwise:
+        assert np.all(np.isinf(got[2 * 4:])) and np.all(np.isfinite(got[:2 * 4]))
+        assert resolution(got) > resolution(np.where(np.isinf(got), got[7], got))
+
+
+def test_resolution_under_bca_reads_the_inference_mask():
+    """A model evaluated under blockwise causal attention is measured on the scores that mask
+    admits: distances of two blocks or more are never attended (-inf), and R differs from the
+    training mask's."""
+    from lexjax.evaluation import attention_resolution
+
+    model = build_model(["configs/models/transformer.gin", "configs/positions/xpos.gin"],
+                        ["NUM_LAYERS=1", "EMBED_DIM=16", "NUM_HEADS=2", "MLP_DIM=32",
+                         "VOCAB_SIZE=64"])
+    tokens = jnp.asarray(np.random.default_rng(0).integers(3, 64, (2, 16)), jnp.int32)
+    variables = model.init(jax.random.PRNGKey(0), tokens)
+    full_r, full = attention_resolution(model, variables, tokens)
+    bca_r, bca = attention_resolution(model.clone(inference_mask=MaskSpec(blockwise=4)),
+                                      variables, tokens)
+    assert np.all(np.isfinite(full)) and np.all(np.isinf(bca[8:])) and bca_r != full_r
+    assert np.all(np.isfinite(bca[:8]))
