@@ -146,7 +146,9 @@ def _sharded_step(model, mesh_spec: str, devices) -> ShardedTrainStep:
     mesh = partitioning.make_mesh(mesh_spec, devices)
     run = _run(optimizer=SMOOTH)
     if model.bidirectional:
-        run = dataclasses.replace(run, objective=MaskedLM())
+        # late-[MASK] models size their encoder for their own rate
+        rate = getattr(model, "mask_rate", MaskedLM.mask_rate)
+        run = dataclasses.replace(run, objective=MaskedLM(mask_rate=rate))
     return ShardedTrainStep(model, run, mesh)
 
 
