@@ -61,9 +61,9 @@ class RelativePositions:
     def __post_init__(self):
         if self.max_relative_positions < 2 or self.position_buckets < 0 or (
                 self.position_buckets and self.position_buckets < 4):
-            raise ValueError("DeBERTa needs max_relative_positions >= 2 and position_buckets 0 "
-                             f"(no buckets) or >= 4, got {self.max_relative_positions} and "
-                             f"{self.position_buckets}")
+            raise ValueError("relative positions need max_relative_positions >= 2 and "
+                             "position_buckets 0 (no buckets) or >= 4, got "
+                             f"{self.max_relative_positions} and {self.position_buckets}")
 
     @property
     def span(self) -> int:

@@ -74,7 +74,10 @@ class DeBERTa(EncoderHeads, AttentionLanguageModel, kw_only=True):
         if self.key_value_heads != self.num_heads:
             raise ValueError("DeBERTa attends with as many key/value heads as query heads; "
                              "leave num_kv_heads None")
-        self.relative_positions  # noqa: B018 -- validates the bucket fields
+        try:
+            RelativePositions(self.position_buckets, self.max_relative_positions)
+        except ValueError as e:
+            raise ValueError(f"DeBERTa (POSITION_BUCKETS, MAX_RELATIVE_POSITIONS): {e}") from None
 
     @property
     def relative_positions(self) -> RelativePositions:
