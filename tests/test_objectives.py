@@ -205,6 +205,16 @@ def test_batch_evaluator_counts_every_example_once(mesh):
     assert sums["per_label"].tolist() == [4, 3, 3]
 
 
+def exact_masks(key: int, tokens, segments, rate: float):
+    """`mask_tokens` as late-[MASK] models use it: exact counts, every pick a [MASK] (259)."""
+    from lexjax.objectives.masking import visible_length
+    tokens, segments = jnp.asarray(tokens, jnp.int32), jnp.asarray(segments)
+    return mask_tokens(jax.random.PRNGKey(key), tokens, segments,
+                       unit_starts(tokens, segments, "token"), rate=rate, mask_id=259,
+                       random_ids=(3, 259), keep_fraction=0.0, random_fraction=0.0,
+                       visible=visible_length(tokens.shape[1], rate))
+
+
 def test_visible_length_is_what_exact_masking_leaves():
     from lexjax.objectives.masking import visible_length
     for n in (1, 7, 16, 100, 512):
@@ -218,14 +228,9 @@ def test_exact_masking_picks_floor_rate_times_tokens_plus_u():
     """`visible=`: per row exactly floor(rate x eligible + u) tokens, u uniform (so the mean
     count is rate x eligible), all of them [MASK] with no 80/10/10, spread over the row."""
     from lexjax.objectives.masking import visible_length
-    tokens = jnp.asarray(np.random.default_rng(3).integers(3, 259, (256, 64)), jnp.int32)
-    segments = jnp.ones_like(tokens)
-    starts = unit_starts(tokens, segments, "token")
+    tokens = np.random.default_rng(3).integers(3, 259, (256, 64))
     visible = visible_length(64, 0.3)
-    kwargs = dict(rate=0.3, mask_id=259, random_ids=(3, 259), keep_fraction=0.0,
-                  random_fraction=0.0, visible=visible)
-    inputs, picked = mask_tokens(jax.random.PRNGKey(5), tokens, segments, starts, **kwargs)
-    inputs, picked, tokens = map(np.asarray, (inputs, picked, tokens))
+    inputs, picked = map(np.asarray, exact_masks(5, tokens, np.ones_like(tokens), 0.3))
     counts = picked.sum(axis=1)
     assert set(counts.tolist()) == {19, 20}  # floor(0.3 x 64 + u) = 19 + (u >= 0.8)
     assert counts.mean() == pytest.approx(0.3 * 64, abs=0.1)
@@ -236,7 +241,6 @@ def test_exact_masking_picks_floor_rate_times_tokens_plus_u():
 
 
 def test_exact_masking_with_padding_eos_and_many_documents():
-    from lexjax.objectives.masking import visible_length
     rng = np.random.default_rng(4)
     tokens = rng.integers(3, 259, (4, 64))
     tokens[0, 40] = 1  # EOS
@@ -244,14 +248,8 @@ def test_exact_masking_with_padding_eos_and_many_documents():
     tokens[1, [10, 30, 63]] = 1  # three documents, no padding: 61 eligible
     tokens[2, ::4] = tokens[2, 1::4] = tokens[2, 2::4] = 1  # 16 eligible of 64
     tokens[3, 5:] = 0  # one short document without EOS (5 eligible)
-    tokens = jnp.asarray(tokens, jnp.int32)
-    segments = jnp.asarray(segment_ids(np.asarray(tokens)))
-    starts = unit_starts(tokens, segments, "token")
-    visible = visible_length(64, 0.5)
-    kwargs = dict(rate=0.5, mask_id=259, random_ids=(3, 259), keep_fraction=0.0,
-                  random_fraction=0.0, visible=visible)
-    inputs, picked = mask_tokens(jax.random.PRNGKey(0), tokens, segments, starts, **kwargs)
-    picked, tokens, segments = map(np.asarray, (picked, tokens, segments))
+    segments = segment_ids(tokens)
+    inputs, picked = map(np.asarray, exact_masks(0, tokens, segments, 0.5))
     eligible = (segments > 0) & (tokens != 1)
     assert not np.any(picked & ~eligible)
     counts = picked.sum(axis=1)
@@ -259,9 +257,7 @@ def test_exact_masking_with_padding_eos_and_many_documents():
     assert counts[1] == 32  # floor(0.5 x 61 + u) = 30 or 31, raised: at most 32 stay unpicked
     assert counts[2] == 16  # every eligible token (the 48 EOS still overflow the encoder)
     assert counts[3] in (2, 3)
-    again = mask_tokens(jax.random.PRNGKey(0), jnp.asarray(tokens), jnp.asarray(segments),
-                        starts, **kwargs)
-    other = mask_tokens(jax.random.PRNGKey(1), jnp.asarray(tokens), jnp.asarray(segments),
-                        starts, **kwargs)
+    again = exact_masks(0, tokens, segments, 0.5)
+    other = exact_masks(1, tokens, segments, 0.5)
     assert np.array_equal(picked, again[1]) and np.array_equal(inputs, again[0])
     assert not np.array_equal(picked, other[1])

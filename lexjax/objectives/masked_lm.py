@@ -116,15 +116,14 @@ class MaskedLM(TokenObjective):
         starts = unit_starts(targets, segment_ids, self.unit,
                              word_roles=jnp.asarray(self.word_roles, jnp.int8),
                              span_length=self.span_length, phase=phase)
-        if self.hides_masks:
-            return mask_tokens(mask_key, targets, segment_ids, starts, rate=self.mask_rate,
-                               mask_id=self.mask_id, random_ids=self.text_ids,
-                               keep_fraction=0.0, random_fraction=0.0,
-                               visible=visible_length(targets.shape[1], self.mask_rate))
+        # a model that hides the masked tokens reads a fixed number of visible ones, all others
+        # [MASK]: exact counts, no 80/10/10
+        keep, random, visible = ((0.0, 0.0, visible_length(targets.shape[1], self.mask_rate))
+                                 if self.hides_masks
+                                 else (self.keep_fraction, self.random_fraction, None))
         return mask_tokens(mask_key, targets, segment_ids, starts, rate=self.mask_rate,
-                           mask_id=self.mask_id, random_ids=self.text_ids,
-                           keep_fraction=self.keep_fraction,
-                           random_fraction=self.random_fraction)
+                           mask_id=self.mask_id, random_ids=self.text_ids, keep_fraction=keep,
+                           random_fraction=random, visible=visible)
 
     def masked_statistics(self, model, variables, batch, key, *, deterministic=True,
                           rngs=None) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:

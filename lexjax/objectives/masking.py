@@ -85,7 +85,7 @@ def mask_tokens(key: jax.Array, tokens: jnp.ndarray, segment_ids: jnp.ndarray,
     Returns:
       (inputs int32 `[batch, length]`, picked bool `[batch, length]`: the tokens to predict).
     """
-    pick_key, action_key, random_key, count_key = jax.random.split(key, 4)
+    pick_key, action_key, random_key = jax.random.split(key, 3)
     length = tokens.shape[1]
     draws = jax.random.uniform(pick_key, tokens.shape)
     index = jnp.arange(length, dtype=jnp.int32)[None, :]
@@ -94,8 +94,8 @@ def mask_tokens(key: jax.Array, tokens: jnp.ndarray, segment_ids: jnp.ndarray,
     if visible is None:
         picked_units = draws < rate
     else:
-        picked_units = _exact_units(count_key, draws, starts & eligible, segment_ids > 0,
-                                    rate=rate, visible=visible)
+        picked_units = _exact_units(jax.random.fold_in(key, 3), draws, starts & eligible,
+                                    segment_ids > 0, rate=rate, visible=visible)
     picked = jnp.take_along_axis(picked_units, unit_first, axis=1) & eligible
     action = jax.random.uniform(action_key, tokens.shape)
     replacements = jax.random.randint(random_key, tokens.shape, random_ids[0], random_ids[1],
