@@ -590,3 +590,67 @@ def test_t5_bias_looks_up_the_table(rng):
                        method=lambda m, h, d, r: m.relative_bias(h, d)(r))
     want = np.moveaxis(table[ref_mtf_bucket(-rel.astype(np.int64), False, 32, 128)], -1, 0)
     np.testing.assert_array_equal(np.asarray(got), want)
+
+
+# ----------------------------------------------------------------------------------------------
+# RoPE and ALiBi options for converted checkpoints
+# ----------------------------------------------------------------------------------------------
+
+def ref_llama3_frequencies(d, base, factor, low, high, original):
+    """Llama 3.1's rule written out per frequency (float64): long wavelengths divided by
+    `factor`, short ones kept, a linear blend in 1/wavelength between."""
+    out = []
+    for i in range(d // 2):
+        freq = base ** (-2.0 * i / d)
+        wavelength = 2 * math.pi / freq
+        if wavelength < original / high:
+            out.append(freq)
+        elif wavelength > original / low:
+            out.append(freq / factor)
+        else:
+            smooth = (original / wavelength - low) / (high - low)
+            out.append((1 - smooth) * freq / factor + smooth * freq)
+    return np.array(out)
+
+
+@pytest.mark.parametrize("fraction", [0.25, 0.5])
+def test_partial_rope_rotates_the_leading_channels_only(fraction, rng):
+    d = 16
+    rotated = int(d * fraction)
+    q = rng.standard_normal((2, 12, 3, d)).astype(np.float32)
+    pos = np.arange(12) + 5
+    qr, _ = rotate(P.RoPE(fraction=fraction), q, q, pos, pos)
+    qr = np.asarray(qr)
+    np.testing.assert_array_equal(qr[..., rotated:], q[..., rotated:])
+    np.testing.assert_allclose(qr[..., :rotated], ref_rope(q[..., :rotated], pos), atol=2e-5)
+
+
+def test_rope_fraction_must_rotate_an_even_number_of_channels():
+    q = np.zeros((1, 4, 1, 10), np.float32)
+    with pytest.raises(ValueError, match="even number of channels"):
+        rotate(P.RoPE(fraction=0.5), q, q, np.arange(4), np.arange(4))
+
+
+def test_rope_interpolation_divides_positions(rng):
+    q = rng.standard_normal((1, 16, 2, 8)).astype(np.float32)
+    pos = np.arange(16)
+    qr, _ = rotate(P.RoPE(interpolation=4.0), q, q, pos, pos)
+    np.testing.assert_allclose(np.asarray(qr), ref_rope(q, pos / 4.0), atol=2e-5)
+
+
+def test_llama3_frequencies_match_the_rule_written_out():
+    args = (8.0, 1.0, 4.0, 64)
+    got = P.RoPE(base=10000.0, llama3_scaling=args).frequencies(32)
+    want = ref_llama3_frequencies(32, 10000.0, *args)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    assert got[0] == pytest.approx(1.0) and got[-1] == pytest.approx(want[-1])
+    assert np.any(got != P.RoPE().frequencies(32))  # the scaling changes the long wavelengths
+
+
+def test_alibi_explicit_slopes(rng):
+    slopes = (0.5, 0.125, 0.25)
+    rel = rng.integers(-50, 50, size=(4, 6)).astype(np.int32)
+    got = np.asarray(P.ALiBi(slopes=slopes).relative_bias(3, 16)(jnp.asarray(rel)))
+    np.testing.assert_allclose(got, -np.array(slopes)[:, None, None] * np.abs(rel), rtol=1e-6)
+    with pytest.raises(ValueError, match="3 values for 4 heads"):
+        P.ALiBi(slopes=slopes).relative_bias(4, 16)

@@ -454,3 +454,26 @@ def test_packed_documents_are_kept_apart_by_every_attention_impl(impl):
     packed = model.apply(variables, jnp.concatenate(docs, axis=1), segment_ids=segments)
     np.testing.assert_allclose(packed[:, :11], model.apply(variables, docs[0]), atol=2e-5)
     np.testing.assert_allclose(packed[:, 11:], model.apply(variables, docs[1]), atol=2e-5)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_norm_spec_epsilon_and_bias(bias, rng):
+    """`Norm(kind, epsilon, bias)`: LayerNorm (x - mean) / sqrt(var + eps) * scale (+ bias), the
+    epsilon and the bias as asked; RMSNorm x / sqrt(mean(x^2) + eps) * scale."""
+    from lexjax.layers import Norm, make_norm
+    x = rng.standard_normal((2, 5, 8)).astype(np.float32) * 0.01  # small: epsilon matters
+    for spec in (Norm("layernorm", 1e-3, bias), Norm("rmsnorm", 1e-3)):
+        module = make_norm(spec, dtype=jnp.float32, name="n")
+        variables = module.init(jax.random.PRNGKey(0), x)
+        params = nn.unbox(variables)["params"]
+        assert ("bias" in params) == (spec.kind == "layernorm" and bias)
+        got = np.asarray(module.apply(variables, x), np.float64)
+        x64 = x.astype(np.float64)
+        if spec.kind == "layernorm":
+            centred = x64 - x64.mean(-1, keepdims=True)
+            want = centred / np.sqrt(centred.var(-1, keepdims=True) + 1e-3)
+        else:
+            want = x64 / np.sqrt((x64 ** 2).mean(-1, keepdims=True) + 1e-3)
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="unknown norm"):
+        Norm("batchnorm")

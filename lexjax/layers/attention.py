@@ -18,7 +18,8 @@ class SelfAttention(nn.Module):
     position scheme's rotation and relative bias, attends under `mask`, projects back.
 
     `position` is a template: each attention layer clones it, so learned relative biases are per
-    layer. With `decode`, the tokens attend to the earlier ones through a `KeyValueCache` (see
+    layer. `use_bias`: the four projections have biases (GPT-2, BLOOM, BERT). With `decode`,
+    the tokens attend to the earlier ones through a `KeyValueCache` (see
     `lexjax.layers.decoding`).
     """
 
@@ -31,6 +32,7 @@ class SelfAttention(nn.Module):
     block_size: Optional[int] = None
     dtype: Dtype = jnp.float32
     decode: bool = False
+    use_bias: bool = False
 
     def sow_attention_inputs(self, q, k, bias, length: int) -> None:
         """Records the position-transformed q `[b, n, heads, d]`, k `[b, n, kv_heads, d]` and
@@ -51,11 +53,11 @@ class SelfAttention(nn.Module):
         embed]`."""
         kv_heads = self.num_kv_heads or self.num_heads
         q = dense((self.num_heads, self.head_dim), ("embed", "heads", "kv"), dtype=self.dtype,
-                  name="query")(x)
+                  use_bias=self.use_bias, name="query")(x)
         k = dense((kv_heads, self.head_dim), ("embed", "kv_heads", "kv"), dtype=self.dtype,
-                  name="key")(x)
+                  use_bias=self.use_bias, name="key")(x)
         v = dense((kv_heads, self.head_dim), ("embed", "kv_heads", "kv"), dtype=self.dtype,
-                  name="value")(x)
+                  use_bias=self.use_bias, name="value")(x)
         scheme = self.position.clone(parent=self, name="position")
         bias = scheme.relative_bias(self.num_heads, self.head_dim)
         if self.decode:
@@ -67,7 +69,7 @@ class SelfAttention(nn.Module):
             out = attend(q, k, v, mask=self.mask, bias=bias, impl=self.attention_impl,
                          block_size=self.block_size, segment_ids=segment_ids)
         return dense(x.shape[-1], ("heads", "kv", "embed"), dtype=self.dtype, contract=(-2, -1),
-                     name="out")(out)
+                     use_bias=self.use_bias, name="out")(out)
 
     def attend_cached(self, scheme: PositionScheme, q: jnp.ndarray, k: jnp.ndarray,
                       v: jnp.ndarray, positions: jnp.ndarray,

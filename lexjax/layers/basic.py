@@ -6,9 +6,11 @@ rules can treat weights and activations differently (MaxText's convention).
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+import dataclasses
+from typing import Any, Sequence, Union
 
 import flax.linen as nn
+import gin
 import jax.numpy as jnp
 
 ACTIVATION_EMBED = ("activation_batch", "activation_length", "activation_embed")
@@ -52,11 +54,14 @@ class Dense(nn.DenseGeneral):
 
 def dense(features: int | Sequence[int], axes: Sequence[str], *, dtype: Dtype,
           contract: int | Sequence[int] = -1, name: str,
-          init: Any = nn.initializers.lecun_normal()) -> Dense:
-    """A bias-free projection whose kernel `[*in, *out]` is annotated with `axes`."""
-    return Dense(features=features, axis=contract, use_bias=False, dtype=dtype,
+          init: Any = nn.initializers.lecun_normal(), use_bias: bool = False) -> Dense:
+    """A projection whose kernel `[*in, *out]` is annotated with `axes` (and, with `use_bias`,
+    a zero-initialised bias `[*out]` with the output axes)."""
+    out_axes = tuple(axes)[-(len(features) if isinstance(features, Sequence) else 1):]
+    return Dense(features=features, axis=contract, use_bias=use_bias, dtype=dtype,
                  param_dtype=jnp.float32, name=name,
-                 kernel_init=nn.with_logical_partitioning(init, tuple(axes)))
+                 kernel_init=nn.with_logical_partitioning(init, tuple(axes)),
+                 bias_init=nn.with_logical_partitioning(nn.initializers.zeros, out_axes))
 
 
 class Layer(nn.Module, kw_only=True):
@@ -76,16 +81,42 @@ class Layer(nn.Module, kw_only=True):
             h, deterministic=self.deterministic)
 
 
-def make_norm(kind: str, *, dtype: Dtype, name: str) -> nn.Module:
-    """Pre-norm layer: "rmsnorm" or "layernorm", scale (and bias) over `embed`."""
+NORM_KINDS = ("rmsnorm", "layernorm")
+
+
+@gin.register(module="lexjax.layers")
+@dataclasses.dataclass(frozen=True)
+class Norm:
+    """A normalisation layer's settings, where a model's `norm` field needs more than its kind
+    (checkpoints of other libraries: `lexjax.convert`).
+
+    Attributes:
+      kind: "rmsnorm" or "layernorm".
+      epsilon: added to the variance (flax's default 1e-6; GPT-2 and BLOOM use 1e-5).
+      bias: a learned bias (layernorm only; MPT's norms have none).
+    """
+
+    kind: str = "rmsnorm"
+    epsilon: float = 1e-6
+    bias: bool = True
+
+    def __post_init__(self):
+        if self.kind not in NORM_KINDS:
+            raise ValueError(f"unknown norm {self.kind!r}; use one of {NORM_KINDS}")
+        if not self.epsilon > 0:
+            raise ValueError(f"Norm.epsilon must be positive, got {self.epsilon!r}")
+
+
+def make_norm(norm: Union[str, Norm], *, dtype: Dtype, name: str) -> nn.Module:
+    """A norm over `embed`: "rmsnorm" (scale) or "layernorm" (scale and bias), or a `Norm`."""
+    spec = norm if isinstance(norm, Norm) else Norm(kind=norm)
     ones = nn.with_logical_partitioning(nn.initializers.ones, ("embed",))
-    if kind == "rmsnorm":
-        return nn.RMSNorm(dtype=dtype, param_dtype=jnp.float32, scale_init=ones, name=name)
-    if kind == "layernorm":
-        zeros = nn.with_logical_partitioning(nn.initializers.zeros, ("embed",))
-        return nn.LayerNorm(dtype=dtype, param_dtype=jnp.float32, scale_init=ones,
-                            bias_init=zeros, name=name)
-    raise ValueError(f"unknown norm {kind!r}; use 'rmsnorm' or 'layernorm'")
+    if spec.kind == "rmsnorm":
+        return nn.RMSNorm(epsilon=spec.epsilon, dtype=dtype, param_dtype=jnp.float32,
+                          scale_init=ones, name=name)
+    zeros = nn.with_logical_partitioning(nn.initializers.zeros, ("embed",))
+    return nn.LayerNorm(epsilon=spec.epsilon, use_bias=spec.bias, dtype=dtype,
+                        param_dtype=jnp.float32, scale_init=ones, bias_init=zeros, name=name)
 
 
 class Embedding(nn.Module):

@@ -129,6 +129,8 @@ class DisentangledSelfAttention(nn.Module):
       relative: the relative-position indexing; terms: the position terms ("c2p", "p2c").
       share_projections: project the relative embeddings with the content `query` / `key`
         projections (v2/v3), else with `position_query` / `position_key` (v1).
+      use_bias: every projection has a bias (the official models'; shared projections then
+        add it to the relative embeddings' projections too).
     """
 
     num_heads: int
@@ -140,6 +142,7 @@ class DisentangledSelfAttention(nn.Module):
     attention_impl: str = "auto"
     block_size: Optional[int] = None
     dtype: jnp.dtype = jnp.float32
+    use_bias: bool = False
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, relative_embeddings: jnp.ndarray,
@@ -154,22 +157,25 @@ class DisentangledSelfAttention(nn.Module):
             hidden states plus absolute positions).
         """
         heads = (self.num_heads, self.head_dim)
-        query = dense(heads, ("embed", "heads", "kv"), dtype=self.dtype, name="query")
-        key = dense(heads, ("embed", "heads", "kv"), dtype=self.dtype, name="key")
+
+        def projection(name: str):
+            return dense(heads, ("embed", "heads", "kv"), dtype=self.dtype,
+                         use_bias=self.use_bias, name=name)
+
+        query, key = projection("query"), projection("key")
         q = query(x if queries is None else queries)
         k = key(x)
-        v = dense(heads, ("embed", "heads", "kv"), dtype=self.dtype, name="value")(x)
+        v = projection("value")(x)
         scale = (self.head_dim * (1 + len(self.terms))) ** -0.5
         rel = relative_embeddings.astype(self.dtype)
         c2p = p2c = None
         if "c2p" in self.terms:
-            position_key = key if self.share_projections else dense(
-                heads, ("embed", "heads", "kv"), dtype=self.dtype, name="position_key")
+            position_key = key if self.share_projections else projection("position_key")
             c2p = jnp.einsum("bnhd,rhd->bnhr", q, position_key(rel),
                              preferred_element_type=jnp.float32) * scale
         if "p2c" in self.terms:
-            position_query = query if self.share_projections else dense(
-                heads, ("embed", "heads", "kv"), dtype=self.dtype, name="position_query")
+            position_query = (query if self.share_projections
+                              else projection("position_query"))
             p2c = jnp.einsum("bnhd,rhd->bnhr", k, position_query(rel),
                              preferred_element_type=jnp.float32) * scale
         q = nn.with_logical_constraint(q, ACTIVATION_HEADS)
@@ -181,13 +187,14 @@ class DisentangledSelfAttention(nn.Module):
                      content_bias=(disentangled_bias(c2p, p2c, self.relative)
                                    if self.terms else None))
         return dense(x.shape[-1], ("heads", "kv", "embed"), dtype=self.dtype, contract=(-2, -1),
-                     name="out")(out)
+                     use_bias=self.use_bias, name="out")(out)
 
 
 class DisentangledLayer(DecoderLayer, kw_only=True):
-    """The pre-norm block with disentangled attention: `queries + Attn(Norm(queries), Norm(x))`,
-    then the MLP branch; `queries` defaults to `x` (the enhanced mask decoder passes its own).
-    Returns `[batch, length, embed]`."""
+    """The block with disentangled attention: `queries + Attn(Norm(queries), Norm(x))`, then the
+    MLP branch (post-norm: `Norm(queries + Attn(queries, x))`, the official models' order);
+    `queries` defaults to `x` (the enhanced mask decoder passes its own). Returns
+    `[batch, length, embed]`."""
 
     relative: RelativePositions = RelativePositions()
     terms: tuple[str, ...] = POSITION_TERMS
@@ -197,13 +204,18 @@ class DisentangledLayer(DecoderLayer, kw_only=True):
     def __call__(self, x: jnp.ndarray, relative_embeddings: jnp.ndarray,
                  segment_ids: Optional[jnp.ndarray] = None,
                  queries: Optional[jnp.ndarray] = None) -> jnp.ndarray:
-        norm = make_norm(self.norm, dtype=self.dtype, name="pre_attention_norm")
         attention = DisentangledSelfAttention(
             num_heads=self.num_heads, head_dim=self.head_dim, relative=self.relative,
             mask=self.mask, terms=self.terms, share_projections=self.share_projections,
             attention_impl=self.attention_impl, block_size=self.attention_block_size,
-            dtype=self.dtype, name="attention")
+            dtype=self.dtype, use_bias=self.use_bias, name="attention")
         residual = x if queries is None else queries
+        if self.norm_position == "post":
+            h = attention(x, relative_embeddings, segment_ids, queries)
+            return self.feed_forward(make_norm(self.norm, dtype=self.dtype,
+                                               name="post_attention_norm")(
+                residual + self.residual_dropout(h)))
+        norm = make_norm(self.norm, dtype=self.dtype, name="pre_attention_norm")
         h = attention(norm(x), relative_embeddings, segment_ids,
                       None if queries is None else norm(queries))
         return self.feed_forward(residual + self.residual_dropout(h))

@@ -9,7 +9,9 @@ layer-normed relative embeddings), and the *enhanced mask decoder* adds absolute
 before the MLM head, as the official code does: the last block runs twice more over the hidden
 states H of the block before it, with queries H + P (P: a learned absolute table), the second
 pass's queries being the first's output. The classifier reads the plain stack (all blocks once).
-Blocks are pre-norm like the zoo's other encoders (the papers' models are post-norm).
+Blocks are pre-norm like the zoo's other encoders by default; the papers' models (post-norm,
+biased projections, a normed embedding) are `norm_position="post"`, `use_bias`,
+`embedding_norm` (what `lexjax.convert` sets for DeBERTa-v2/v3 checkpoints).
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import jax.numpy as jnp
 
 from lexjax.attention import MaskSpec
 from lexjax.layers import make_norm
+from lexjax.layers.decoder import NORM_POSITIONS
 from lexjax.layers.disentangled import POSITION_TERMS, DisentangledLayer, RelativePositions
 from lexjax.models.encoder import EncoderHeads
 from lexjax.models.lm import AttentionLanguageModel, segment_positions
@@ -46,6 +49,9 @@ class DeBERTa(EncoderHeads, AttentionLanguageModel, kw_only=True):
       max_positions: the length of the mask decoder's absolute table (learned; 512 in the
         paper): MLM inputs may not be longer; classifiers and the plain stack read any length.
       mask: the attention mask (bidirectional; windows, blocks and global tokens work too).
+      norm_position: "pre" (the zoo's encoders) or "post" (the official models: norms after
+        each residual sum, none at the end).
+      use_bias: every projection has a bias (the official models).
     """
 
     position: Optional[PositionScheme] = None
@@ -57,6 +63,8 @@ class DeBERTa(EncoderHeads, AttentionLanguageModel, kw_only=True):
     share_position_projections: bool = True
     enhanced_mask_decoder: bool = True
     max_positions: int = 512
+    norm_position: str = "pre"
+    use_bias: bool = False
 
     @nn.nowrap
     def check(self) -> None:
@@ -74,6 +82,9 @@ class DeBERTa(EncoderHeads, AttentionLanguageModel, kw_only=True):
         if self.key_value_heads != self.num_heads:
             raise ValueError("DeBERTa attends with as many key/value heads as query heads; "
                              "leave num_kv_heads None")
+        if self.norm_position not in NORM_POSITIONS:
+            raise ValueError(f"DeBERTa.norm_position must be one of {NORM_POSITIONS}, got "
+                             f"{self.norm_position!r}")
         try:
             RelativePositions(self.position_buckets, self.max_relative_positions)
         except ValueError as e:
@@ -84,18 +95,26 @@ class DeBERTa(EncoderHeads, AttentionLanguageModel, kw_only=True):
         return RelativePositions(self.position_buckets, self.max_relative_positions)
 
     @property
+    def has_final_norm(self) -> bool:
+        return self.final_norm and self.norm_position == "pre"
+
+    @property
+    def projections_have_bias(self) -> bool:
+        return self.use_bias
+
+    @property
     def uses_mask_decoder(self) -> bool:
         """Whether the MLM path runs the enhanced mask decoder."""
         return self.enhanced_mask_decoder and self.num_classes is None
 
     def relative_embeddings(self) -> jnp.ndarray:
-        """The shared relative embeddings `[2 span, embed]`, layer-normed."""
+        """The shared relative embeddings `[2 span, embed]`, normed (`norm`)."""
         span = self.relative_positions.span
         table = self.param("relative_embeddings",
                            nn.with_logical_partitioning(nn.initializers.normal(0.02),
                                                         ("relpos_buckets", "embed")),
                            (2 * span, self.embed_dim), jnp.float32)
-        return make_norm("layernorm", dtype=jnp.float32, name="relative_norm")(table)
+        return make_norm(self.norm, dtype=jnp.float32, name="relative_norm")(table)
 
     def backbone(self, x: jnp.ndarray, positions: jnp.ndarray, *,
                  segment_ids: Optional[jnp.ndarray], deterministic: bool,
@@ -133,7 +152,8 @@ class DeBERTa(EncoderHeads, AttentionLanguageModel, kw_only=True):
 
     @nn.nowrap
     def decoder_layer_fields(self, mask: MaskSpec, deterministic: bool, decode: bool) -> dict:
-        return dict(super().decoder_layer_fields(mask, deterministic, decode), position=None)
+        return dict(super().decoder_layer_fields(mask, deterministic, decode), position=None,
+                    norm_position=self.norm_position, use_bias=self.use_bias)
 
     @nn.nowrap
     def flops_per_token(self, length: int) -> float:

@@ -19,6 +19,7 @@ import numpy as np
 
 from lexjax.attention import MaskSpec
 from lexjax.layers import Embedding, dense, make_norm
+from lexjax.layers.mlp import gelu_function
 from lexjax.models.transformer import Transformer
 from lexjax.positions import PositionScheme
 
@@ -33,7 +34,8 @@ class EncoderHeads(nn.Module, kw_only=True):
 
     Attributes:
       num_classes: None: masked-LM logits `[batch, length, vocab]` through BERT's transform
-        (`mlm_dense`, GELU, `mlm_norm`) and the tied embedding; else class logits
+        (`mlm_dense`, the MLP's GELU (exact for "gelu_exact", else tanh-approximated),
+        `mlm_norm`) and the tied embedding; else class logits
         `[batch, num_classes]` from the pooled hidden states (a tanh `pooler`, `classifier`).
       pooling: "mean" over the non-padding positions, or the "first" position.
     """
@@ -66,10 +68,12 @@ class EncoderHeads(nn.Module, kw_only=True):
 
     def head(self, embedding: Embedding, x: jnp.ndarray, *, segment_ids: Optional[jnp.ndarray],
              deterministic: bool) -> jnp.ndarray:
-        x = self.final_normalization(x)
+        if self.has_final_norm:
+            x = self.final_normalization(x)
         if self.num_classes is None:
-            h = nn.gelu(dense(self.embed_dim, ("embed", "mlp"), dtype=self.compute_dtype,
-                              name="mlm_dense")(x))
+            gelu = gelu_function(getattr(self, "mlp_activation", "gelu"))
+            h = gelu(dense(self.embed_dim, ("embed", "mlp"), dtype=self.compute_dtype,
+                           use_bias=self.projections_have_bias, name="mlm_dense")(x))
             h = make_norm(self.norm, dtype=self.compute_dtype, name="mlm_norm")(h)
             return self.vocab_logits(embedding, h)
         pooled = self.pool(x, segment_ids).astype(self.compute_dtype)

@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lexjax.attention import MaskSpec
-from lexjax.layers import Embedding, compute_dtype, dense, make_norm, with_activation_axes
+from lexjax.layers import Embedding, Norm, compute_dtype, dense, make_norm, with_activation_axes
 from lexjax.layers.decoder import DecoderLayer
 from lexjax.positions import PositionScheme
 
@@ -76,9 +76,11 @@ class LanguageModel(nn.Module, kw_only=True):
       vocab_size, num_layers, embed_dim, mlp_dim: the size macros (VOCAB_SIZE, NUM_LAYERS,
         EMBED_DIM, MLP_DIM); what a "layer" and the MLP width mean is the model's to say.
       position: the position scheme (a `PositionScheme` template), or None for none at all.
-      norm: "rmsnorm" or "layernorm".
-      tie_embeddings: logits from the token embedding (scaled by embed_dim^-0.5), else a separate
-        `logits` projection.
+      norm: "rmsnorm" or "layernorm", or a `lexjax.layers.Norm` (epsilon, bias).
+      tie_embeddings: logits from the token embedding (scaled by embed_dim^-0.5 when
+        `scale_tied_logits`), else a separate `logits` projection.
+      embedding_norm: a norm after the token (and absolute position) embedding (BLOOM, BERT).
+      logits_bias: a learned bias `[vocab]` on the logits (BERT's MLM head).
       dropout_rate: embedding and residual dropout (training only).
       dtype: compute dtype name; parameters and logits are float32.
       remat_policy: one of `REMAT_POLICIES`, applied to each layer in training.
@@ -89,8 +91,11 @@ class LanguageModel(nn.Module, kw_only=True):
     embed_dim: int
     mlp_dim: int
     position: Optional[PositionScheme] = None
-    norm: str = "rmsnorm"
+    norm: str | Norm = "rmsnorm"
     tie_embeddings: bool = True
+    scale_tied_logits: bool = True
+    embedding_norm: bool = False
+    logits_bias: bool = False
     dropout_rate: float = 0.0
     dtype: str = "float32"
     remat_policy: str = "none"
@@ -228,13 +233,16 @@ class LanguageModel(nn.Module, kw_only=True):
     def embed(self, embedding: Embedding, tokens: jnp.ndarray, positions: jnp.ndarray,
               segment_ids: Optional[jnp.ndarray], deterministic: bool) -> jnp.ndarray:
         """Token embeddings plus any absolute position embedding (at each token's position
-        within its segment when `segment_ids` are given), after dropout: `[b, n, embed]`."""
+        within its segment when `segment_ids` are given), normalised if `embedding_norm`, after
+        dropout: `[b, n, embed]`."""
         x = embedding(tokens)
         if self.position is not None:
             where = positions if segment_ids is None else segment_positions(segment_ids)
             absolute = self.position.embed(where, self.embed_dim)
             if absolute is not None:
                 x = x + absolute.astype(x.dtype)
+        if self.embedding_norm:
+            x = make_norm(self.norm, dtype=self.compute_dtype, name="embedding_norm")(x)
         x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
         return with_activation_axes(x)
 
@@ -242,9 +250,19 @@ class LanguageModel(nn.Module, kw_only=True):
         """float32 logits `[batch, length, vocab]` from hidden states `[batch, length, embed]`:
         the final norm (unless the model has none), then the tied embedding (scaled by
         embed_dim^-0.5) or a separate `logits` projection."""
-        if self.final_norm:
+        if self.has_final_norm:
             x = self.final_normalization(x)
         return self.vocab_logits(embedding, x)
+
+    @property
+    def has_final_norm(self) -> bool:
+        """Whether a norm sits between the backbone and the outputs (`final_norm`)."""
+        return self.final_norm
+
+    @property
+    def projections_have_bias(self) -> bool:
+        """Whether the model's dense projections carry biases (heads follow it)."""
+        return False
 
     def final_normalization(self, x: jnp.ndarray) -> jnp.ndarray:
         """The norm between the backbone and the outputs, `final_norm`: `[b, n, embed]`."""
@@ -252,11 +270,20 @@ class LanguageModel(nn.Module, kw_only=True):
 
     def vocab_logits(self, embedding: Embedding, x: jnp.ndarray) -> jnp.ndarray:
         """float32 logits `[batch, length, vocab]`: the tied embedding (scaled by
-        embed_dim^-0.5), or a separate `logits` projection, of `x [batch, length, embed]`."""
+        embed_dim^-0.5 if `scale_tied_logits`), or a separate `logits` projection, of
+        `x [batch, length, embed]`; plus `logits_bias`."""
         if self.tie_embeddings:
-            return embedding.attend(x) * (self.embed_dim ** -0.5)
-        logits = dense(self.vocab_size, ("embed", "vocab"), dtype=x.dtype, name="logits")(x)
-        return logits.astype(jnp.float32)
+            logits = embedding.attend(x)
+            if self.scale_tied_logits:
+                logits = logits * (self.embed_dim ** -0.5)
+        else:
+            logits = dense(self.vocab_size, ("embed", "vocab"), dtype=x.dtype,
+                           name="logits")(x).astype(jnp.float32)
+        if self.logits_bias:
+            logits = logits + self.param(
+                "logits_bias", nn.with_logical_partitioning(nn.initializers.zeros, ("vocab",)),
+                (self.vocab_size,), jnp.float32)
+        return logits
 
     @nn.nowrap
     def remat(self, layer_cls: type[nn.Module], decode: bool = False,

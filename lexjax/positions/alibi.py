@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import gin
 import jax.numpy as jnp
@@ -38,11 +39,23 @@ class ALiBi(PositionScheme):
     The reference code adds slope * k (identical rows) and relies on softmax's shift invariance
     under a causal mask; -slope * |q - k| equals it up to a per-row constant there and stays
     correct for bidirectional and windowed masks.
+
+    Attributes:
+      slopes: explicit per-head slopes (a checkpoint trained with another head order, e.g.
+        MPT's for head counts that are not powers of 2), or None for the paper's
+        (`alibi_slopes`).
     """
 
+    slopes: Optional[tuple[float, ...]] = None
+
     def relative_bias(self, num_heads, head_dim):
-        slopes = jnp.asarray(alibi_slopes(num_heads), jnp.float32)
-        return HeadBias(fn=alibi_head_bias, params=slopes[:, None])
+        if self.slopes is None:
+            slopes = alibi_slopes(num_heads)
+        elif len(self.slopes) != num_heads:
+            raise ValueError(f"ALiBi.slopes has {len(self.slopes)} values for {num_heads} heads")
+        else:
+            slopes = np.asarray(self.slopes, np.float64)
+        return HeadBias(fn=alibi_head_bias, params=jnp.asarray(slopes, jnp.float32)[:, None])
 
 
 def alibi_head_bias(theta, rel: jnp.ndarray) -> jnp.ndarray:

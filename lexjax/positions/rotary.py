@@ -6,6 +6,8 @@ the half-split layout of GPT-NeoX/LLaMA; weights are not interchangeable between
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import gin
 import jax.numpy as jnp
 import numpy as np
@@ -21,14 +23,36 @@ def _array_module(*arrays):
     return np if all(isinstance(a, np.ndarray) for a in arrays if a is not None) else jnp
 
 
-def rotary_angles(positions: jnp.ndarray, head_dim: int, base: float) -> jnp.ndarray:
-    """`positions [..., length]` -> float32 angles `[..., length, 1, head_dim // 2]`
-    (the singleton broadcasts over heads); numpy in, numpy out."""
+def inverse_frequencies(head_dim: int, base: float) -> np.ndarray:
+    """theta_i = base^(-2i/d), float32 `[head_dim // 2]`."""
     if head_dim % 2:
         raise ValueError(f"rotary embeddings need an even head_dim, got {head_dim}")
+    return (base ** (-np.arange(0, head_dim, 2, dtype=np.float32) / head_dim)).astype(np.float32)
+
+
+def rotary_angles(positions: jnp.ndarray, head_dim: int, base: float,
+                  inv_freq: np.ndarray | None = None) -> jnp.ndarray:
+    """`positions [..., length]` -> float32 angles `[..., length, 1, head_dim // 2]`
+    (the singleton broadcasts over heads), at `inv_freq` (default `inverse_frequencies`);
+    numpy in, numpy out."""
     xp = _array_module(positions)
-    inv_freq = base ** (-np.arange(0, head_dim, 2, dtype=np.float32) / head_dim)
+    if inv_freq is None:
+        inv_freq = inverse_frequencies(head_dim, base)
     return (positions.astype(xp.float32)[..., None] * inv_freq)[..., None, :]
+
+
+def llama3_frequencies(inv_freq: np.ndarray, factor: float, low_freq_factor: float,
+                       high_freq_factor: float, original_max_positions: int) -> np.ndarray:
+    """Llama 3.1's frequency scaling of `inv_freq [d/2]`: wavelengths longer than
+    original_max_positions / low_freq_factor are stretched by `factor`, those shorter than
+    original_max_positions / high_freq_factor kept, and the band between interpolated
+    smoothly."""
+    wavelength = 2 * np.pi / inv_freq.astype(np.float64)
+    smooth = (original_max_positions / wavelength - low_freq_factor) / (
+        high_freq_factor - low_freq_factor)
+    smooth = np.clip(smooth, 0.0, 1.0)
+    scaled = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    return scaled.astype(np.float32)
 
 
 def rotation_tables(angles: jnp.ndarray, scale: jnp.ndarray | None = None
@@ -62,18 +86,54 @@ def rotate_pairs(x: jnp.ndarray, angles: jnp.ndarray,
 
 @gin.register(module="lexjax.positions")
 class RoPE(PositionScheme):
-    """Rotary position embedding: q_n . k_m depends on n - m only."""
+    """Rotary position embedding: q_n . k_m depends on n - m only.
+
+    Attributes:
+      base: theta_i = base^(-2i/r) over the r rotated channels.
+      fraction: the leading `int(fraction * head_dim)` channels are rotated, the rest pass
+        through (GPT-NeoX's rotary_pct; 1.0: all).
+      interpolation: positions are divided by it (position interpolation, Chen et al. 2023:
+        a model trained at length L reads L * interpolation; HF's "linear" rope scaling).
+      llama3_scaling: `(factor, low_freq_factor, high_freq_factor, original_max_positions)`:
+        Llama 3.1's per-frequency scaling (`llama3_frequencies`), or None.
+    """
 
     base: float = 10000.0
+    fraction: float = 1.0
+    interpolation: float = 1.0
+    llama3_scaling: Optional[tuple[float, float, float, int]] = None
 
     @property
     def rotates_keys_alone(self) -> bool:
         return True
 
+    def rotary_dim(self, head_dim: int) -> int:
+        """The number of rotated channels of a head."""
+        rotated = int(self.fraction * head_dim)
+        if not 0 < self.fraction <= 1 or rotated < 2 or rotated % 2:
+            raise ValueError(f"RoPE.fraction = {self.fraction} of head_dim {head_dim} must "
+                             f"rotate a positive even number of channels, got {rotated}")
+        return rotated
+
+    def frequencies(self, rotary_dim: int) -> np.ndarray:
+        """float32 `[rotary_dim // 2]`: theta_i after interpolation and any Llama 3 scaling."""
+        inv_freq = inverse_frequencies(rotary_dim, self.base)
+        if self.llama3_scaling is not None:
+            inv_freq = llama3_frequencies(inv_freq, *self.llama3_scaling)
+        return (inv_freq / np.float32(self.interpolation)).astype(np.float32)
+
     def rotate(self, q, k, q_positions, k_positions):
-        d = q.shape[-1]
-        return (rotate_pairs(q, rotary_angles(q_positions, d, self.base)),
-                rotate_pairs(k, rotary_angles(k_positions, d, self.base)))
+        rotated = self.rotary_dim(q.shape[-1])
+        inv_freq = self.frequencies(rotated)
+
+        def apply(x, positions):
+            angles = rotary_angles(positions, rotated, self.base, inv_freq)
+            if rotated == x.shape[-1]:
+                return rotate_pairs(x, angles)
+            return jnp.concatenate([rotate_pairs(x[..., :rotated], angles),
+                                    x[..., rotated:]], axis=-1)
+
+        return apply(q, q_positions), apply(k, k_positions)
 
 
 def xpos_decay_base(head_dim: int, gamma: float) -> np.ndarray:
