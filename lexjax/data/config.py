@@ -6,6 +6,8 @@ byte vocabulary), so nothing in `lexjax.data` reads gin.
     DataConfig(task="lexjax.stdlib_code")
     DataConfig(task="lexjax.text_files", text_files_glob="/data/books/**/*.txt",
                vocabulary="sentencepiece", sentencepiece_model="/models/books_8k.model")
+    DataConfig(task="lexjax.stdlib_code", vocabulary="tokenizer_json",
+               tokenizer_file="/checkpoints/gpt2/tokenizer.json")
 """
 from __future__ import annotations
 
@@ -26,8 +28,10 @@ class DataConfig:
 
     Attributes:
       task: a registered task (MIXTURE_OR_TASK_NAME), e.g. "lexjax.stdlib_code".
-      vocabulary: "byte" (default) or "sentencepiece" (configs/data/sentencepiece.gin).
+      vocabulary: "byte" (default), "sentencepiece" (configs/data/sentencepiece.gin) or
+        "tokenizer_json" (a Hugging Face checkpoint's tokenizer; see `lexjax.data.vocab`).
       sentencepiece_model: the SentencePiece model file, for "sentencepiece".
+      tokenizer_file: the tokenizer.json file, for "tokenizer_json".
       text_files_glob: the files of the `lexjax.text_files` task (configs/data/text_files.gin).
       include_test_suites: the `lexjax.stdlib_code` task keeps the standard library's own test
         suites (more than half of its text; see `lexjax.data.corpora`).
@@ -36,6 +40,7 @@ class DataConfig:
     task: str
     vocabulary: str = "byte"
     sentencepiece_model: Optional[str] = None
+    tokenizer_file: Optional[str] = None
     text_files_glob: Optional[str] = None
     include_test_suites: bool = True
 
@@ -49,10 +54,13 @@ class DataConfig:
         if self.vocabulary == "sentencepiece" and not self.sentencepiece_model:
             raise DataError("vocabulary 'sentencepiece' needs a model file: set "
                             "SENTENCEPIECE_MODEL with configs/data/sentencepiece.gin")
+        if self.vocabulary == "tokenizer_json" and not self.tokenizer_file:
+            raise DataError("vocabulary 'tokenizer_json' needs a tokenizer file: set "
+                            "lexjax.data.DataConfig.tokenizer_file to a tokenizer.json")
 
     def seqio_vocabulary(self) -> seqio.Vocabulary:
-        """The tokenizer (built once per process and model file)."""
-        return get_vocabulary(self.vocabulary, self.sentencepiece_model)
+        """The tokenizer (built once per process and model or tokenizer file)."""
+        return get_vocabulary(self.vocabulary, self.sentencepiece_model, self.tokenizer_file)
 
     @property
     def is_default(self) -> bool:

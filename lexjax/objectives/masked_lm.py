@@ -170,7 +170,8 @@ class MaskedLM(TokenObjective):
         windows = data_lib.eval_windows(data, length=length, split=split,
                                         max_windows=max_windows,
                                         respect_documents=self.documents_apart)
-        return {"targets": windows, "segment_ids": data_lib.segment_ids(windows)}
+        return {"targets": windows,
+                "segment_ids": data_lib.segment_ids(windows, data.seqio_vocabulary().eos_id)}
 
     def validator(self, model, config, mesh, rules):
         from lexjax.evaluation.batches import BatchEvaluator

@@ -52,9 +52,10 @@ def token_batches(model: nn.Module, config: TrainConfig, start_step: int = 0
         return
     pad_left = getattr(model, "padding_side", "right") == "left"
     pack = reads_segment_ids(model) and model.packs_documents
+    eos_id = config.data.seqio_vocabulary().eos_id  # a converted checkpoint's may not be 1
     for tokens in data.train_batches(config.data, pack=pack,
                                      pad_left=pad_left, **common):
-        yield {"targets": tokens, "segment_ids": data.segment_ids(tokens)}
+        yield {"targets": tokens, "segment_ids": data.segment_ids(tokens, eos_id)}
 
 
 def segments_per_stream(model: nn.Module, config: TrainConfig) -> Optional[int]:
