@@ -1,5 +1,7 @@
-# lexjax: `make install` creates .venv with the package (editable) and its test extras.
+# lexjax: `make install` creates .venv with the package (editable), its test extras and the
+# converter's (PyTorch and transformers: the reference the Hugging Face import is tested against).
 PYTHON ?= python3
+TORCH ?= torch==2.13.0
 VENV := .venv
 PY := $(VENV)/bin/python
 GIN ?= configs/runs/quickstart.gin
@@ -13,7 +15,7 @@ $(PY):
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 
 install: $(PY)
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q '$(TORCH)' -e '.[test,convert]'
 
 test: install
 	XLA_FLAGS=--xla_force_host_platform_device_count=8 TF_CPP_MIN_LOG_LEVEL=3 \

@@ -2,9 +2,10 @@
 position encodings.
 
 Entry points: `build_model(gin_files, bindings)` returns the configured flax module;
-`load(model_dir)` a trained run's `(model, variables)`; `generate(model, variables, prompt,
+`load(model_dir)` a trained run's `(model, variables)`; `from_hf(directory)` a Hugging Face
+checkpoint's, as one of the zoo's models; `generate(model, variables, prompt,
 max_new_tokens, ...)` continues prompts; the CLIs `python -m lexjax.train / evaluate / generate /
-bench` run them.
+bench / convert` run them.
 
 `import lexjax` itself is light (JAX and Flax load on first use of an entry point), so the CLIs
 check their arguments and the run directory before paying for those imports.
@@ -18,7 +19,8 @@ _platforms.configure()  # before anything starts a JAX backend
 
 from lexjax.errors import ConfigError  # noqa: E402
 
-_LAZY = {"build_model": "lexjax.config", "generate": "lexjax.generation"}
+_LAZY = {"build_model": "lexjax.config", "generate": "lexjax.generation",
+         "from_hf": "lexjax.convert"}
 
 
 def __getattr__(name: str):
@@ -43,5 +45,5 @@ def load(model_dir: str, step: int | None = None, bindings: tuple[str, ...] = ()
     return run.model, run.variables
 
 
-__all__ = ["build_model", "load", "generate", "ConfigError"]
+__all__ = ["build_model", "load", "generate", "from_hf", "ConfigError"]
 __version__ = "0.1.0"

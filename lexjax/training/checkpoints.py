@@ -84,6 +84,12 @@ class Checkpointer:
             items["carry"] = ocp.args.StandardSave(carry)
         self.manager.save(step, args=ocp.args.Composite(**items))
 
+    def save_params(self, step: int, params: Any, meta: dict) -> None:
+        """Saves parameters and `meta` alone (no optimizer state: a converted checkpoint, which
+        runs fine-tune with `--init_from`); `wait()` before relying on it."""
+        self.manager.save(step, args=ocp.args.Composite(
+            params=ocp.args.StandardSave(params), meta=ocp.args.JsonSave(meta)))
+
     def _step(self, step: Optional[int]) -> int:
         step = self.latest_step() if step is None else step
         if step is None or step not in self.manager.all_steps():

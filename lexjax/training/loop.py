@@ -108,6 +108,11 @@ class _Trainer:
 
     def restore(self, step: int) -> state_lib.TrainState:
         meta = self.checkpointer.meta(step)
+        if meta.get("parameters_only"):
+            raise TrainingError(
+                f"{self.model_dir} holds parameters without optimizer state (converted from "
+                f"{meta.get('converted_from')}); train in a new directory: --init_from="
+                f"{self.model_dir} --model_dir=NEW")
         if meta.get("fingerprint") != self.fingerprint:
             raise TrainingError(
                 f"{self.model_dir} holds checkpoints of another model ({meta.get('model')}, "
