@@ -391,6 +391,10 @@ class AttentionLanguageModel(LanguageModel, kw_only=True):
     attention_impl: str = "auto"
     attention_block_size: Optional[int] = None
 
+    #: the block of the stack: a `DecoderLayer`, or a subclass with another attention (YOSO,
+    #: kernelized attention), whose extra fields `decoder_layer_fields` adds
+    layer_class: ClassVar[type[DecoderLayer]] = DecoderLayer
+
     @property
     def head_features(self) -> int:
         """The per-head width: `head_dim`, or embed_dim // num_heads."""
@@ -413,9 +417,9 @@ class AttentionLanguageModel(LanguageModel, kw_only=True):
 
     def decoder_layer(self, mask: MaskSpec, *, deterministic: bool, decode: bool, name: str,
                       scanned: bool = False) -> DecoderLayer:
-        """A pre-norm Transformer block of this model's sizes under `mask` (rematerialized in
-        training under `remat_policy`)."""
-        layer_cls = self.remat(DecoderLayer, decode, scanned)
+        """A Transformer block (`layer_class`) of this model's sizes under `mask`
+        (rematerialized in training under `remat_policy`)."""
+        layer_cls = self.remat(self.layer_class, decode, scanned)
         return layer_cls(**self.decoder_layer_fields(mask, deterministic, decode), name=name)
 
     @nn.nowrap

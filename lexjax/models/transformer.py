@@ -10,7 +10,7 @@ import gin
 import jax.numpy as jnp
 
 from lexjax.attention import MaskSpec
-from lexjax.layers.decoder import NORM_POSITIONS, DecoderLayer
+from lexjax.layers.decoder import NORM_POSITIONS
 from lexjax.models.lm import AttentionLanguageModel
 from lexjax.positions import PositionScheme, RoPE
 
@@ -86,7 +86,7 @@ class Transformer(AttentionLanguageModel, kw_only=True):
                 x, _ = self.decoder_layer(mask, deterministic=deterministic, decode=decode,
                                           name=f"layer_{i}")(x, positions, segment_ids)
             return x
-        stack = nn.scan(self.remat(DecoderLayer, decode, scanned=True),
+        stack = nn.scan(self.remat(self.layer_class, decode, scanned=True),
                         variable_axes={"params": 0, "intermediates": 0, "cache": 0},
                         split_rngs={"params": True, "dropout": True},
                         in_axes=nn.broadcast, length=self.num_layers,
