@@ -73,9 +73,17 @@ def step_cost(study: LocalAttentionStudy, files: list[str], bindings: list[str])
     step = ShardedTrainStep(model, config, partitioning.make_mesh("", jax.devices()[:1]))
     compiled, _ = step.compile()
     memory = compiled.memory_analysis()
-    return {"keys_per_query": model.mask.mean_keys_per_query(config.train_length),
+    return {"keys_per_query": keys_per_query(model, config.train_length),
             "finetune_length": config.train_length,
             "finetune_temp_mib": memory.temp_size_in_bytes / 2 ** 20}
+
+
+def keys_per_query(model, length: int) -> float:
+    """The keys one query attends to: from the mask (softmax, kernelized and YOSO attention:
+    the latter two over all keys in linear time), or Luna's extra-sequence rows."""
+    if hasattr(model, "mask"):
+        return model.mask.mean_keys_per_query(length)
+    return float(model.extra_length)
 
 
 def run_cell(study: LocalAttentionStudy, name: str, out: str) -> dict:

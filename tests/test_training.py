@@ -895,3 +895,24 @@ def test_progress_lines_for_logs_that_are_not_a_terminal():
     assert progress_line({"step": 3, "loss": 2.0, "masked_accuracy": 0.4125}, 9, None) == (
         "step 3/9: loss 2.0000, masked accuracy 41.2%")
     assert [format_seconds(s) for s in (4.4, 75.2, 4000)] == ["4s", "1m15s", "1h06m"]
+
+
+@pytest.mark.parametrize("config,low,high", [
+    ("luna", 0.85, 1.15), ("luna_encoder", 0.95, 1.15), ("kernelized_rpe", 0.95, 1.2),
+    ("yoso_encoder", 0.95, 1.15),
+    # the FFT's analytic estimate (5 log2(2n) per channel and token) is below XLA's FFT cost
+    ("kernelized_rpe_encoder", 1.0, 2.5)])
+def test_linear_attention_flops_track_xla_cost_analysis(config, low, high):
+    """The linear-time models' `flops_per_token` (their mixing written out: nested attention,
+    random features and Toeplitz products, hashing) against XLA's count of the compiled forward
+    pass (measured 0.92, 1.03, 1.07, 1.02 and 1.90 at these shapes): a dropped or doubled term
+    moves the ratio out of its bounds."""
+    batch, length = 2, 256
+    model = build_model([f"configs/models/{config}.gin"], [
+        "NUM_LAYERS=2", "EMBED_DIM=64", "NUM_HEADS=2", "MLP_DIM=128", "CHUNK_SIZE=64",
+        "NUM_FEATURES=32", "MAX_DISTANCE=64"])
+    tokens = jax.ShapeDtypeStruct((batch, length), jnp.int32)
+    params = abstract_params(model, length)
+    forward = jax.jit(lambda p, t: model.apply({"params": p}, t)).lower(params, tokens).compile()
+    ratio = xla_flops(forward) / (model.flops_per_token(length) * batch * length)
+    assert low <= ratio <= high, ratio

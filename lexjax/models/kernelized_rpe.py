@@ -12,6 +12,7 @@ last `max_distance` keys' features and one running sum (the bias is constant pas
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import flax.linen as nn
@@ -62,6 +63,23 @@ class KernelizedRPE(Transformer, kw_only=True):
         if scheme.relative_bias is not PositionScheme.relative_bias:
             raise ValueError(f"{name} learns its own relative bias: leave position None (or a "
                              f"rotary scheme), not {scheme.__name__}")
+
+    @nn.nowrap
+    def flops_per_token(self, length: int) -> float:
+        """Forward FLOPs per token (2 per multiply-add), an estimate: per layer the projections
+        and the MLP (`block_macs` without softmax attention), the random features of q and k
+        (2 m D), the m (D + H) channels phi(k) (x) (v, 1) built and read back, and their Toeplitz
+        product: causal, block-banded (2 R per channel); bidirectional, by FFT (estimated at
+        5 log2(2 length) per channel and token for the forward and inverse real transforms)."""
+        d, heads, m = self.embed_dim, self.num_heads, self.num_features
+        channels = m * (heads * self.head_features + heads)
+        toeplitz = (2 * min(self.max_distance, length) if self.mask.causal
+                    else 5 * math.log2(2 * length))
+        mixing = 2 * m * heads * self.head_features + channels * (2 + toeplitz)
+        block = self.block_macs(0) + mixing
+        head = d * self.vocab_size + (d * d if self.bidirectional and self.num_classes is None
+                                      else 0)
+        return 2.0 * (self.num_layers * block + head)
 
     @nn.nowrap
     def decoder_layer_fields(self, mask: MaskSpec, deterministic: bool, decode: bool) -> dict:

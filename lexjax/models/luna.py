@@ -67,6 +67,25 @@ class Luna(AttentionLanguageModel, kw_only=True):
                              "(configs/positions/sinusoidal.gin, learned.gin), not "
                              f"{type(self.position).__name__}")
 
+    @nn.nowrap
+    def flops_per_token(self, length: int) -> float:
+        """Forward matmul FLOPs per token (2 per multiply-add). Per layer: the token projections,
+        the extra sequence's projections shared by the `length` tokens, the MLP, and the nested
+        attention: bidirectional, packing and unpacking over l slots (4 l D); causal, the two
+        prefix-sum passes with `chunk_size` tokens per scan step (T (D + l H) + 5 l D)."""
+        d, slots = self.embed_dim, self.extra_length
+        mlp = d * self.mlp_dim * (3 if self.mlp_activation == "swiglu" else 2)
+        if self.bidirectional:
+            mixing = 3 * d * d + 2 * slots * d * d / length + 4 * slots * d
+        else:
+            chunk = min(self.chunk_size, length)
+            mixing = (4 * d * d + slots * d * d / length
+                      + chunk * (d + slots * self.num_heads) + 5 * slots * d)
+        head = self.embed_dim * self.vocab_size
+        if self.bidirectional and getattr(self, "num_classes", None) is None:
+            head += d * d
+        return 2.0 * (self.num_layers * (mixing + mlp) + head)
+
     def backbone(self, x: jnp.ndarray, positions: jnp.ndarray, *,
                  segment_ids: Optional[jnp.ndarray], deterministic: bool,
                  decode: bool) -> jnp.ndarray:

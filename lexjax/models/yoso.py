@@ -52,6 +52,17 @@ class YosoEncoder(Encoder, kw_only=True):
                              "absolute scheme")
 
     @nn.nowrap
+    def flops_per_token(self, length: int) -> float:
+        """Forward FLOPs per token (2 per multiply-add): per layer the projections and the MLP
+        (`block_macs` without softmax attention) and, per hash, the SimHash codes of q and k
+        (2 tau D) and the scatter and gather of the values (2 D); the MLM head."""
+        d = self.embed_dim
+        inner = self.num_heads * self.head_features
+        mixing = self.num_hashes * (2 * self.hash_bits * inner + 2 * inner)
+        head = 0 if self.num_classes else d * (d + self.vocab_size)
+        return 2.0 * (self.num_layers * (self.block_macs(0) + mixing) + head)
+
+    @nn.nowrap
     def decoder_layer_fields(self, mask: MaskSpec, deterministic: bool, decode: bool) -> dict:
         return dict(super().decoder_layer_fields(mask, deterministic, decode),
                     hash_bits=self.hash_bits, num_hashes=self.num_hashes)
