@@ -100,7 +100,8 @@ class CheckpointReader:
     def get(self, name: str) -> np.ndarray:
         """The tensor `name`, floats widened to float32."""
         if name not in self._files:
-            raise CheckpointFormatError(f"tensor {name!r} is not in the checkpoint {self.directory}")
+            raise CheckpointFormatError(
+                f"tensor {name!r} is not in the checkpoint {self.directory}")
         path = self._files[name]
         array = (self._safetensor(path, name) if path.endswith(".safetensors")
                  else self._torch(path)[name])

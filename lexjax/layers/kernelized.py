@@ -33,13 +33,13 @@ Numerics (everything position-dependent, the features and the FFT, runs in float
   features depend on later keys and the forward pass and `decode_step` compute alike.
 - The coefficients subtract the max of the log-bias over the offsets used, so c ≤ 1 (cancels).
 - The float32 FFT's error is absolute, about 1e-7 of a channel's largest values over the whole
-  row, so a row whose true denominator is far below that (an early causal row whose keys are
-  e^20 smaller than later ones, say) is noise. The denominator is clamped to at least
-  `DENOMINATOR_FLOOR` × φ(q_i)·Σ_j φ(k_j) over *all* keys (the denominator with every coefficient
-  at its maximum, 1, and every key visible): above the FFT's noise, so |out_i| stays about
-  max |v| instead of noise / tiny; rows below it are shrunk towards 0, and in the causal form
-  depend on later keys through the floor (as they do through the rounding). It also keeps 0/0
-  out. (A causal floor, Σ_{j ≤ i}, let such rows reach 1e8 in tests.)
+  row, so a row whose true denominator is far below that would be noise. The denominator is
+  clamped to at least `DENOMINATOR_FLOOR` × φ(q_i)·Σ_j φ(k_j) over all keys (the denominator
+  with every coefficient at its maximum, 1, and every key visible): above the FFT's noise, so
+  |out_i| stays about max |v| instead of noise / tiny, and 0/0 stays out. In the causal form
+  (computed exactly, without the FFT) the floor binds only where a row's own keys' features
+  underflow (keys far from every w_r); such a row is shrunk towards 0 and depends on later keys
+  through the floor. A floor over j ≤ i alone would leave those rows 0/0.
 
 Packed documents (segment ids) are refused: the FFT runs over the whole row and would mix them
 (exact segment separation needs a local O(n·R) band plus segmented prefix sums, not an FFT).
@@ -248,8 +248,8 @@ def _ratio(num_den: jnp.ndarray, floor: jnp.ndarray) -> jnp.ndarray:
 
 
 def _denominator_floor(phi_q: jnp.ndarray, phi_k: jnp.ndarray) -> jnp.ndarray:
-    """DENOMINATOR_FLOOR · φ(q_i)·Σ_j φ(k_j) over all keys (causal or not: the FFT's noise
-    scales with the whole row): `[batch, n, heads]`."""
+    """DENOMINATOR_FLOOR · φ(q_i)·Σ_j φ(k_j) over all keys: `[batch, n, heads]` (see the module
+    docstring)."""
     key_sum = jnp.sum(phi_k, axis=1, keepdims=True)
     return DENOMINATOR_FLOOR * jnp.sum(phi_q * key_sum, axis=-1)
 
@@ -359,8 +359,8 @@ def decode_step(state: DecodeState, q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarr
     `[batch, heads, d_v]`, the next state); equals `kernelized_rpe_attention(causal=True)` token
     by token up to rounding.
 
-    Features as the causal forward pass computes them (`causal_features`). Offsets 0..R−1 use the window, offsets ≥ R
-    the shared c_R. The denominator floor sums the keys so far (the forward pass's sums all
+    Features as the causal forward pass computes them (`causal_features`). Offsets 0..R−1 use
+    the window, offsets ≥ R the shared c_R. The denominator floor sums the keys so far (the forward pass's sums all
     keys), so the two agree wherever the floor does not bind.
     """
     reach = state.window_features.shape[1]

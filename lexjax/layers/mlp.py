@@ -42,7 +42,8 @@ class MLP(nn.Module):
             h = nn.silu(gate) * up
         else:
             h = gelu_function(self.activation)(up)
-        h = nn.with_logical_constraint(h, ("activation_batch", "activation_length", "activation_mlp"))
+        h = nn.with_logical_constraint(
+            h, ("activation_batch", "activation_length", "activation_mlp"))
         h = nn.Dropout(self.dropout_rate)(h, deterministic=deterministic)
         return dense(x.shape[-1], ("mlp", "embed"), dtype=self.dtype, use_bias=self.use_bias,
                      name="wo")(h)
