@@ -106,3 +106,21 @@ def test_the_scan_chunk_size_does_not_change_the_model(rng):
 def test_luna_refuses_relative_position_schemes():
     with pytest.raises(lexjax.ConfigError, match="absolute scheme"):
         lexjax.build_model(["configs/models/luna.gin", "configs/positions/rope.gin"], TINY)
+
+
+def test_a_luna_classifier_trains_on_padded_rows(rng):
+    """Classification feeds a model that mixes the whole row its padded rows without segment
+    ids (Luna refuses them); the loss and its gradient are finite."""
+    from lexjax.objectives import Classification
+    model = lexjax.build_model(["configs/models/luna_encoder.gin"], TINY + ["NUM_CLASSES=2"])
+    tokens = rng.integers(3, 200, (2, 16)).astype(np.int32)
+    segments = np.ones_like(tokens)
+    segments[1, 10:] = 0
+    tokens[1, 10:] = 0
+    batch = {"inputs": jnp.asarray(tokens), "segment_ids": jnp.asarray(segments),
+             "label": jnp.asarray([0, 1], jnp.int32)}
+    params = model.init(jax.random.PRNGKey(0), batch["inputs"])["params"]
+    loss, grads = jax.value_and_grad(lambda p: Classification().loss(
+        model, p, batch, rng=jax.random.PRNGKey(1))[0])(params)
+    assert np.isfinite(float(loss))
+    assert all(np.all(np.isfinite(g)) for g in jax.tree_util.tree_leaves(grads))

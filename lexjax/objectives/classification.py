@@ -65,8 +65,13 @@ class Classification(Objective):
 
     @staticmethod
     def logits(model, variables, batch, **kwargs) -> jnp.ndarray:
-        """float32 class logits `[batch, classes]`."""
-        return model.apply(variables, batch["inputs"], segment_ids=batch["segment_ids"],
+        """float32 class logits `[batch, classes]`. The segment ids (1 for the example, 0 for
+        padding) go to models that honour them; a model that mixes the whole row (Luna,
+        kernelized RPE) reads the padded row as it is, padding included, as such models read
+        padded training rows."""
+        from lexjax.training.inputs import reads_segment_ids
+        segments = batch["segment_ids"] if reads_segment_ids(model) else None
+        return model.apply(variables, batch["inputs"], segment_ids=segments,
                            **kwargs).astype(jnp.float32)
 
     def loss(self, model, params, batch, *, rng, carry=None):
