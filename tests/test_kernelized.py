@@ -84,8 +84,9 @@ def test_banded_causal_multiply_equals_dense_product(rng, band):
         np.testing.assert_allclose(got, dense_toeplitz(c, s, True), atol=2e-5, rtol=1e-5)
 
 
-def test_causal_form_is_exactly_causal(rng):
-    """Later tokens leave every earlier output bit for bit the same (no FFT rounding)."""
+def test_causal_form_reads_later_tokens_only_through_rounding(rng):
+    """Later tokens, even 10 times larger (so the keys' common shift changes), move earlier
+    outputs only at float32 rounding level: no FFT, and the shift cancels."""
     q, k, v, log_bias = inputs(rng, n=40)
     changed = [a.copy() for a in (q, k, v)]
     for a in changed:
@@ -93,7 +94,8 @@ def test_causal_form_is_exactly_causal(rng):
     w = projection(jax.random.PRNGKey(4), 2, 32, 4)
     first = fft_attention(q, k, v, log_bias, w, causal=True)
     second = fft_attention(*changed, log_bias, w, causal=True)
-    np.testing.assert_array_equal(np.asarray(first[:, :25]), np.asarray(second[:, :25]))
+    np.testing.assert_allclose(np.asarray(first[:, :25]), np.asarray(second[:, :25]),
+                               rtol=1e-5, atol=1e-6)
 
 
 def test_toeplitz_multiply_refuses_wrong_coefficient_length():

@@ -27,19 +27,20 @@ offset 0); farther offsets share the end values, so the parameters do not depend
 
 Numerics (everything position-dependent, the features and the FFT, runs in float32):
 - Features are computed in log space; queries subtract their max over the m features (one shift
-  per query row, which cancels between num_i and den_i). Bidirectional keys subtract one max
-  over all positions and features of a head (one shift per [batch, head], which cancels in every
-  ratio); causal keys a data-independent shift per feature (`causal_features`), so no key's
-  features depend on later keys and the forward pass and `decode_step` compute alike.
+  per query row, which cancels between num_i and den_i), keys one max over all positions and
+  features of a head (one shift per [batch, head], which cancels in every ratio: in the causal
+  form later keys then reach earlier outputs only at rounding level, 1e-7 relative, through a
+  common factor). `decode_step`, which cannot see later keys, keeps a running max and rescales
+  its state when it grows, as online softmax does.
 - The coefficients subtract the max of the log-bias over the offsets used, so c ≤ 1 (cancels).
 - The float32 FFT's error is absolute, about 1e-7 of a channel's largest values over the whole
   row, so a row whose true denominator is far below that would be noise. The denominator is
   clamped to at least `DENOMINATOR_FLOOR` × φ(q_i)·Σ_j φ(k_j) over all keys (the denominator
   with every coefficient at its maximum, 1, and every key visible): above the FFT's noise, so
   |out_i| stays about max |v| instead of noise / tiny, and 0/0 stays out. In the causal form
-  (computed exactly, without the FFT) the floor binds only where a row's own keys' features
-  underflow (keys far from every w_r); such a row is shrunk towards 0 and depends on later keys
-  through the floor. A floor over j ≤ i alone would leave those rows 0/0.
+  (computed without the FFT) the floor binds only where a row's own keys' features are e^-14
+  below the row's largest or less; such a row is shrunk towards 0 and depends on later keys
+  through the floor.
 
 Packed documents (segment ids) are refused: the FFT runs over the whole row and would mix them
 (exact segment separation needs a local O(n·R) band plus segmented prefix sums, not an FFT).
@@ -119,21 +120,6 @@ def positive_random_features(x: jnp.ndarray, projection: jnp.ndarray,
     elif stabilize == "key":
         logits = logits - jax.lax.stop_gradient(jnp.max(logits, axis=(1, 3), keepdims=True))
     return jnp.exp(logits) / math.sqrt(projection.shape[1])
-
-
-def causal_features(q: jnp.ndarray, k: jnp.ndarray,
-                    projection: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """(φ(q), φ(k)) `[batch, length, heads, m]` with a data-independent key shift, for the causal
-    form (a key's features must not depend on later keys): |w_r|²/2 is moved from every key
-    feature to the query feature of the same r (φ_r(q)·φ_r(k) unchanged), so the key
-    log-features are −|w_r − k'|²/2 ≤ 0 (never overflow; a key far from every w_r,
-    |w_r − k'|² > ~170, underflows); queries then subtract their row max."""
-    shift = 0.5 * jnp.sum(jnp.square(projection.astype(jnp.float32)), axis=-1)  # [h, m]
-    inv_sqrt_m = 1.0 / math.sqrt(projection.shape[1])
-    log_q = feature_logits(q, projection) + shift
-    phi_q = jnp.exp(log_q - jax.lax.stop_gradient(jnp.max(log_q, -1, keepdims=True)))
-    phi_k = jnp.exp(feature_logits(k, projection) - shift)
-    return phi_q * inv_sqrt_m, phi_k * inv_sqrt_m
 
 
 def toeplitz_multiply(coefficients: jnp.ndarray, signal: jnp.ndarray,
@@ -277,11 +263,8 @@ def kernelized_rpe_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray,
     """
     _refuse_segments(segment_ids)
     b, n, h, _ = q.shape
-    if causal:
-        phi_q, phi_k = causal_features(q, k, projection)
-    else:
-        phi_q = positive_random_features(q, projection, "query")
-        phi_k = positive_random_features(k, projection, "key")
+    phi_q = positive_random_features(q, projection, "query")
+    phi_k = positive_random_features(k, projection, "key")
     m = phi_k.shape[-1]
     channels = (phi_k[..., :, None] * _with_ones(v)[..., None, :]).reshape(b, n, h, -1)
     coefficients = relative_coefficients(log_bias, n, causal)
@@ -331,13 +314,14 @@ def softmax_rpe_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray,
 class DecodeState(NamedTuple):
     """Causal decoding state after token t: the last R keys' features and values (index o holds
     key t − o; zeros before the start), the sum of φ(k) ⊗ (v, 1) over the older keys (offsets ≥ R
-    share the coefficient c_R), and Σ_j φ(k_j) over all keys (for the denominator floor). Features
-    carry `decode_step`'s fixed key shift."""
+    share the coefficient c_R), and Σ_j φ(k_j) over all keys (for the denominator floor). The key
+    features are stored relative to `shift`, the largest key log-feature so far."""
 
     window_features: jnp.ndarray  # [batch, R, heads, m]
     window_values: jnp.ndarray  # [batch, R, heads, d_v]
     far: jnp.ndarray  # [batch, heads, m, d_v + 1]
     key_sum: jnp.ndarray  # [batch, heads, m]
+    shift: jnp.ndarray  # [batch, heads]: the running max of the keys' log-features
 
 
 def decode_state_init(batch: int, heads: int, features: int, value_dim: int,
@@ -349,7 +333,8 @@ def decode_state_init(batch: int, heads: int, features: int, value_dim: int,
         window_features=jnp.zeros((batch, max_distance, heads, features), jnp.float32),
         window_values=jnp.zeros((batch, max_distance, heads, value_dim), jnp.float32),
         far=jnp.zeros((batch, heads, features, value_dim + 1), jnp.float32),
-        key_sum=jnp.zeros((batch, heads, features), jnp.float32))
+        key_sum=jnp.zeros((batch, heads, features), jnp.float32),
+        shift=jnp.full((batch, heads), -1e30, jnp.float32))
 
 
 def decode_step(state: DecodeState, q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray,
@@ -359,22 +344,28 @@ def decode_step(state: DecodeState, q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarr
     `[batch, heads, d_v]`, the next state); equals `kernelized_rpe_attention(causal=True)` token
     by token up to rounding.
 
-    Features as the causal forward pass computes them (`causal_features`). Offsets 0..R−1 use
-    the window, offsets ≥ R the shared c_R. The denominator floor sums the keys so far (the forward pass's sums all
-    keys), so the two agree wherever the floor does not bind.
+    Queries subtract their row max as in the forward pass; keys are shifted by the running max
+    of their log-features (the state is rescaled when it grows), where the forward pass uses the
+    max over all keys: the same common factor up to rounding. Offsets 0..R−1 use the window,
+    offsets ≥ R the shared c_R. The denominator floor sums the keys so far (the forward pass's
+    sums all keys), so the two agree wherever the floor does not bind.
     """
     reach = state.window_features.shape[1]
     if log_bias.shape[-1] != 2 * reach + 1:
         raise ValueError(f"log_bias {log_bias.shape} does not fit a state of R = {reach}")
-    phi_q, phi_k = (f[:, 0] for f in causal_features(q[:, None], k[:, None], projection))
+    phi_q = positive_random_features(q[:, None], projection, "query")[:, 0]
+    log_k = feature_logits(k[:, None], projection)[:, 0]  # [b, h, m]
+    shift = jax.lax.stop_gradient(jnp.maximum(state.shift, jnp.max(log_k, axis=-1)))
+    rescale = jnp.exp(state.shift - shift)  # [b, h]: the stored features' new scale
+    phi_k = jnp.exp(log_k - shift[..., None]) / math.sqrt(projection.shape[1])
     v = v.astype(jnp.float32)
+    window = state.window_features * rescale[:, None, :, None]
     # The oldest window entry moves to offset R, the new key enters at offset 0.
-    old = state.window_features[:, -1, :, :, None] * _with_ones(state.window_values[:, -1])[
-        :, :, None, :]
-    far = state.far + old
-    window_features = jnp.concatenate([phi_k[:, None], state.window_features[:, :-1]], axis=1)
+    old = window[:, -1, :, :, None] * _with_ones(state.window_values[:, -1])[:, :, None, :]
+    far = state.far * rescale[..., None, None] + old
+    window_features = jnp.concatenate([phi_k[:, None], window[:, :-1]], axis=1)
     window_values = jnp.concatenate([v[:, None], state.window_values[:, :-1]], axis=1)
-    key_sum = state.key_sum + phi_k
+    key_sum = state.key_sum * rescale[..., None] + phi_k
     logs = log_bias.astype(jnp.float32)[:, reach:]  # offsets 0..R, [h, R + 1]
     c = jnp.exp(logs - jax.lax.stop_gradient(jnp.max(logs, axis=-1, keepdims=True)))
     scores = jnp.einsum("bhm,bohm->boh", phi_q, window_features, precision=_HIGHEST)
@@ -383,7 +374,8 @@ def decode_step(state: DecodeState, q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarr
                + c[:, reach][None, :, None]
                * jnp.einsum("bhm,bhme->bhe", phi_q, far, precision=_HIGHEST))
     floor = DENOMINATOR_FLOOR * jnp.sum(phi_q * key_sum, axis=-1)
-    return _ratio(num_den, floor), DecodeState(window_features, window_values, far, key_sum)
+    return _ratio(num_den, floor), DecodeState(window_features, window_values, far, key_sum,
+                                               shift)
 
 
 class KernelizedRPEAttention(nn.Module):
