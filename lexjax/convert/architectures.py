@@ -310,6 +310,29 @@ def llama(config: dict) -> Conversion:
                       config.get("max_position_embeddings", 2048), tensors)
 
 
+def fused_qkv_layer(t: Lookup, prefix: str, index: int, attention_name: str, heads: int,
+                    rotary_dim: Optional[int] = None) -> Iterator:
+    """One GPT-NeoX / BLOOM block (`prefix`, e.g. "h.3."): layer norms with biases, the fused
+    per-head `query_key_value` and `dense` of `attention_name`, `dense_h_to_4h` and
+    `dense_4h_to_h`; `rotary_dim` channels of q and k are reordered for RoPE when given."""
+    p, layer = prefix, (f"layer_{index}",)
+    yield from norm(layer + ("pre_attention_norm",), t(p + "input_layernorm.weight"),
+                    t(p + "input_layernorm.bias"))
+    a = p + attention_name
+    q, k, v = split_per_head_qkv(t(a + "query_key_value.weight"),
+                                 t(a + "query_key_value.bias"), heads)
+    if rotary_dim is not None:
+        q, k = rotary_pair(q, rotary_dim), rotary_pair(k, rotary_dim)
+    yield from attention(layer, q, k, v, heads_out(linear(t(a + "dense.weight")), heads),
+                         t(a + "dense.bias"))
+    yield from norm(layer + ("pre_mlp_norm",), t(p + "post_attention_layernorm.weight"),
+                    t(p + "post_attention_layernorm.bias"))
+    yield from dense(layer + ("mlp", "wi"), linear(t(p + "mlp.dense_h_to_4h.weight")),
+                     t(p + "mlp.dense_h_to_4h.bias"))
+    yield from dense(layer + ("mlp", "wo"), linear(t(p + "mlp.dense_4h_to_h.weight")),
+                     t(p + "mlp.dense_4h_to_h.bias"))
+
+
 def gpt_neox(config: dict) -> Conversion:
     heads, embed = config["num_attention_heads"], config["hidden_size"]
     head_dim = embed // heads
@@ -329,20 +352,7 @@ def gpt_neox(config: dict) -> Conversion:
     def tensors(t: Lookup):
         yield ("token_embedding", "embedding"), t("embed_in.weight")
         for i in range(config["num_hidden_layers"]):
-            p, layer = f"layers.{i}.", (f"layer_{i}",)
-            yield from norm(layer + ("pre_attention_norm",), t(p + "input_layernorm.weight"),
-                            t(p + "input_layernorm.bias"))
-            q, k, v = split_per_head_qkv(t(p + "attention.query_key_value.weight"),
-                                         t(p + "attention.query_key_value.bias"), heads)
-            yield from attention(layer, rotary_pair(q, rotary_dim), rotary_pair(k, rotary_dim),
-                                 v, heads_out(linear(t(p + "attention.dense.weight")), heads),
-                                 t(p + "attention.dense.bias"))
-            yield from norm(layer + ("pre_mlp_norm",), t(p + "post_attention_layernorm.weight"),
-                            t(p + "post_attention_layernorm.bias"))
-            yield from dense(layer + ("mlp", "wi"), linear(t(p + "mlp.dense_h_to_4h.weight")),
-                             t(p + "mlp.dense_h_to_4h.bias"))
-            yield from dense(layer + ("mlp", "wo"), linear(t(p + "mlp.dense_4h_to_h.weight")),
-                             t(p + "mlp.dense_4h_to_h.bias"))
+            yield from fused_qkv_layer(t, f"layers.{i}.", i, "attention.", heads, rotary_dim)
         yield from norm(("final_norm",), t("final_layer_norm.weight"),
                         t("final_layer_norm.bias"))
         if not fields["tie_embeddings"]:
@@ -368,20 +378,7 @@ def bloom(config: dict) -> Conversion:
         yield from norm(("embedding_norm",), t("word_embeddings_layernorm.weight"),
                         t("word_embeddings_layernorm.bias"))
         for i in range(layers):
-            p, layer = f"h.{i}.", (f"layer_{i}",)
-            yield from norm(layer + ("pre_attention_norm",), t(p + "input_layernorm.weight"),
-                            t(p + "input_layernorm.bias"))
-            q, k, v = split_per_head_qkv(t(p + "self_attention.query_key_value.weight"),
-                                         t(p + "self_attention.query_key_value.bias"), heads)
-            yield from attention(layer, q, k, v,
-                                 heads_out(linear(t(p + "self_attention.dense.weight")), heads),
-                                 t(p + "self_attention.dense.bias"))
-            yield from norm(layer + ("pre_mlp_norm",), t(p + "post_attention_layernorm.weight"),
-                            t(p + "post_attention_layernorm.bias"))
-            yield from dense(layer + ("mlp", "wi"), linear(t(p + "mlp.dense_h_to_4h.weight")),
-                             t(p + "mlp.dense_h_to_4h.bias"))
-            yield from dense(layer + ("mlp", "wo"), linear(t(p + "mlp.dense_4h_to_h.weight")),
-                             t(p + "mlp.dense_4h_to_h.bias"))
+            yield from fused_qkv_layer(t, f"h.{i}.", i, "self_attention.", heads)
         yield from norm(("final_norm",), t("ln_f.weight"), t("ln_f.bias"))
 
     # ALiBi needs no table: any length runs; 2048 is BLOOM's training context.

@@ -23,10 +23,9 @@ import jax.numpy as jnp
 
 from lexjax.attention import MaskSpec
 from lexjax.layers import make_norm
-from lexjax.layers.decoder import NORM_POSITIONS
 from lexjax.layers.disentangled import POSITION_TERMS, DisentangledLayer, RelativePositions
 from lexjax.models.encoder import EncoderHeads
-from lexjax.models.lm import AttentionLanguageModel, segment_positions
+from lexjax.models.lm import AttentionLanguageModel, BlockLayout, segment_positions
 from lexjax.positions import Learned, PositionScheme
 
 #: Passes of the enhanced mask decoder over the last block (the official code's n = 2).
@@ -34,7 +33,7 @@ MASK_DECODER_PASSES = 2
 
 
 @gin.register(module="lexjax.models")
-class DeBERTa(EncoderHeads, AttentionLanguageModel, kw_only=True):
+class DeBERTa(EncoderHeads, BlockLayout, AttentionLanguageModel, kw_only=True):
     """DeBERTa: int32 tokens `[batch, length]` -> MLM logits `[batch, length, vocab]` (or class
     logits `[batch, num_classes]`).
 
@@ -49,9 +48,7 @@ class DeBERTa(EncoderHeads, AttentionLanguageModel, kw_only=True):
       max_positions: the length of the mask decoder's absolute table (learned; 512 in the
         paper): MLM inputs may not be longer; classifiers and the plain stack read any length.
       mask: the attention mask (bidirectional; windows, blocks and global tokens work too).
-      norm_position: "pre" (the zoo's encoders) or "post" (the official models: norms after
-        each residual sum, none at the end).
-      use_bias: every projection has a bias (the official models).
+      norm_position, use_bias: see `BlockLayout` ("post" and True for the official models).
     """
 
     position: Optional[PositionScheme] = None
@@ -63,8 +60,6 @@ class DeBERTa(EncoderHeads, AttentionLanguageModel, kw_only=True):
     share_position_projections: bool = True
     enhanced_mask_decoder: bool = True
     max_positions: int = 512
-    norm_position: str = "pre"
-    use_bias: bool = False
 
     @nn.nowrap
     def check(self) -> None:
@@ -82,9 +77,6 @@ class DeBERTa(EncoderHeads, AttentionLanguageModel, kw_only=True):
         if self.key_value_heads != self.num_heads:
             raise ValueError("DeBERTa attends with as many key/value heads as query heads; "
                              "leave num_kv_heads None")
-        if self.norm_position not in NORM_POSITIONS:
-            raise ValueError(f"DeBERTa.norm_position must be one of {NORM_POSITIONS}, got "
-                             f"{self.norm_position!r}")
         try:
             RelativePositions(self.position_buckets, self.max_relative_positions)
         except ValueError as e:
@@ -93,14 +85,6 @@ class DeBERTa(EncoderHeads, AttentionLanguageModel, kw_only=True):
     @property
     def relative_positions(self) -> RelativePositions:
         return RelativePositions(self.position_buckets, self.max_relative_positions)
-
-    @property
-    def has_final_norm(self) -> bool:
-        return self.final_norm and self.norm_position == "pre"
-
-    @property
-    def projections_have_bias(self) -> bool:
-        return self.use_bias
 
     @property
     def uses_mask_decoder(self) -> bool:
@@ -152,8 +136,7 @@ class DeBERTa(EncoderHeads, AttentionLanguageModel, kw_only=True):
 
     @nn.nowrap
     def decoder_layer_fields(self, mask: MaskSpec, deterministic: bool, decode: bool) -> dict:
-        return dict(super().decoder_layer_fields(mask, deterministic, decode), position=None,
-                    norm_position=self.norm_position, use_bias=self.use_bias)
+        return dict(super().decoder_layer_fields(mask, deterministic, decode), position=None)
 
     @nn.nowrap
     def flops_per_token(self, length: int) -> float:

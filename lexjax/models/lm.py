@@ -40,7 +40,7 @@ import numpy as np
 
 from lexjax.attention import MaskSpec
 from lexjax.layers import Embedding, Norm, compute_dtype, dense, make_norm, with_activation_axes
-from lexjax.layers.decoder import DecoderLayer
+from lexjax.layers.decoder import NORM_POSITIONS, DecoderLayer
 from lexjax.positions import PositionScheme
 
 # The size macros of configs/models/*.gin, by field: error messages name what a user sets.
@@ -441,3 +441,38 @@ class AttentionLanguageModel(LanguageModel, kw_only=True):
                                                                  + self.key_value_heads)
         mlp = self.embed_dim * self.mlp_dim * (3 if self.mlp_activation == "swiglu" else 2)
         return projections + mlp + 2 * self.num_heads * self.head_features * keys_per_query
+
+
+class BlockLayout(nn.Module, kw_only=True):
+    """Where the norms of a model's `DecoderLayer` blocks sit and whether its projections carry
+    biases: the layouts official checkpoints need (`lexjax.convert`). Mix in before the
+    `AttentionLanguageModel` it extends (`class MyModel(BlockLayout, AttentionLanguageModel)`).
+
+    Attributes:
+      norm_position: "pre" (norms before each branch, and a final norm) or "post" (BERT's
+        norms after each residual sum, no final norm).
+      use_bias: the attention and MLP projections (and an MLM head's transform) have biases.
+    """
+
+    norm_position: str = "pre"
+    use_bias: bool = False
+
+    @nn.nowrap
+    def check(self) -> None:
+        super().check()
+        if self.norm_position not in NORM_POSITIONS:
+            raise ValueError(f"{self.field_name('norm_position')} must be one of "
+                             f"{NORM_POSITIONS}, got {self.norm_position!r}")
+
+    @property
+    def has_final_norm(self) -> bool:
+        return self.final_norm and self.norm_position == "pre"
+
+    @property
+    def projections_have_bias(self) -> bool:
+        return self.use_bias
+
+    @nn.nowrap
+    def decoder_layer_fields(self, mask: MaskSpec, deterministic: bool, decode: bool) -> dict:
+        return dict(super().decoder_layer_fields(mask, deterministic, decode),
+                    norm_position=self.norm_position, use_bias=self.use_bias)

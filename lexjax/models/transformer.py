@@ -10,13 +10,12 @@ import gin
 import jax.numpy as jnp
 
 from lexjax.attention import MaskSpec
-from lexjax.layers.decoder import NORM_POSITIONS
-from lexjax.models.lm import AttentionLanguageModel
+from lexjax.models.lm import AttentionLanguageModel, BlockLayout
 from lexjax.positions import PositionScheme, RoPE
 
 
 @gin.register(module="lexjax.models")
-class Transformer(AttentionLanguageModel, kw_only=True):
+class Transformer(BlockLayout, AttentionLanguageModel, kw_only=True):
     """Decoder-only language model: int32 tokens `[batch, length]` -> float32 logits
     `[batch, length, vocab_size]`, causal under the default mask. Packed documents are kept
     apart exactly (`segment_ids`); decoding keeps a key/value cache per layer (a ring of the
@@ -29,46 +28,29 @@ class Transformer(AttentionLanguageModel, kw_only=True):
         attention at evaluation: `MaskSpec(blockwise=train_length // 2)`).
       scan_layers: `nn.scan` over layers (compile time flat in depth; params get a leading
         `layers` axis).
-      norm_position: "pre" (norms before each branch, and a final norm) or "post" (BERT's
-        norms after each residual sum, no final norm).
       parallel_block: attention and MLP side by side on the same input, `x + Attn(Norm(x)) +
         MLP(Norm'(x))` (GPT-NeoX); pre-norm only.
-      use_bias: the attention and MLP projections (and an MLM head's transform) have biases.
-      Other fields: see `AttentionLanguageModel`.
+      Other fields: see `BlockLayout` (norm_position, use_bias) and `AttentionLanguageModel`.
     """
 
     position: PositionScheme = RoPE()
     mask: MaskSpec = MaskSpec()
     inference_mask: Optional[MaskSpec] = None
     scan_layers: bool = False
-    norm_position: str = "pre"
     parallel_block: bool = False
-    use_bias: bool = False
 
     decodes_chunks = True
 
     @nn.nowrap
     def check(self) -> None:
         super().check()
-        if self.norm_position not in NORM_POSITIONS:
-            raise ValueError(f"{type(self).__name__}.norm_position must be one of "
-                             f"{NORM_POSITIONS}, got {self.norm_position!r}")
         if self.parallel_block and self.norm_position != "pre":
             raise ValueError(f"{type(self).__name__}.parallel_block needs norm_position='pre'")
-
-    @property
-    def has_final_norm(self) -> bool:
-        return self.final_norm and self.norm_position == "pre"
-
-    @property
-    def projections_have_bias(self) -> bool:
-        return self.use_bias
 
     @nn.nowrap
     def decoder_layer_fields(self, mask: MaskSpec, deterministic: bool, decode: bool) -> dict:
         return dict(super().decoder_layer_fields(mask, deterministic, decode),
-                    norm_position=self.norm_position, parallel=self.parallel_block,
-                    use_bias=self.use_bias)
+                    parallel=self.parallel_block)
 
     @nn.nowrap
     def flops_per_token(self, length: int) -> float:
