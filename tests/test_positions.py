@@ -402,18 +402,58 @@ def test_xpos_is_numerically_safe_at_64k(rng):
         np.testing.assert_allclose(xq[a] @ xk[b], want, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "lexjax/positions/rotary.py XPos.rotate centres the decay exponent on the middle of the whole "
-    "key range, so beyond ~72.5K tokens zeta_0^(+-(p - c)/512) leaves the float32 range (exp "
-    "argument > 88.7 at |p - c| > ~36.2K): q scales underflow to 0, k scales overflow to inf, and "
-    "q.k is NaN, even under BCA where only distances < 2 blocks are ever used"))
-def test_xpos_is_finite_beyond_72k_tokens():
-    n, d = 81920, 64
-    x = jnp.ones((1, n, 1, d), jnp.float32)
-    pos = jnp.arange(n, dtype=jnp.int32)
-    xq, xk = rotate(P.XPos(), x, x, pos, pos)
-    scores = jnp.sum(xq[0, :, 0] * xk[0, :, 0], axis=-1)  # distance 0: equal to |x|^2 = 64
-    np.testing.assert_allclose(np.asarray(scores), 64.0, rtol=1e-4)
+def ref_bca_xpos_attention(q, k, v, queries, block):
+    """LeX's blockwise causal attention with xPos, float64, for the query positions `queries`:
+    query n sees keys m <= n of its block and the previous one, scores from distances only
+    (`ref_xpos_scores`); `q, k, v [n, d]` (one head) -> `[len(queries), d]`."""
+    out = []
+    for n in queries:
+        keys = np.arange(max(0, (n // block - 1) * block), n + 1)
+        scores = ref_xpos_scores(q[n:n + 1], k[keys], [n], keys)[0] / math.sqrt(q.shape[-1])
+        weights = np.exp(scores - scores.max())
+        out.append(weights @ v[keys] / weights.sum())
+    return np.stack(out)
+
+
+def test_xpos_under_bca_is_finite_and_exact_at_a_million_tokens(rng):
+    """Rotated block by block (`rotates_per_block`), xPos under blockwise causal attention is
+    finite at 2^20 tokens (rotated over the whole sequence its scales leave float32 past ~72K)
+    and equals LeX's formula in float64 at the start, the middle and the end."""
+    n, d, block = 2 ** 20, 8, 16
+    q, k, v = (rng.standard_normal((1, n, 1, d)).astype(np.float32) for _ in range(3))
+    out = jax.jit(lambda q, k, v: lexjax.attention.attend(
+        q, k, v, mask=lexjax.attention.MaskSpec(blockwise=block), impl="xla",
+        rotation=P.XPos().rotate))(q, k, v)
+    out = np.asarray(out[0, :, 0])
+    assert np.isfinite(out).all()
+    queries = np.concatenate([np.arange(0, 40), n // 2 + np.arange(-20, 20), n - 1 - np.arange(40)])
+    want = ref_bca_xpos_attention(*(x[0, :, 0].astype(np.float64) for x in (q, k, v)), queries,
+                                  block)
+    np.testing.assert_allclose(out[queries], want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("mask", [lexjax.attention.MaskSpec(blockwise=32),
+                                  lexjax.attention.MaskSpec(window=40),
+                                  lexjax.attention.MaskSpec(chunk=32),
+                                  lexjax.attention.MaskSpec()], ids=lambda mask: mask.kind)
+@pytest.mark.parametrize("impl", ["xla", "reference"])
+def test_deferred_rotation_equals_rotating_first(mask, impl, rng):
+    """`attend(..., rotation=...)` (per block where the mask is local) equals attending to q
+    and k rotated over the whole sequence, for xPos and RoPE, grouped-query heads and packed
+    segments, where the global rotation is still finite (160 tokens)."""
+    n = 160
+    q = jnp.asarray(rng.standard_normal((2, n, 4, 16)), jnp.float32)
+    k, v = (jnp.asarray(rng.standard_normal((2, n, 2, 16)), jnp.float32) for _ in range(2))
+    segments = jnp.asarray(np.repeat([[1, 2]], 2, axis=0).repeat(n // 2, axis=1), jnp.int32)
+    positions = np.arange(n, dtype=np.int32)
+    for scheme in (P.XPos(), P.RoPE()):
+        deferred = lexjax.attention.attend(q, k, v, mask=mask, impl=impl, segment_ids=segments,
+                                           block_size=32, rotation=scheme.rotate)
+        qr, kr = scheme.rotate(q, k, positions, positions)
+        first = lexjax.attention.attend(qr, kr, v, mask=mask, impl=impl, segment_ids=segments,
+                                        block_size=32)
+        np.testing.assert_allclose(np.asarray(deferred), np.asarray(first), rtol=2e-5,
+                                   atol=2e-5)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -17,8 +17,9 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from lexjax.attention.common import (ContentBias, RelativeBias, group_query_heads,
+from lexjax.attention.common import (ContentBias, RelativeBias, Rotation, group_query_heads,
                                      masked_softmax_attention)
 from lexjax.attention.masks import MaskSpec
 from lexjax.attention.reference import attend_at_positions
@@ -49,7 +50,8 @@ def _pad_length(x: jnp.ndarray, length: int, value=0) -> jnp.ndarray:
 def blocked_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, *, mask: MaskSpec,
                       bias: Optional[RelativeBias] = None, block_size: Optional[int] = None,
                       segment_ids: Optional[jnp.ndarray] = None,
-                      content_bias: Optional[ContentBias] = None) -> jnp.ndarray:
+                      content_bias: Optional[ContentBias] = None,
+                      rotation: Optional[Rotation] = None) -> jnp.ndarray:
     """Self-attention computing only the blocks `mask` needs; same contract as `attend`.
 
     Args:
@@ -59,15 +61,24 @@ def blocked_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, *, mask: M
       segment_ids: optional int32 `[batch, length]`: a query sees only keys of its own segment.
       content_bias: optional `ContentBias`, called per block with the block's query and key
         positions (padding positions past the sequence included: clip them when gathering).
+      rotation: optional `Rotation` of the un-rotated q and k: under a local mask without
+        global tokens, applied to each query block and its key span at positions relative to
+        the block's first query (the same for every block); otherwise over the whole sequence.
     """
     if q.shape[1] != k.shape[1]:
         raise ValueError(f"blocked attention is self-attention: query length {q.shape[1]} != "
                          f"key length {k.shape[1]}; use impl='reference' for cross-attention")
     n = q.shape[1]
     block = min(block_size or default_block_size(mask), _round_up(n, 8))
-    attention = _local_attention if mask.is_local else _full_attention
-    return attention(q, k, v, mask=mask, bias=bias, block=block, segment_ids=segment_ids,
-                     content_bias=content_bias)
+    if rotation is not None and not (mask.is_local and not mask.global_tokens):
+        positions = np.arange(n, dtype=np.int32)
+        q, k = rotation(q, k, positions, positions)
+        rotation = None
+    if not mask.is_local:
+        return _full_attention(q, k, v, mask=mask, bias=bias, block=block,
+                               segment_ids=segment_ids, content_bias=content_bias)
+    return _local_attention(q, k, v, mask=mask, bias=bias, block=block, segment_ids=segment_ids,
+                            content_bias=content_bias, rotation=rotation)
 
 
 def _query_blocks(q: jnp.ndarray, kv_heads: int, block: int) -> jnp.ndarray:
@@ -78,7 +89,20 @@ def _query_blocks(q: jnp.ndarray, kv_heads: int, block: int) -> jnp.ndarray:
     return grouped.reshape(b, num_blocks, block, kv_heads, h // kv_heads, d)
 
 
-def _local_attention(q, k, v, *, mask, bias, block, segment_ids, content_bias):
+def _rotate_blocks(rotation: Rotation, q_blocks: jnp.ndarray, k_spans: jnp.ndarray,
+                   before: int) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """Rotates grouped query blocks `[b, blocks, block, kv, group, d]` and their key spans
+    `[b, blocks, span_len, kv, d]` at positions relative to each block's first query: queries
+    0..block-1, keys from -before * block (numpy constants, the same for every block)."""
+    b, blocks, block, kv, group, d = q_blocks.shape
+    q_rel = np.arange(block, dtype=np.int32)
+    k_rel = np.arange(k_spans.shape[2], dtype=np.int32) - before * block
+    q_rotated, k_rotated = rotation(q_blocks.reshape(b, blocks, block, kv * group, d), k_spans,
+                                    q_rel, k_rel)
+    return q_rotated.reshape(q_blocks.shape), k_rotated
+
+
+def _local_attention(q, k, v, *, mask, bias, block, segment_ids, content_bias, rotation=None):
     b, n, h, _ = q.shape
     kv_heads = k.shape[2]
     num_blocks = -(-n // block)
@@ -100,7 +124,10 @@ def _local_attention(q, k, v, *, mask, bias, block, segment_ids, content_bias):
     if segment_ids is not None:
         segments = dict(q_segments=_pad_length(segment_ids, n_pad).reshape(b, num_blocks, block),
                         k_segments=key_spans(segment_ids))
-    out = masked_softmax_attention(_query_blocks(q, kv_heads, block), key_spans(k), key_spans(v),
+    q_blocks, k_spans = _query_blocks(q, kv_heads, block), key_spans(k)
+    if rotation is not None:
+        q_blocks, k_spans = _rotate_blocks(rotation, q_blocks, k_spans, before)
+    out = masked_softmax_attention(q_blocks, k_spans, key_spans(v),
                                    q_pos, k_pos, mask=mask, bias=bias, k_valid=k_valid,
                                    content_bias=content_bias, **segments)
     out = out.reshape(b, n_pad, h, v.shape[-1])[:, :n]

@@ -18,6 +18,12 @@ RelativeBias = Callable[[jnp.ndarray], jnp.ndarray]
 # Evaluated per block like `RelativeBias`.
 ContentBias = Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray]
 
+# Applies a position scheme's transform to queries `[..., q_len, heads, d]` and keys `[..., k_len,
+# kv_heads, d]` at int32 positions `[q_len]`, `[k_len]` (`PositionScheme.rotate`); implementations
+# call it where they choose (block by block in the blocked path: `attend(..., rotation=...)`).
+Rotation = Callable[[jnp.ndarray, jnp.ndarray, jnp.ndarray, jnp.ndarray],
+                    tuple[jnp.ndarray, jnp.ndarray]]
+
 # Finite "minus infinity": keeps fully masked rows (padding) free of NaNs.
 NEG_INF = -1e30
 

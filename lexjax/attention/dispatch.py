@@ -14,9 +14,10 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 import jax.numpy as jnp
+import numpy as np
 
 from lexjax.attention.blocked import blocked_attention
-from lexjax.attention.common import ContentBias, RelativeBias
+from lexjax.attention.common import ContentBias, RelativeBias, Rotation
 from lexjax.attention.kernels.impl import PALLAS_IMPLEMENTATIONS
 from lexjax.attention.masks import MaskSpec
 from lexjax.attention.reference import reference_attention
@@ -24,6 +25,9 @@ from lexjax.attention.reference import reference_attention
 IMPLEMENTATIONS: dict[str, Callable[..., jnp.ndarray]] = {}
 #: The implementations that take a `content_bias` (a bias of the queries' and keys' content).
 CONTENT_BIAS_IMPLEMENTATIONS = {"reference", "xla"}
+#: The implementations that apply a `rotation` themselves (block by block); the others get q and
+#: k rotated over the whole sequence first.
+ROTATION_IMPLEMENTATIONS = {"xla"}
 
 
 def register_implementation(name: str, fn: Callable[..., jnp.ndarray]) -> None:
@@ -64,7 +68,8 @@ def attend(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, *, mask: MaskSpec = M
            bias: Optional[RelativeBias] = None, impl: str = "auto",
            block_size: Optional[int] = None,
            segment_ids: Optional[jnp.ndarray] = None,
-           content_bias: Optional[ContentBias] = None) -> jnp.ndarray:
+           content_bias: Optional[ContentBias] = None,
+           rotation: Optional[Rotation] = None) -> jnp.ndarray:
     """Scaled dot-product self-attention under a `MaskSpec`, with an optional relative bias.
 
     Args:
@@ -82,6 +87,11 @@ def attend(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, *, mask: MaskSpec = M
       content_bias: optional `ContentBias`: logits of the queries' and keys' content by
         position (DeBERTa's disentangled terms), evaluated block by block; "reference" and
         "xla" only (the Pallas kernels read a bias of distance from a per-head table).
+      rotation: optional `Rotation` (a position scheme's `rotate`) of the un-rotated q and k.
+        "xla" applies it per block of a local mask, at positions relative to the query block
+        (exact for schemes whose scores depend on q_pos - k_pos only, and bounded: xPos stays
+        finite at any length), elsewhere over positions 0..length-1 before attending; the
+        other implementations get q and k rotated that way.
     Returns:
       `[batch, length, heads, head_dim]` in v's dtype.
     """
@@ -90,13 +100,19 @@ def attend(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, *, mask: MaskSpec = M
     if name not in IMPLEMENTATIONS:
         raise ValueError(f"unknown attention impl {impl!r}; available: "
                          f"{sorted(IMPLEMENTATIONS) + ['auto']}")
+    extra = {}
+    if rotation is not None and name in ROTATION_IMPLEMENTATIONS:
+        extra["rotation"] = rotation
+    elif rotation is not None:
+        positions = np.arange(q.shape[1], dtype=np.int32)
+        q, k = rotation(q, k, positions, positions)
     if content_bias is None:
         return IMPLEMENTATIONS[name](q, k, v, mask=mask, bias=bias, block_size=block_size,
-                                     segment_ids=segment_ids)
+                                     segment_ids=segment_ids, **extra)
     if name not in CONTENT_BIAS_IMPLEMENTATIONS:
         raise ValueError(
             f"attention impl {impl!r} takes no content bias (DeBERTa's content-to-position "
             "terms): the Pallas kernels add a bias of distance read from a per-head table, not "
             f"one of the queries and keys; use one of {sorted(CONTENT_BIAS_IMPLEMENTATIONS)}")
     return IMPLEMENTATIONS[name](q, k, v, mask=mask, bias=bias, block_size=block_size,
-                                 segment_ids=segment_ids, content_bias=content_bias)
+                                 segment_ids=segment_ids, content_bias=content_bias, **extra)

@@ -6,7 +6,7 @@ from typing import Optional
 import flax.linen as nn
 import jax.numpy as jnp
 
-from lexjax.attention import MaskSpec, RelativeBias, attend
+from lexjax.attention import MaskSpec, RelativeBias, Rotation, attend
 from lexjax.attention.reference import attend_at_positions
 from lexjax.layers.basic import ACTIVATION_HEADS, Dtype, dense
 from lexjax.layers.decoding import KeyValueCache
@@ -36,10 +36,8 @@ class SelfAttention(nn.Module):
 
     def sow_attention_inputs(self, q, k, bias, length: int) -> None:
         """Records the position-transformed q `[b, n, heads, d]`, k `[b, n, kv_heads, d]` and
-        the relative bias by distance `[heads, n]` in the "intermediates" collection (only when
-        it is mutable), for the attention-resolution metric (lexjax.evaluation.resolution)."""
-        if not self.is_mutable_collection("intermediates"):
-            return
+        the relative bias by distance `[heads, n]` in the "intermediates" collection, for the
+        attention-resolution metric (lexjax.evaluation.resolution)."""
         distances = jnp.arange(length, dtype=jnp.int32)
         by_distance = (bias(distances) if bias is not None
                        else jnp.zeros((self.num_heads, length), jnp.float32))
@@ -63,13 +61,27 @@ class SelfAttention(nn.Module):
         if self.decode:
             out = self.attend_cached(scheme, q, k, v, positions, bias)
         else:
-            q, k = scheme.rotate(q, k, positions, positions)
-            self.sow_attention_inputs(q, k, bias, x.shape[1])
+            if self.is_mutable_collection("intermediates"):
+                self.sow_attention_inputs(*scheme.rotate(q, k, positions, positions), bias,
+                                          x.shape[1])
+            q, k, rotation = self.rotate_or_defer(scheme, q, k, positions)
             q = nn.with_logical_constraint(q, ACTIVATION_HEADS)
             out = attend(q, k, v, mask=self.mask, bias=bias, impl=self.attention_impl,
-                         block_size=self.block_size, segment_ids=segment_ids)
+                         block_size=self.block_size, segment_ids=segment_ids,
+                         rotation=rotation)
         return dense(x.shape[-1], ("heads", "kv", "embed"), dtype=self.dtype, contract=(-2, -1),
                      use_bias=self.use_bias, name="out")(out)
+
+    @staticmethod
+    def rotate_or_defer(scheme: PositionScheme, q: jnp.ndarray, k: jnp.ndarray,
+                        positions: jnp.ndarray
+                        ) -> tuple[jnp.ndarray, jnp.ndarray, Optional[Rotation]]:
+        """q and k rotated at `positions`, or, for a scheme that `rotates_per_block` (xPos),
+        left as they are with the rotation handed to `attend` (which applies it block by block
+        at relative positions: the same scores, since they depend on q_pos - k_pos only)."""
+        if scheme.rotates_per_block:
+            return q, k, scheme.rotate
+        return (*scheme.rotate(q, k, positions, positions), None)
 
     def attend_cached(self, scheme: PositionScheme, q: jnp.ndarray, k: jnp.ndarray,
                       v: jnp.ndarray, positions: jnp.ndarray,
@@ -84,10 +96,11 @@ class SelfAttention(nn.Module):
         keys, values, key_positions, key_valid = KeyValueCache(self.mask, name="kv_cache")(
             k, v, positions)
         if q.shape[1] > 1:
+            rotation = None
             if not scheme.rotates_keys_alone:
-                q, k = scheme.rotate(q, k, positions, positions)
+                q, k, rotation = self.rotate_or_defer(scheme, q, k, positions)
             return attend(q, k, v, mask=self.mask, bias=bias, impl=self.attention_impl,
-                          block_size=self.block_size)
+                          block_size=self.block_size, rotation=rotation)
         if not scheme.rotates_keys_alone:
             q, keys = scheme.rotate(q, keys, positions, key_positions)
         return attend_at_positions(q, keys, values, positions, key_positions, mask=self.mask,

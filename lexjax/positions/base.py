@@ -39,6 +39,15 @@ class PositionScheme(nn.Module):
         positions in view (xPos centres its scales on them) or there is none."""
         return False
 
+    @property
+    def rotates_per_block(self) -> bool:
+        """Whether `rotate` must see positions near its origin: its factors grow with the
+        absolute position (xPos's exponential scales leave float32 past ~72K tokens), so
+        attention applies it per block of a local mask, with positions relative to the query
+        block (`attend(..., rotation=...)`; exact, since its scores depend on q_pos - k_pos
+        only)."""
+        return False
+
     def embed(self, positions: jnp.ndarray, features: int) -> Optional[jnp.ndarray]:
         """`positions [..., length]` -> float32 `[..., length, features]`, or None."""
         return None

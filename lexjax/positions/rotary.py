@@ -151,15 +151,21 @@ class XPos(PositionScheme):
     Numerics: exponents are taken relative to the centre c of the key positions (as the
     reference code centres them), zeta^((n-c)/B) and zeta^(-(m-c)/B), computed as
     exp(x * log zeta) in float32: the product is unchanged, and the largest exponent is halved.
-    At 64K tokens the largest factor is 0.2857^(-64) ~ 1e35, inside the float32/bfloat16 range.
-    Causal use only: for m > n the factor grows with distance. With blockwise causal attention
-    (MaskSpec(blockwise=...)) the same absolute positions give the LeX paper's per-block result,
-    since scores depend on n - m only.
+    At 64K tokens the largest factor is 0.2857^(-64) ~ 1e35, inside the float32/bfloat16 range;
+    past ~72K it is not. Under a local mask (blockwise causal attention, MaskSpec(blockwise=...),
+    as the LeX paper evaluates) the attention applies the rotation block by block, with positions
+    relative to each query block (`rotates_per_block`), as the reference code recomputes the
+    scales per window: finite at any length. Causal use only: for m > n the factor grows with
+    distance.
     """
 
     base: float = 10000.0
     scale_base: float = 512.0
     gamma: float = 0.4
+
+    @property
+    def rotates_per_block(self) -> bool:
+        return True
 
     def scales(self, positions: jnp.ndarray, centre: jnp.ndarray, head_dim: int,
                sign: float) -> jnp.ndarray:
