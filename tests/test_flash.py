@@ -137,3 +137,12 @@ def test_flash_quad_keeps_packed_documents_apart(block, rng):
         np.testing.assert_allclose(packed[:, start:start + doc.shape[1]],
                                    model.apply(variables, doc), rtol=1e-5, atol=1e-5)
         start += doc.shape[1]
+
+
+def test_flash_quad_divides_by_the_papers_training_length():
+    """FLASH-Quad's T is the paper's constant (QUADRATIC_LENGTH = 512, its training length);
+    None counts the keys in view; anything else is a one-line error."""
+    assert build("flash_quad").quadratic_length == 512
+    assert build("flash_quad", bindings=["QUADRATIC_LENGTH=None"]).quadratic_length is None
+    with pytest.raises(lexjax.ConfigError, match="quadratic_length"):
+        build("flash_quad", bindings=["QUADRATIC_LENGTH=0"])

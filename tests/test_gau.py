@@ -40,12 +40,14 @@ def ref_mixed_chunk(qq, kq, ql, kl, v, chunk, causal, slope=0.0):
     return np.einsum("bij,bje->bie", quad + lin, v)
 
 
-def ref_quadratic(q, k, v, causal, slope=0.0):
-    """relu²(q·k / T_i - slope·(i - j)) with T_i = i + 1 (causal) or N, future keys masked."""
+def ref_quadratic(q, k, v, causal, slope=0.0, length=None):
+    """relu²(q·k / T_i - slope·(i - j)), future keys masked, with T_i = `length` (the paper's
+    pseudocode `square(relu(qk / seq_len + bias))`, seq_len its fixed training length) or, if
+    None, the keys in view (i + 1 causal, N bidirectional)."""
     q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
     n = v.shape[1]
     i, j = np.arange(n)[:, None], np.arange(n)[None, :]
-    t = (i + 1.0) if causal else float(n)
+    t = float(length) if length is not None else (i + 1.0) if causal else float(n)
     kernel = relu2(np.einsum("bis,bjs->bij", q, k) / t - slope * (i - j))
     if causal:
         kernel = np.where(j <= i, kernel, 0.0)
@@ -164,13 +166,15 @@ def test_rejects_bad_chunk_size(rng):
 # Quadratic attention (FLASH-Quad)
 # ----------------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("length", [None, 16])
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("block_size", [None, 4, 5])
-def test_quadratic_equals_direct_formula(rng, causal, block_size):
+def test_quadratic_equals_direct_formula(rng, causal, block_size, length):
     q, k, _, _, v = inputs(rng, 2, 13, 6, 5)
     out = quadratic_attention(q, k, v, causal=causal, bias=slope_bias(0.05),
-                              block_size=block_size)
-    np.testing.assert_allclose(out, ref_quadratic(q, k, v, causal, slope=0.05), **TOL)
+                              block_size=block_size, length=length)
+    np.testing.assert_allclose(out, ref_quadratic(q, k, v, causal, slope=0.05, length=length),
+                               **TOL)
 
 
 def test_quadratic_blocked_gradients_equal_unblocked(rng):
@@ -185,11 +189,13 @@ def test_quadratic_blocked_gradients_equal_unblocked(rng):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_quadratic_prefix_does_not_depend_on_length(rng):
-    """T counts visible keys, not the sequence length: a prefix gives the same outputs."""
+@pytest.mark.parametrize("length", [None, 16])
+def test_quadratic_prefix_does_not_depend_on_length(rng, length):
+    """T is a constant or counts the keys in view, never the row's length: a prefix gives the
+    same outputs."""
     q, k, _, _, v = inputs(rng, 1, 12, 4, 3)
-    full = quadratic_attention(q, k, v, causal=True)
-    prefix = quadratic_attention(q[:, :7], k[:, :7], v[:, :7], causal=True)
+    full = quadratic_attention(q, k, v, causal=True, length=length)
+    prefix = quadratic_attention(q[:, :7], k[:, :7], v[:, :7], causal=True, length=length)
     np.testing.assert_allclose(full[:, :7], prefix, **TOL)
 
 
@@ -273,6 +279,7 @@ DECODE_SCHEMES = {
     "xpos": dict(position=XPos()),
     "t5_bias": dict(position=NoPE(), score_bias=T5Buckets(num_buckets=8, max_distance=16)),
     "alibi_rope": dict(position=RoPE(), score_bias=ALiBi()),
+    "rope_fixed_t": dict(position=RoPE(), quadratic_length=8),  # the paper's constant T
 }
 
 

@@ -52,6 +52,8 @@ class GatedAttentionUnit(nn.Module):
         (`x [batch, 1, embed]`, `positions [1]`), FLASH-Quad any number (a key/value cache).
       score_bias: optional second position scheme (template) whose `relative_bias` hook is added
         to the position scheme's as the paper's learned b; its other hooks are not used.
+      quadratic_length: FLASH-Quad only: T in relu²(q kᵀ / T + b), a constant (the paper: the
+        training length), or None: the keys visible to the query (t + 1).
     """
 
     expansion_dim: int
@@ -62,6 +64,7 @@ class GatedAttentionUnit(nn.Module):
     quadratic_block_size: Optional[int] = None
     decode: bool = False
     score_bias: Optional[PositionScheme] = None
+    quadratic_length: Optional[int] = None
     dtype: Dtype = jnp.float32
 
     def offset_scale(self, z: jnp.ndarray, count: int) -> jnp.ndarray:
@@ -115,7 +118,8 @@ class GatedAttentionUnit(nn.Module):
                 attended = quadratic_attention(queries[:, :, 0], keys[:, :, 0], v,
                                                causal=self.causal, bias=bias,
                                                block_size=self.quadratic_block_size,
-                                               segment_ids=segment_ids)
+                                               segment_ids=segment_ids,
+                                               length=self.quadratic_length)
             else:
                 attended = mixed_chunk_attention(queries[:, :, 0], keys[:, :, 0],
                                                  queries[:, :, 1], keys[:, :, 1], v,
@@ -135,7 +139,7 @@ class GatedAttentionUnit(nn.Module):
         queries, all_keys = scheme.rotate(queries, all_keys, positions, key_positions)
         out = quadratic_attention_at(queries[:, :, 0], all_keys[:, :, 0], values[:, :, 0],
                                      positions, key_positions, causal=True, bias=bias,
-                                     k_valid=key_valid)
+                                     k_valid=key_valid, length=self.quadratic_length)
         return out.astype(v.dtype)
 
     def mixed_chunk_decode(self, queries: jnp.ndarray, keys: jnp.ndarray, v: jnp.ndarray,

@@ -12,9 +12,11 @@ Linear Time"): squared-ReLU scores over one shared low-dimensional query/key spa
 Scaling ("the 1/T scaling done right", a known pitfall of re-implementations):
 - mixed chunk: both parts divide by the chunk size C (the paper's pseudocode: `qk / c` in the
   kernel, `lin_kv / c`), a constant, so outputs never depend on the padded or total length;
-- quadratic: the paper divides by the (fixed, padded) training length. Here T is the number of
-  keys a query sees: row t of a causal layer divides by t + 1, a bidirectional one by N (Mega's
-  `element_attention`). Outputs at t then depend on tokens <= t only, at any length.
+- quadratic: the paper divides by T, its fixed (padded) training length: `length=T`, a
+  constant, so outputs never depend on the row's length, packing or decoding. With
+  `length=None`, T is the number of keys a query sees: row t of a causal layer divides by
+  t + 1, a bidirectional one by N (Mega's `element_attention`; the scores then keep their scale
+  at any length).
 
 Shapes: queries/keys `[batch, length, s]`, values `[batch, length, e]` (one head). Scores, the
 squared ReLU and every state are float32; outputs come back in v's dtype. Relative biases are
@@ -51,20 +53,24 @@ def quadratic_attention_at(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, q_pos
                            k_pos: jnp.ndarray, *, causal: bool, bias: Optional[RelativeBias],
                            k_valid: Optional[jnp.ndarray] = None,
                            q_segments: Optional[jnp.ndarray] = None,
-                           k_segments: Optional[jnp.ndarray] = None) -> jnp.ndarray:
+                           k_segments: Optional[jnp.ndarray] = None,
+                           length: Optional[int] = None) -> jnp.ndarray:
     """Queries `[b, m, s]` at positions `q_pos [m]` against keys `[b, n, s]` at `k_pos [n]`,
     values `[b, n, e]` -> float32 `[b, m, e]`. A query sees the keys not in its future (causal),
     valid (`k_valid [n]`) and of its own segment (`q_segments [b, m]`, `k_segments [b, n]`);
-    T is how many it sees (t + 1 for a causal row, n for a bidirectional one)."""
+    T is `length`, or (None) how many keys it sees (t + 1 causal, n bidirectional)."""
     rel = q_pos[:, None] - k_pos[None, :]
     visible = rel >= 0 if causal else jnp.ones(rel.shape, bool)
     if k_valid is not None:
         visible = visible & k_valid[None, :]
     if q_segments is not None:
         visible = visible & (q_segments[:, :, None] == k_segments[:, None, :])
-    visible_keys = jnp.maximum(jnp.sum(visible, axis=-1, dtype=jnp.float32), 1.0)
+    if length is None:
+        normalizer = jnp.maximum(jnp.sum(visible, axis=-1, dtype=jnp.float32), 1.0)[..., None]
+    else:
+        normalizer = jnp.float32(length)
     scores = jnp.einsum("bis,bjs->bij", q, k, preferred_element_type=jnp.float32)
-    kernel = squared_relu(_with_bias(scores / visible_keys[..., None], bias, rel))
+    kernel = squared_relu(_with_bias(scores / normalizer, bias, rel))
     kernel = jnp.where(visible, kernel, 0.0)
     return jnp.einsum("bij,bje->bie", kernel, v.astype(jnp.float32),
                       preferred_element_type=jnp.float32)
@@ -72,18 +78,21 @@ def quadratic_attention_at(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, q_pos
 
 def quadratic_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, *, causal: bool,
                         bias: Optional[RelativeBias] = None, block_size: Optional[int] = None,
-                        segment_ids: Optional[jnp.ndarray] = None) -> jnp.ndarray:
-    """The GAU's full attention `relu²(q kᵀ / T + b) v`, T = keys visible to the query.
+                        segment_ids: Optional[jnp.ndarray] = None,
+                        length: Optional[int] = None) -> jnp.ndarray:
+    """The GAU's full attention `relu²(q kᵀ / T + b) v`.
 
     Args:
       q, k: `[batch, length, s]` (already transformed by the position scheme's rotation).
       v: `[batch, length, e]`.
-      causal: key <= query only (T = t + 1), else all keys (T = length).
+      causal: key <= query only, else all keys.
       bias: optional relative bias callable (one head).
       block_size: if set and shorter than the sequence, queries are processed in blocks of this
         many (a rematerialized map), so memory is O(block_size · length) instead of O(length²).
-      segment_ids: optional int32 `[batch, length]` (packed documents): a query sees, and T
-        counts, the keys of its own segment only.
+      segment_ids: optional int32 `[batch, length]` (packed documents): a query sees (and a
+        counted T counts) the keys of its own segment only.
+      length: T, a constant (the paper: its training length), or None: the keys visible to
+        the query (t + 1 causal, the sequence length bidirectional).
     Returns:
       `[batch, length, e]` in v's dtype.
     """
@@ -91,7 +100,8 @@ def quadratic_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, *, causa
     positions = jnp.arange(n, dtype=jnp.int32)
     if block_size is None or block_size >= n:
         out = quadratic_attention_at(q, k, v, positions, positions, causal=causal, bias=bias,
-                                     q_segments=segment_ids, k_segments=segment_ids)
+                                     q_segments=segment_ids, k_segments=segment_ids,
+                                     length=length)
         return out.astype(v.dtype)
     blocks = -(-n // block_size)
     pad = blocks * block_size - n
@@ -108,7 +118,8 @@ def quadratic_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, *, causa
         q_block, start, q_block_segments = args
         pos = start + jnp.arange(block_size, dtype=jnp.int32)
         return quadratic_attention_at(q_block, k, v, pos, positions, causal=causal, bias=bias,
-                                      q_segments=q_block_segments, k_segments=segment_ids)
+                                      q_segments=q_block_segments, k_segments=segment_ids,
+                                      length=length)
 
     out = jax.lax.map(one_block, (to_blocks(q), starts, q_segments))  # [blocks, b, block, e]
     out = jnp.moveaxis(out, 0, 1).reshape(b, blocks * block_size, -1)[:, :n]

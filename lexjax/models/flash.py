@@ -39,6 +39,7 @@ class FlashLayer(Layer, kw_only=True):
     quadratic_block_size: Optional[int] = None
     norm: str = "rmsnorm"
     score_bias: Optional[PositionScheme] = None
+    quadratic_length: Optional[int] = None
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, positions: jnp.ndarray,
@@ -48,6 +49,7 @@ class FlashLayer(Layer, kw_only=True):
                                position=self.position, chunk_size=self.chunk_size, causal=True,
                                quadratic_block_size=self.quadratic_block_size,
                                decode=self.decode, score_bias=self.score_bias,
+                               quadratic_length=self.quadratic_length,
                                dtype=self.dtype, name="gau")(h, positions, segment_ids)
         return with_activation_axes(x + self.residual_dropout(h))
 
@@ -69,6 +71,9 @@ class Flash(ChunkedAttention, LanguageModel, kw_only=True):
       score_bias: a second scheme whose relative bias is added as the paper's learned b (the gin
         configs: one-head T5 buckets); None leaves only `position`'s hooks.
       attention_block_size: FLASH-Quad's query block length (memory O(block · length)).
+      quadratic_length: FLASH-Quad's T in relu²(q kᵀ / T + b): a constant, the paper's
+        (padded) training length (512), or None: the keys a query sees (t + 1; the scores keep
+        their scale at any length, as Mega's element attention).
     """
 
     chunk_size: Optional[int] = 256
@@ -77,6 +82,7 @@ class Flash(ChunkedAttention, LanguageModel, kw_only=True):
     position: PositionScheme = RoPE()
     score_bias: Optional[PositionScheme] = None
     attention_block_size: Optional[int] = 512
+    quadratic_length: Optional[int] = 512
 
     @property
     def mixes_segments(self) -> Optional[str]:
@@ -118,6 +124,11 @@ class Flash(ChunkedAttention, LanguageModel, kw_only=True):
             raise ValueError(f"need units_per_layer >= 1 and mlp_dim >= units_per_layer, got "
                              f"{self.units_per_layer} and {self.mlp_dim}")
         self.check_chunk_size(none_means="FLASH-Quad")
+        if self.quadratic_length is not None and not (
+                isinstance(self.quadratic_length, int) and self.quadratic_length > 0):
+            raise ValueError(f"{self.field_name('quadratic_length')} must be a positive int "
+                             f"(T, the training length) or None (the keys in view), got "
+                             f"{self.quadratic_length!r}")
 
     def backbone(self, x: jnp.ndarray, positions: jnp.ndarray, *,
                  segment_ids: Optional[jnp.ndarray], deterministic: bool,
@@ -129,6 +140,7 @@ class Flash(ChunkedAttention, LanguageModel, kw_only=True):
                           quadratic_block_size=self.attention_block_size, norm=self.norm,
                           dropout_rate=self.dropout_rate, decode=decode,
                           deterministic=deterministic, score_bias=self.score_bias,
+                          quadratic_length=self.quadratic_length,
                           dtype=self.compute_dtype, name=f"unit_{i}")(x, positions,
                                                                       segment_ids)
         return x
