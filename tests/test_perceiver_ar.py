@@ -313,6 +313,16 @@ def test_gin_config_honours_the_size_macros_and_position_files():
     assert logits.shape == (1, 5, 128) and logits.dtype == jnp.float32
 
 
+def test_gin_config_has_the_reference_codes_activation_and_rotary():
+    """perceiver_ar.gin as the reference's defaults: squared-ReLU MLPs, RoPE on half the channels
+    with wavelengths up to the maximum context length (ROTARY_MAX_WAVELENGTH)."""
+    model = lexjax.build_model(["configs/models/perceiver_ar.gin"],
+                               ["ROTARY_MAX_WAVELENGTH=4096"])
+    assert model.mlp_activation == "squared_relu" and model.rotary_fraction == 0.5
+    assert model.position.max_wavelength == 4096
+    assert model.position.frequencies(32)[-1] == pytest.approx(1 / 4096)
+
+
 @pytest.mark.parametrize("field,value,match", [
     ("num_latents", 0, "num_latents"), ("num_layers", 0, "num_layers"),
     ("rotary_fraction", 0.0, "rotary_fraction"), ("input_dropout_rate", 1.5, "input_dropout")])

@@ -687,6 +687,26 @@ def test_llama3_frequencies_match_the_rule_written_out():
     assert np.any(got != P.RoPE().frequencies(32))  # the scaling changes the long wavelengths
 
 
+def test_max_wavelength_frequencies_match_perceiver_ar(rng):
+    """Perceiver AR's rotary (google-research/perceiver-ar @168e6f2, `_make_rotation_matrices`):
+    freq = W ** ((2 / d) * linspace(0, d/2, d/2)), theta = 1 / freq, pairs interleaved; its
+    wavelengths run from 1 to W inclusive."""
+    d, wavelength = 12, 8192.0
+    bands = d // 2
+    want = 1.0 / wavelength ** ((2.0 / d) * np.linspace(0, bands, bands))
+    got = P.RoPE(max_wavelength=wavelength).frequencies(d)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    assert got[0] == 1.0 and got[-1] == pytest.approx(1 / wavelength)
+    q = rng.standard_normal((1, 20, 2, d)).astype(np.float32)
+    pos = np.arange(20)
+    qr, _ = rotate(P.RoPE(max_wavelength=wavelength), q, q, pos, pos)
+    z = (q[..., 0::2] + 1j * q[..., 1::2]) * np.exp(1j * pos[None, :, None, None] * want)
+    np.testing.assert_allclose(np.asarray(qr)[..., 0::2], z.real, atol=2e-5)
+    np.testing.assert_allclose(np.asarray(qr)[..., 1::2], z.imag, atol=2e-5)
+    with pytest.raises(ValueError, match="max_wavelength"):
+        P.RoPE(max_wavelength=1.0).frequencies(d)
+
+
 def test_alibi_explicit_slopes(rng):
     slopes = (0.5, 0.125, 0.25)
     rel = rng.integers(-50, 50, size=(4, 6)).astype(np.int32)

@@ -7,6 +7,7 @@ dtype, so one initialization per position scheme is shared by all the variants (
 it keeps the number of compilations, hence the runtime, small.
 """
 import functools
+import math
 
 import chex
 import flax.linen as nn
@@ -277,6 +278,30 @@ def test_model_features_gqa_swiglu_layernorm_untied():
     chex.assert_shape(logits, (2 * B, N, VOCAB))
     chex.assert_tree_all_finite(logits)
     assert_causal(position_changes(logits), 5)
+
+
+@pytest.mark.parametrize("activation,formula", [
+    ("gelu", lambda h: 0.5 * h * (1 + np.tanh(np.sqrt(2 / np.pi) * (h + 0.044715 * h ** 3)))),
+    ("gelu_exact", lambda h: 0.5 * h * (1 + np.vectorize(math.erf)(h / np.sqrt(2)))),
+    ("squared_relu", lambda h: np.maximum(h, 0.0) ** 2),
+    ("silu", lambda h: h / (1 + np.exp(-h))),
+])
+def test_mlp_activations_match_their_formulas(activation, formula, rng):
+    """wo(f(wi x)) in float64 for every element-wise activation (squared ReLU: Perceiver AR's
+    `sq_relu`; SiLU: Mega's FFN)."""
+    from lexjax.layers.mlp import MLP
+    x = jnp.asarray(rng.standard_normal((2, 5, 8)), jnp.float32)
+    mlp = MLP(16, activation)
+    params = nn.unbox(mlp.init(jax.random.PRNGKey(0), x))["params"]
+    wi, wo = (np.asarray(params[name]["kernel"], np.float64) for name in ("wi", "wo"))
+    want = formula(np.asarray(x, np.float64) @ wi) @ wo
+    np.testing.assert_allclose(np.asarray(mlp.apply({"params": params}, x)), want, rtol=1e-4,
+                               atol=1e-5)
+
+
+def test_unknown_mlp_activation_is_refused_clearly():
+    with pytest.raises(lexjax.ConfigError, match="mlp_activation"):
+        build("alibi", F + "mlp_activation='relu3'")
 
 
 @pytest.mark.parametrize("binding,check", [

@@ -1,4 +1,5 @@
-"""The position-wise feed-forward block: GELU (tanh-approximated or exact) or SwiGLU."""
+"""The position-wise feed-forward block: GELU (tanh-approximated or exact), squared ReLU
+(Perceiver AR's `sq_relu`), SiLU (Mega's FFN) or SwiGLU."""
 from __future__ import annotations
 
 from typing import Callable
@@ -8,7 +9,14 @@ import jax.numpy as jnp
 
 from lexjax.layers.basic import Dtype, dense
 
-MLP_ACTIVATIONS = ("gelu", "gelu_exact", "swiglu")
+#: Element-wise activations by name; "swiglu" is the gated one (two input projections).
+ELEMENTWISE_ACTIVATIONS: dict[str, Callable[[jnp.ndarray], jnp.ndarray]] = {
+    "gelu": nn.gelu,
+    "gelu_exact": lambda x: nn.gelu(x, approximate=False),
+    "squared_relu": lambda x: jnp.square(nn.relu(x)),
+    "silu": nn.silu,
+}
+MLP_ACTIVATIONS = (*ELEMENTWISE_ACTIVATIONS, "swiglu")
 
 
 def gelu_function(activation: str) -> Callable[[jnp.ndarray], jnp.ndarray]:
@@ -20,8 +28,9 @@ def gelu_function(activation: str) -> Callable[[jnp.ndarray], jnp.ndarray]:
 
 
 class MLP(nn.Module):
-    """`[batch, length, embed]` -> same. "gelu" / "gelu_exact": wo(gelu(wi x)); "swiglu":
-    wo(silu(wi_gate x) * wi x). `use_bias`: every projection has a bias."""
+    """`[batch, length, embed]` -> same. An element-wise activation f ("gelu", "gelu_exact",
+    "squared_relu": relu(x)², "silu"): wo(f(wi x)); "swiglu": wo(silu(wi_gate x) * wi x).
+    `use_bias`: every projection has a bias."""
 
     hidden: int
     activation: str = "gelu"
@@ -41,7 +50,7 @@ class MLP(nn.Module):
                          name="wi_gate")(x)
             h = nn.silu(gate) * up
         else:
-            h = gelu_function(self.activation)(up)
+            h = ELEMENTWISE_ACTIVATIONS[self.activation](up)
         h = nn.with_logical_constraint(
             h, ("activation_batch", "activation_length", "activation_mlp"))
         h = nn.Dropout(self.dropout_rate)(h, deterministic=deterministic)

@@ -41,6 +41,7 @@ import numpy as np
 from lexjax.attention import MaskSpec
 from lexjax.layers import Embedding, Norm, compute_dtype, dense, make_norm, with_activation_axes
 from lexjax.layers.decoder import NORM_POSITIONS, DecoderLayer
+from lexjax.layers.mlp import MLP_ACTIVATIONS
 from lexjax.positions import PositionScheme
 
 # The size macros of configs/models/*.gin, by field: error messages name what a user sets.
@@ -378,7 +379,8 @@ class AttentionLanguageModel(LanguageModel, kw_only=True):
     Attributes:
       num_heads: query heads (NUM_HEADS); num_kv_heads: key/value heads (None = num_heads).
       head_dim: per-head width (None = embed_dim // num_heads).
-      mlp_activation: "gelu" or "swiglu".
+      mlp_activation: one of `lexjax.layers.mlp.MLP_ACTIVATIONS` ("gelu", "gelu_exact",
+        "squared_relu", "silu", "swiglu").
       attention_impl: the `lexjax.attention.attend` implementation ("auto", "xla",
         "reference", "pallas", ...).
       attention_block_size: block length of blocked implementations (None: their default).
@@ -407,6 +409,9 @@ class AttentionLanguageModel(LanguageModel, kw_only=True):
     @nn.nowrap
     def check(self) -> None:
         super().check()
+        if self.mlp_activation not in MLP_ACTIVATIONS:
+            raise ValueError(f"{self.field_name('mlp_activation')} must be one of "
+                             f"{MLP_ACTIVATIONS}, got {self.mlp_activation!r}")
         if self.num_heads < 1 or self.num_heads % self.key_value_heads:
             raise ValueError(f"{self.field_name('num_heads')} = {self.num_heads} must be a "
                              f"positive multiple of num_kv_heads ({self.key_value_heads})")

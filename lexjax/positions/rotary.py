@@ -41,6 +41,18 @@ def rotary_angles(positions: jnp.ndarray, head_dim: int, base: float,
     return (positions.astype(xp.float32)[..., None] * inv_freq)[..., None, :]
 
 
+def max_wavelength_frequencies(head_dim: int, max_wavelength: float) -> np.ndarray:
+    """Perceiver AR's theta_i = max_wavelength^(-i / (d/2 - 1)), float32 `[head_dim // 2]`
+    (1 for a single pair)."""
+    if head_dim % 2:
+        raise ValueError(f"rotary embeddings need an even head_dim, got {head_dim}")
+    if not max_wavelength > 1:
+        raise ValueError(f"RoPE.max_wavelength must be > 1, got {max_wavelength!r}")
+    bands = head_dim // 2
+    exponents = np.arange(bands, dtype=np.float64) / max(bands - 1, 1)
+    return (float(max_wavelength) ** -exponents).astype(np.float32)
+
+
 def llama3_frequencies(inv_freq: np.ndarray, factor: float, low_freq_factor: float,
                        high_freq_factor: float, original_max_positions: int) -> np.ndarray:
     """Llama 3.1's frequency scaling of `inv_freq [d/2]`: wavelengths longer than
@@ -96,12 +108,17 @@ class RoPE(PositionScheme):
         a model trained at length L reads L * interpolation; HF's "linear" rope scaling).
       llama3_scaling: `(factor, low_freq_factor, high_freq_factor, original_max_positions)`:
         Llama 3.1's per-frequency scaling (`llama3_frequencies`), or None.
+      max_wavelength: Perceiver AR's spacing instead of `base`: theta_i =
+        max_wavelength^(-i / (r/2 - 1)), i = 0 .. r/2 - 1, log-spaced from 1 down to
+        1 / max_wavelength inclusive (the reference's `_make_rotation_matrices`; there
+        max_wavelength is the maximum context length).
     """
 
     base: float = 10000.0
     fraction: float = 1.0
     interpolation: float = 1.0
     llama3_scaling: Optional[tuple[float, float, float, int]] = None
+    max_wavelength: Optional[float] = None
 
     @property
     def rotates_keys_alone(self) -> bool:
@@ -117,7 +134,10 @@ class RoPE(PositionScheme):
 
     def frequencies(self, rotary_dim: int) -> np.ndarray:
         """float32 `[rotary_dim // 2]`: theta_i after interpolation and any Llama 3 scaling."""
-        inv_freq = inverse_frequencies(rotary_dim, self.base)
+        if self.max_wavelength is not None:
+            inv_freq = max_wavelength_frequencies(rotary_dim, self.max_wavelength)
+        else:
+            inv_freq = inverse_frequencies(rotary_dim, self.base)
         if self.llama3_scaling is not None:
             inv_freq = llama3_frequencies(inv_freq, *self.llama3_scaling)
         return (inv_freq / np.float32(self.interpolation)).astype(np.float32)
