@@ -134,3 +134,23 @@ def test_defaults_axes_and_errors():
     with pytest.raises(lexjax.ConfigError,
                        match=r"chunk_size \(CHUNK_SIZE\) must be a positive int"):
         lexjax.build_model(["configs/models/mega.gin"], TINY + (f"{M}chunk_size=0",))
+
+
+def test_ffn_is_silu_as_in_the_reference_lm():
+    """Inside the model the block's FFN computes wo(silu(wi y)) (the reference LM's
+    activation_fn), checked on its captured input and output in float64; another activation
+    name is refused."""
+    model, variables = initialized()
+    assert model.mlp_activation == "silu"
+    _, state = model.apply(variables, tokens(2, 12), capture_intermediates=True,
+                           mutable=["intermediates"])
+    params = nn.unbox(variables["params"])["layer_0"]["ffn"]
+    wi, wo = (np.asarray(params[name]["kernel"], np.float64) for name in ("wi", "wo"))
+    captured = state["intermediates"]["layer_0"]
+    ffn_in = np.asarray(captured["mega_norm"]["__call__"][0], np.float64)  # Y = Norm(Mega(X))
+    hidden = ffn_in @ wi
+    want = (hidden / (1 + np.exp(-hidden))) @ wo
+    np.testing.assert_allclose(np.asarray(captured["ffn"]["__call__"][0]), want, rtol=1e-4,
+                               atol=1e-5)
+    with pytest.raises(lexjax.ConfigError, match="mlp_activation"):
+        lexjax.build_model(["configs/models/mega.gin"], TINY + (f"{M}mlp_activation='swiglu'",))

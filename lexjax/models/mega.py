@@ -10,7 +10,7 @@ One Mega layer (paper eqs. 6–15), `X [length, d] -> Y [length, d]`:
     Ĥ = SiLU(X' W_h + (γ ⊙ O) U_h + b_h);   Y = φ ⊙ Ĥ + (1 − φ) ⊙ X
 
 and one Mega block (eq. 17, post-norm, the gated residual replacing the usual one):
-`Y = Norm(Mega(X))`, `Y' = Norm(FFN(Y) + Y)`. Mega-chunk (§3.4): the attention stays inside
+`Y = Norm(Mega(X))`, `Y' = Norm(FFN(Y) + Y)` (a SiLU FFN, as the reference LM's). Mega-chunk (§3.4): the attention stays inside
 non-overlapping chunks of `chunk_size` tokens (`MaskSpec(chunk=c)`, causal inside the chunk), so
 time and memory are linear in the length; only the EMA carries information across chunks.
 `chunk_size=None` is full causal Mega (quadratic).
@@ -40,6 +40,7 @@ from lexjax.layers import MLP, Layer, make_norm, with_activation_axes
 from lexjax.layers.basic import Dtype
 from lexjax.layers.decoding import KeyValueCache, cached_recurrence
 from lexjax.layers.ema import DampedEMA, ema_flops_per_token
+from lexjax.layers.mlp import ELEMENTWISE_ACTIVATIONS
 from lexjax.models.lm import ChunkedAttention, LanguageModel
 from lexjax.positions import PositionScheme, RoPE
 
@@ -119,12 +120,13 @@ class MegaBlock(Layer, kw_only=True):
     layer: MegaLayer
     mlp_dim: int
     norm: str = "layernorm"
+    mlp_activation: str = "silu"
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, positions: jnp.ndarray) -> jnp.ndarray:
         y = self.layer.clone(parent=self, name="mega")(x, positions)
         y = make_norm(self.norm, dtype=self.dtype, name="mega_norm")(y)
-        h = MLP(self.mlp_dim, "gelu", self.dropout_rate, self.dtype, name="ffn")(
+        h = MLP(self.mlp_dim, self.mlp_activation, self.dropout_rate, self.dtype, name="ffn")(
             y, deterministic=self.deterministic)
         h = self.residual_dropout(h)
         return with_activation_axes(make_norm(self.norm, dtype=self.dtype, name="ffn_norm")(h + y))
@@ -138,6 +140,8 @@ class Mega(ChunkedAttention, LanguageModel, kw_only=True):
 
     Attributes:
       mlp_dim: FFN width (paper 2d).
+      mlp_activation: the FFN's activation (SiLU, the reference LM's `activation_fn`; any of
+        `lexjax.layers.mlp.MLP_ACTIVATIONS`).
       chunk_size: Mega-chunk's chunk c (linear time), or None for full Mega (quadratic).
       qk_dim: z (paper 128). value_dim: v (default 2d). ema_dim: h (paper 16).
       position: the zoo position scheme giving b_rel (`relative_bias`) and/or rotating q, k.
@@ -151,6 +155,7 @@ class Mega(ChunkedAttention, LanguageModel, kw_only=True):
     position: PositionScheme = RoPE()
     attention_impl: str = "auto"
     norm: str = "layernorm"
+    mlp_activation: str = "silu"
 
     final_norm = False
     mixes_segments = "its damped EMA is a convolution over the whole row"
@@ -164,6 +169,9 @@ class Mega(ChunkedAttention, LanguageModel, kw_only=True):
     def check(self) -> None:
         super().check()
         self.check_chunk_size(none_means="full Mega")
+        if self.mlp_activation not in ELEMENTWISE_ACTIVATIONS:
+            raise ValueError(f"{self.field_name('mlp_activation')} must be one of "
+                             f"{tuple(ELEMENTWISE_ACTIVATIONS)}, got {self.mlp_activation!r}")
 
     @nn.nowrap
     def flops_per_token(self, length: int) -> float:
@@ -188,6 +196,7 @@ class Mega(ChunkedAttention, LanguageModel, kw_only=True):
                           attention_impl=self.attention_impl, parent=None, **mode)
         block_cls = self.remat(MegaBlock, decode)
         for i in range(self.num_layers):
-            x = block_cls(layer=layer, mlp_dim=self.mlp_dim, norm=self.norm, name=f"layer_{i}",
+            x = block_cls(layer=layer, mlp_dim=self.mlp_dim, norm=self.norm,
+                          mlp_activation=self.mlp_activation, name=f"layer_{i}",
                           **mode)(x, positions)
         return x
