@@ -3,8 +3,9 @@
     python experiments/extrapolation.py --gin_file=configs/experiments/extrapolation_small.gin \
         --out=experiments/results/extrapolation_small [--shard=0/1] [--only=transformer/alibi]
 
-Each cell of the gin-listed matrix ("model/scheme", "model/scheme+bca", or "model/default" for a
-model's own default scheme; a suffix "[MACRO=VALUE,...]" adds that cell's own bindings, e.g. a
+Each cell of the gin-listed matrix ("model/scheme", "model/scheme+bca" or "+window" (the run of
+"model/scheme" evaluated under blockwise causal attention, or a sliding window of the training
+length), or "model/default" for a model's own default scheme; a suffix "[MACRO=VALUE,...]" adds that cell's own bindings, e.g. a
 narrower MLP_DIM to meet the parameter budget) trains with the same run gin and size overrides (same tokens, steps,
 and parameter budget: non-embedding parameter counts are reported and checked within +-10%), in
 its own run directory `OUT/cells/<model>__<scheme>`, then is evaluated at every listed length on
@@ -39,7 +40,8 @@ class Study:
 
     Attributes:
       matrix: cells "model/scheme" (scheme: a configs/positions name or "default"; "+bca" adds
-        blockwise causal attention at evaluation to the run of "model/scheme").
+        blockwise causal attention at evaluation to the run of "model/scheme", "+window" a
+        sliding window of the training length: `INFERENCE_MASKS`).
       run_gin: the run gin every cell trains with (binds the run macros).
       overrides: gin bindings applied after the model and position gins (sizes, steps, ...).
       eval_lengths: evaluation lengths (the first is usually TRAIN_LENGTH).
@@ -56,11 +58,16 @@ class Study:
     param_tolerance: float = 0.10
 
 
+#: Cell suffixes that evaluate the run of the base cell under another inference mask: the
+#: `lexjax.evaluate` flag of each.
+INFERENCE_MASKS = {"bca": "--bca", "window": "--window"}
+
+
 @dataclasses.dataclass(frozen=True)
 class Cell:
     model: str
     scheme: str  # a configs/positions name or "default"
-    bca: bool = False
+    inference: str = ""  # "" or a key of INFERENCE_MASKS
     bindings: tuple[str, ...] = ()  # the cell's own gin bindings, after the study's overrides
 
     @classmethod
@@ -68,20 +75,29 @@ class Cell:
         text, _, extra = text.partition("[")
         bindings = tuple(b.strip() for b in extra.rstrip("]").split(",") if b.strip())
         model, _, scheme = text.partition("/")
-        bca = scheme.endswith("+bca")
-        return cls(model, scheme[:-4] if bca else scheme or "default", bca, bindings)
+        scheme, _, inference = scheme.partition("+")
+        if inference and inference not in INFERENCE_MASKS:
+            raise ValueError(f"unknown cell suffix +{inference} in {text!r}; use one of "
+                             f"{['+' + name for name in INFERENCE_MASKS]}")
+        return cls(model, scheme or "default", inference, bindings)
 
     @property
     def name(self) -> str:
         extra = f"[{','.join(self.bindings)}]" if self.bindings else ""
-        return f"{self.model}/{self.scheme}" + ("+bca" if self.bca else "") + extra
+        suffix = f"+{self.inference}" if self.inference else ""
+        return f"{self.model}/{self.scheme}{suffix}{extra}"
 
     def overrides(self, study: "Study") -> list[str]:
         return [*study.overrides, *self.bindings]
 
     @property
-    def run_name(self) -> str:  # +bca cells share the run of their base cell
+    def run_name(self) -> str:  # +bca / +window cells share the run of their base cell
         return f"{self.model}__{self.scheme}"
+
+    @property
+    def eval_name(self) -> str:
+        """The evaluation's file stem under the run's eval/ directory."""
+        return "extrapolation" + (f"_{self.inference}" if self.inference else "")
 
     def gin_files(self, study: Study) -> list[str]:
         files = [study.run_gin, f"configs/models/{self.model}.gin"]
@@ -109,7 +125,7 @@ def non_embedding_parameters(cell: Cell, study: Study) -> int:
 def run_cell(cell: Cell, study: Study, out: str) -> dict:
     """Trains (unless done) and evaluates (unless done) one cell; returns its result record."""
     run_dir = os.path.join(out, "cells", cell.run_name)
-    name = "extrapolation_bca" if cell.bca else "extrapolation"
+    name = cell.eval_name
     result_path = os.path.join(run_dir, "eval", f"{name}.json")
     if os.path.exists(result_path):
         return json.load(open(result_path))
@@ -123,7 +139,8 @@ def run_cell(cell: Cell, study: Study, out: str) -> dict:
     run_logged([sys.executable, "-m", "lexjax.evaluate", f"--model_dir={run_dir}",
                 "--lengths=" + ",".join(map(str, study.eval_lengths)),
                 f"--max_tokens={study.eval_tokens}", f"--batch_size={study.eval_batch_size}",
-                f"--name={name}", *(["--bca"] if cell.bca else [])], log)
+                f"--name={name}",
+                *([INFERENCE_MASKS[cell.inference]] if cell.inference else [])], log)
     record = json.load(open(result_path))
     record["seconds"] = {"train": trained - started, "evaluate": time.time() - trained}
     with open(result_path, "w") as f:
@@ -220,8 +237,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("warning:", warning, file=sys.stderr)
     records = {}
     for cell in cells:
-        path = os.path.join(args.out, "cells", cell.run_name, "eval",
-                            ("extrapolation_bca" if cell.bca else "extrapolation") + ".json")
+        path = os.path.join(args.out, "cells", cell.run_name, "eval", cell.eval_name + ".json")
         if os.path.exists(path):
             records[cell.name] = json.load(open(path))
     for cell in mine if not args.report_only else []:

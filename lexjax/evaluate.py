@@ -1,10 +1,10 @@
 """Evaluate a trained run at several lengths ("train short, test long"):
-`python -m lexjax.evaluate --model_dir=D --lengths=128,256,512,1024 [--bca] [--stride=S]
-[--mesh=M] [--gin_file=F] [--gin.NAME=VALUE]`.
+`python -m lexjax.evaluate --model_dir=D --lengths=128,256,512,1024 [--bca | --window]
+[--stride=S] [--mesh=M] [--gin_file=F] [--gin.NAME=VALUE]`.
 
 By the run's objective:
 - causal LM: loss, perplexity, bits per byte, attention resolution per length
-  (`D/eval/extrapolation[_bca|_stride<S>]`);
+  (`D/eval/extrapolation[_bca|_window][_stride<S>]`);
 - masked LM: masked-token loss and accuracy per length (`D/eval/masked_lm`);
 - classification: accuracy (F1, Matthews where the task defines them) and the majority baseline,
   at the training length unless --lengths says otherwise (`D/eval/classification`).
@@ -46,6 +46,9 @@ def main(argv=None) -> int:
     parser.add_argument("--batch_size", type=int, default=4)
     parser.add_argument("--bca", action="store_true",
                         help="blockwise causal attention at inference, blocks of TRAIN_LENGTH/2")
+    parser.add_argument("--window", action="store_true",
+                        help="sliding-window attention at inference over the TRAIN_LENGTH most "
+                             "recent tokens (a receptive field no larger than in training)")
     parser.add_argument("--stride", type=int, default=None,
                         help="sliding-window protocol: score only the last STRIDE tokens")
     parser.add_argument("--respect_documents", action="store_true",
@@ -65,10 +68,14 @@ def main(argv=None) -> int:
     from lexjax.runs import configured_run, load_run
 
     gin_files = list(args.gin_file)
-    if args.bca:
+    if args.bca or args.window:
         train_length = configured_run(args.model_dir)[1].train_length
-        gin_files.append("configs/features/bca.gin")
-        bindings.append(f"BCA_BLOCK = {max(1, train_length // 2)}")
+        if args.bca:
+            gin_files.append("configs/features/bca.gin")
+            bindings.append(f"BCA_BLOCK = {max(1, train_length // 2)}")
+        else:
+            gin_files.append("configs/features/inference_window.gin")
+            bindings.append(f"INFERENCE_WINDOW = {train_length}")
     mesh = partitioning.make_mesh(args.mesh) if args.mesh else None
     run = load_run(args.model_dir, args.step, gin_files=gin_files, bindings=bindings, mesh=mesh)
     data = run.config.data
@@ -99,6 +106,7 @@ def main(argv=None) -> int:
                                    max_examples=args.max_examples, **common)
     else:
         name = args.name or ("extrapolation" + ("_bca" if args.bca else "")
+                             + ("_window" if args.window else "")
                              + (f"_stride{args.stride}" if args.stride else ""))
         columns, plotted = COLUMNS, "perplexity"
         common.pop("train_length")
@@ -122,7 +130,7 @@ def check_objective_settings(args: argparse.Namespace, objective: str) -> None:
     """One-line errors for flags the run's objective cannot use."""
     from lexjax.errors import ConfigError
     if objective != "causal_lm":
-        for flag in ("bca", "stride", "respect_documents"):
+        for flag in ("bca", "window", "stride", "respect_documents"):
             if getattr(args, flag):
                 raise ConfigError(f"--{flag} is for causal LMs; this run's objective is "
                                   f"{objective}")
@@ -140,6 +148,8 @@ def check_settings(args: argparse.Namespace) -> None:
         raise ConfigError(f"--max_examples must be >= 1, got {args.max_examples}")
     if args.max_tokens < 1:
         raise ConfigError(f"--max_tokens must be >= 1, got {args.max_tokens}")
+    if args.bca and args.window:
+        raise ConfigError("--bca and --window are two inference masks: pass one of them")
     if args.stride is not None and args.lengths and not 0 < args.stride <= min(args.lengths):
         raise ConfigError(f"--stride must be in 1..{min(args.lengths)} (the shortest of "
                           f"--lengths), got {args.stride}")

@@ -160,7 +160,7 @@ def test_help(cli):
     evaluate = results["help_evaluate"]
     assert "EXIT=0" in evaluate.stderr, evaluate.stderr[-2000:]
     assert evaluate.stdout.startswith("usage: python -m lexjax.evaluate")
-    for flag in ("--lengths", "--stride", "--bca", "--model_dir"):
+    for flag in ("--lengths", "--stride", "--bca", "--window", "--model_dir"):
         assert flag in evaluate.stdout
 
 
@@ -243,3 +243,11 @@ def test_generate_refuses_bad_values(cli, case, names):
 ])
 def test_bad_settings_are_refused_in_one_line_naming_them(cli, case, names):
     assert_one_clear_error(cli[0][case], *names)
+
+
+def test_evaluate_refuses_two_inference_masks():
+    """--bca and --window are one line each, checked before anything is loaded."""
+    from lexjax import evaluate
+    from lexjax.errors import ConfigError
+    with pytest.raises(ConfigError, match="--bca and --window"):
+        evaluate.main(["--model_dir=nowhere", "--lengths=16", "--bca", "--window"])

@@ -1,5 +1,6 @@
-"""The study runner on a tiny matrix: one training run evaluated two ways (plain and BCA);
-report files written, finished cells skipped on a second run."""
+"""The study runner on a tiny matrix: one training run evaluated three ways (plain, BCA, a
+sliding window of the training length); report files written, finished cells skipped on a second
+run."""
 import json
 import os
 import subprocess
@@ -31,7 +32,8 @@ def test_report_has_a_row_per_cell_and_every_length(study):
     for ext in ("md", "csv", "json", "png"):
         assert os.path.getsize(os.path.join(out, f"extrapolation.{ext}")) > 0
     rows = json.load(open(os.path.join(out, "extrapolation.json")))["rows"]
-    assert [r["cell"] for r in rows] == ["transformer/alibi", "transformer/alibi+bca"]
+    assert [r["cell"] for r in rows] == ["transformer/alibi", "transformer/alibi+bca",
+                                         "transformer/alibi+window"]
     for row in rows:
         assert row["ppl@16"] > 1 and row["ppl@32"] > 1
 
@@ -45,6 +47,24 @@ def test_bca_cell_reuses_the_trained_run_and_changes_only_longer_lengths(study):
     assert bca["ppl@16"] == pytest.approx(plain["ppl@16"], rel=1e-5)
     assert bca["ppl@32"] != pytest.approx(plain["ppl@32"], rel=1e-6)
     assert len(os.listdir(os.path.join(out, "cells"))) == 1
+
+
+def test_window_cell_sees_the_training_length_at_most(study):
+    """A window of TRAIN_LENGTH = 16 keys is the full causal past at length 16 and less at 32."""
+    out, _ = study
+    rows = {r["cell"]: r for r in json.load(open(os.path.join(out, "extrapolation.json")))["rows"]}
+    plain, window = rows["transformer/alibi"], rows["transformer/alibi+window"]
+    assert window["ppl@16"] == pytest.approx(plain["ppl@16"], rel=1e-5)
+    assert window["ppl@32"] != pytest.approx(plain["ppl@32"], rel=1e-6)
+    assert window["ppl@32"] != pytest.approx(rows["transformer/alibi+bca"]["ppl@32"], rel=1e-6)
+
+
+def test_unknown_cell_suffix_is_refused():
+    sys.path.insert(0, os.path.join(REPO, "experiments"))
+    from extrapolation import Cell
+    assert Cell.parse("transformer/rope+window").name == "transformer/rope+window"
+    with pytest.raises(ValueError, match=r"\+slide"):
+        Cell.parse("transformer/rope+slide")
 
 
 def test_second_run_skips_finished_cells(study):
