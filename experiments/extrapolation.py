@@ -5,9 +5,10 @@
 
 Each cell of the gin-listed matrix ("model/scheme", "model/scheme+bca" or "+window" (the run of
 "model/scheme" evaluated under blockwise causal attention, or a sliding window of the training
-length), or "model/default" for a model's own default scheme; a suffix "[MACRO=VALUE,...]" adds that cell's own bindings, e.g. a
-narrower MLP_DIM to meet the parameter budget) trains with the same run gin and size overrides (same tokens, steps,
-and parameter budget: non-embedding parameter counts are reported and checked within +-10%), in
+length), or "model/default" for a model's own default scheme; a suffix "[MACRO=VALUE,...]" adds
+that cell's own bindings, e.g. a narrower MLP_DIM to meet the parameter budget) trains with the
+same run gin and size overrides (same tokens, steps, and parameter budget: non-embedding
+parameter counts are reported and checked within +-10%), in
 its own run directory `OUT/cells/<model>__<scheme>`, then is evaluated at every listed length on
 the test split. Finished cells are skipped, so an interrupted study resumes where it stopped;
 `--shard=i/n` runs every n-th cell (one process per host). The report (`OUT/extrapolation.{md,

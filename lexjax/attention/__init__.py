@@ -4,5 +4,5 @@ from lexjax.attention.common import ContentBias, RelativeBias, Rotation
 from lexjax.attention.dispatch import IMPLEMENTATIONS, attend, register_implementation
 from lexjax.attention.masks import MaskSpec
 
-__all__ = ["MaskSpec", "RelativeBias", "ContentBias", "Rotation", "attend", "register_implementation",
-           "IMPLEMENTATIONS"]
+__all__ = ["MaskSpec", "RelativeBias", "ContentBias", "Rotation", "attend",
+           "register_implementation", "IMPLEMENTATIONS"]
