@@ -78,6 +78,7 @@ def main(argv=None) -> int:
             bindings.append(f"INFERENCE_WINDOW = {train_length}")
     mesh = partitioning.make_mesh(args.mesh) if args.mesh else None
     run = load_run(args.model_dir, args.step, gin_files=gin_files, bindings=bindings, mesh=mesh)
+    check_inference_mask(args, run.model)
     data = run.config.data
     if args.task:
         data = dataclasses.replace(data, task=args.task)
@@ -124,6 +125,16 @@ def main(argv=None) -> int:
     print(f"wrote {os.path.join(args.model_dir, 'eval', name)}.{{md,csv,json,png}}",
           file=sys.stderr)
     return 0
+
+
+def check_inference_mask(args: argparse.Namespace, model) -> None:
+    """One line if --bca / --window did not reach the model: their gins bind
+    `lexjax.models.Transformer.inference_mask`, which other models do not read."""
+    from lexjax.errors import ConfigError
+    flag = "--bca" if args.bca else "--window" if args.window else None
+    if flag and getattr(model, "inference_mask", None) is None:
+        raise ConfigError(f"{flag} sets lexjax.models.Transformer.inference_mask; this run's model "
+                          f"is {type(model).__name__}, which has no inference mask to set")
 
 
 def check_objective_settings(args: argparse.Namespace, objective: str) -> None:

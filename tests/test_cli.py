@@ -251,3 +251,21 @@ def test_evaluate_refuses_two_inference_masks():
     from lexjax.errors import ConfigError
     with pytest.raises(ConfigError, match="--bca and --window"):
         evaluate.main(["--model_dir=nowhere", "--lengths=16", "--bca", "--window"])
+
+
+def test_evaluate_refuses_an_inference_mask_the_model_cannot_read():
+    """--bca / --window bind Transformer.inference_mask: a model without one (Mega) is told so
+    in one line instead of being evaluated with its training mask."""
+    import argparse
+
+    import lexjax
+    from lexjax import evaluate
+    from lexjax.attention import MaskSpec
+    from lexjax.errors import ConfigError
+    mega = lexjax.build_model(["configs/models/mega.gin"])
+    with pytest.raises(ConfigError, match="--window sets .* is Mega"):
+        evaluate.check_inference_mask(argparse.Namespace(bca=False, window=True), mega)
+    transformer = lexjax.build_model(["configs/models/transformer.gin"]).clone(
+        inference_mask=MaskSpec(window=16))
+    evaluate.check_inference_mask(argparse.Namespace(bca=False, window=True), transformer)
+    evaluate.check_inference_mask(argparse.Namespace(bca=False, window=False), mega)
