@@ -2,8 +2,10 @@
 sequence through the models' incremental-decoding interface."""
 from __future__ import annotations
 
+import importlib.util
 import os
 import random
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -63,3 +65,19 @@ def projection_flops(params) -> float:
     leaves = jax.tree_util.tree_flatten_with_path(nn.unbox(params))[0]
     return sum(2.0 * leaf.size for path, leaf in leaves
                if jax.tree_util.keystr(path).endswith("['kernel']"))
+
+
+def study_runner(script: str):
+    """`experiments/<script>.py` (not a package) imported once per process as
+    `<script>_study`: it registers its study configurable with gin, which refuses a second
+    registration under another module name."""
+    name = f"{script}_study"
+    if name not in sys.modules:
+        repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        spec = importlib.util.spec_from_file_location(
+            name, os.path.join(repo, "experiments", f"{script}.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # its dataclasses look their module up
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+

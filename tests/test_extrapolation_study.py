@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+from helpers import study_runner
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNNER = os.path.join(REPO, "experiments", "extrapolation.py")
 TINY = "configs/experiments/extrapolation_tiny.gin"
@@ -60,8 +62,7 @@ def test_window_cell_sees_the_training_length_at_most(study):
 
 
 def test_unknown_cell_suffix_is_refused():
-    sys.path.insert(0, os.path.join(REPO, "experiments"))
-    from extrapolation import Cell
+    Cell = study_runner("extrapolation").Cell
     assert Cell.parse("transformer/rope+window").name == "transformer/rope+window"
     with pytest.raises(ValueError, match=r"\+slide"):
         Cell.parse("transformer/rope+slide")

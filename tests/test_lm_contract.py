@@ -15,11 +15,8 @@ their own contract in `tests/test_encoder.py`):
 Model-specific behaviour (a paper's equations, FLOP counts, options) is tested in the model's own
 test file.
 """
-import functools
-import importlib.util
 import json
 import os
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +25,7 @@ import pytest
 
 import lexjax
 import param_layouts
+from helpers import study_runner
 from lexjax import partitioning
 from lexjax.data import DataConfig, segment_ids
 from lexjax.training import state as state_lib
@@ -223,20 +221,6 @@ STUDY_RUNNERS = {"local_attention": "LocalAttentionStudy", "mlm_efficiency": "ML
                  "extrapolation": "Study"}
 
 
-@functools.lru_cache(maxsize=None)
-def register_study_runner(script: str) -> None:
-    """Imports `experiments/<script>.py` (not a package) once: it registers its study
-    configurable (`STUDY_RUNNERS`)."""
-    name = f"{script}_study"
-    if name in sys.modules:
-        return
-    path = os.path.join(lexjax.config.REPO_ROOT, "experiments", f"{script}.py")
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-
-
 def gin_files():
     root = os.path.join(lexjax.config.REPO_ROOT, "configs")
     return sorted(os.path.relpath(os.path.join(d, f), lexjax.config.REPO_ROOT)
@@ -261,7 +245,7 @@ def test_every_gin_file_parses_and_builds(path):
     files, bindings = [path], []
     if kind in ("positions", "features"):
         files = ["configs/models/transformer.gin", "configs/positions/xpos.gin", path]
-        bindings = ["BCA_BLOCK=64"]
+        bindings = ["BCA_BLOCK=64", "INFERENCE_WINDOW=64"]
         if "local_" in path or "global_tokens" in path:  # encoder overlays
             base = [] if "local_" in path else ["configs/features/local_blocks.gin"]
             files = ["configs/models/encoder.gin", *base, path]
@@ -271,7 +255,7 @@ def test_every_gin_file_parses_and_builds(path):
         bindings = ["TEXT_FILES_GLOB='/corpus/*.txt'", "SENTENCEPIECE_MODEL='/spm.model'"]
     elif kind == "experiments":
         script = next((s for s in STUDY_RUNNERS if s in path), "extrapolation")
-        register_study_runner(script)
+        study_runner(script)  # registers its configurable (STUDY_RUNNERS)
     parse_gin(files, bindings)
     try:
         if kind in ("models", "positions", "features"):
