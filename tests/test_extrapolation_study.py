@@ -40,25 +40,20 @@ def test_report_has_a_row_per_cell_and_every_length(study):
         assert row["ppl@16"] > 1 and row["ppl@32"] > 1
 
 
-def test_bca_cell_reuses_the_trained_run_and_changes_only_longer_lengths(study):
+@pytest.mark.parametrize("suffix", ["bca", "window"])
+def test_inference_mask_cell_reuses_the_trained_run_and_changes_only_longer_lengths(study,
+                                                                                    suffix):
+    """At length 16 = TRAIN_LENGTH a query sees its whole causal past under BCA (blocks of 8: its
+    block and the previous one) and under a window of 16 keys, so the evaluations agree with the
+    plain one; at 32 they differ from it and from each other."""
     out, _ = study
     rows = {r["cell"]: r for r in json.load(open(os.path.join(out, "extrapolation.json")))["rows"]}
-    plain, bca = rows["transformer/alibi"], rows["transformer/alibi+bca"]
-    # BCA blocks are TRAIN_LENGTH/2 = 8: at length 16 a query in block 1 sees blocks 0-1, all of
-    # its causal past, so the two evaluations agree; at 32 they differ.
-    assert bca["ppl@16"] == pytest.approx(plain["ppl@16"], rel=1e-5)
-    assert bca["ppl@32"] != pytest.approx(plain["ppl@32"], rel=1e-6)
+    plain, masked = rows["transformer/alibi"], rows[f"transformer/alibi+{suffix}"]
+    other = rows["transformer/alibi+" + ("window" if suffix == "bca" else "bca")]
+    assert masked["ppl@16"] == pytest.approx(plain["ppl@16"], rel=1e-5)
+    assert masked["ppl@32"] != pytest.approx(plain["ppl@32"], rel=1e-6)
+    assert masked["ppl@32"] != pytest.approx(other["ppl@32"], rel=1e-6)
     assert len(os.listdir(os.path.join(out, "cells"))) == 1
-
-
-def test_window_cell_sees_the_training_length_at_most(study):
-    """A window of TRAIN_LENGTH = 16 keys is the full causal past at length 16 and less at 32."""
-    out, _ = study
-    rows = {r["cell"]: r for r in json.load(open(os.path.join(out, "extrapolation.json")))["rows"]}
-    plain, window = rows["transformer/alibi"], rows["transformer/alibi+window"]
-    assert window["ppl@16"] == pytest.approx(plain["ppl@16"], rel=1e-5)
-    assert window["ppl@32"] != pytest.approx(plain["ppl@32"], rel=1e-6)
-    assert window["ppl@32"] != pytest.approx(rows["transformer/alibi+bca"]["ppl@32"], rel=1e-6)
 
 
 def test_unknown_cell_suffix_is_refused():

@@ -61,10 +61,10 @@ class SelfAttention(nn.Module):
         if self.decode:
             out = self.attend_cached(scheme, q, k, v, positions, bias)
         else:
-            if self.is_mutable_collection("intermediates"):
-                self.sow_attention_inputs(*scheme.rotate(q, k, positions, positions), bias,
-                                          x.shape[1])
             q, k, rotation = self.rotate_or_defer(scheme, q, k, positions)
+            if self.is_mutable_collection("intermediates"):
+                rotated = (q, k) if rotation is None else rotation(q, k, positions, positions)
+                self.sow_attention_inputs(*rotated, bias, x.shape[1])
             q = nn.with_logical_constraint(q, ACTIVATION_HEADS)
             out = attend(q, k, v, mask=self.mask, bias=bias, impl=self.attention_impl,
                          block_size=self.block_size, segment_ids=segment_ids,

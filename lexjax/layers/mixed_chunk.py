@@ -31,11 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from lexjax.attention import RelativeBias
-
-
-def squared_relu(scores: jnp.ndarray) -> jnp.ndarray:
-    """relu(x)², the GAU's attention kernel (float32 in, float32 out)."""
-    return jnp.square(jax.nn.relu(scores))
+from lexjax.layers.mlp import squared_relu
 
 
 def _with_bias(scores: jnp.ndarray, bias: Optional[RelativeBias], rel: jnp.ndarray) -> jnp.ndarray:

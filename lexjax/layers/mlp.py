@@ -9,11 +9,16 @@ import jax.numpy as jnp
 
 from lexjax.layers.basic import Dtype, dense
 
+def squared_relu(x: jnp.ndarray) -> jnp.ndarray:
+    """relu(x)² (Perceiver AR's `sq_relu`, the gated attention unit's kernel)."""
+    return jnp.square(nn.relu(x))
+
+
 #: Element-wise activations by name; "swiglu" is the gated one (two input projections).
 ELEMENTWISE_ACTIVATIONS: dict[str, Callable[[jnp.ndarray], jnp.ndarray]] = {
     "gelu": nn.gelu,
     "gelu_exact": lambda x: nn.gelu(x, approximate=False),
-    "squared_relu": lambda x: jnp.square(nn.relu(x)),
+    "squared_relu": squared_relu,
     "silu": nn.silu,
 }
 MLP_ACTIVATIONS = (*ELEMENTWISE_ACTIVATIONS, "swiglu")
@@ -21,10 +26,8 @@ MLP_ACTIVATIONS = (*ELEMENTWISE_ACTIVATIONS, "swiglu")
 
 def gelu_function(activation: str) -> Callable[[jnp.ndarray], jnp.ndarray]:
     """The GELU an MLP activation name implies: exact (erf) for "gelu_exact", else the tanh
-    approximation ("gelu": GPT-2's and BERT-TF's; "swiglu" models use it in heads)."""
-    if activation == "gelu_exact":
-        return lambda x: nn.gelu(x, approximate=False)
-    return nn.gelu
+    approximation ("gelu": GPT-2's and BERT-TF's; other activations' models use it in heads)."""
+    return ELEMENTWISE_ACTIVATIONS["gelu_exact" if activation == "gelu_exact" else "gelu"]
 
 
 class MLP(nn.Module):

@@ -10,10 +10,11 @@ One Mega layer (paper eqs. 6–15), `X [length, d] -> Y [length, d]`:
     Ĥ = SiLU(X' W_h + (γ ⊙ O) U_h + b_h);   Y = φ ⊙ Ĥ + (1 − φ) ⊙ X
 
 and one Mega block (eq. 17, post-norm, the gated residual replacing the usual one):
-`Y = Norm(Mega(X))`, `Y' = Norm(FFN(Y) + Y)` (a SiLU FFN, as the reference LM's). Mega-chunk (§3.4): the attention stays inside
-non-overlapping chunks of `chunk_size` tokens (`MaskSpec(chunk=c)`, causal inside the chunk), so
-time and memory are linear in the length; only the EMA carries information across chunks.
-`chunk_size=None` is full causal Mega (quadratic).
+`Y = Norm(Mega(X))`, `Y' = Norm(FFN(Y) + Y)` (a SiLU FFN, as the reference LM's). Mega-chunk
+(§3.4): the attention stays inside non-overlapping chunks of `chunk_size` tokens
+(`MaskSpec(chunk=c)`, causal inside the chunk), so time and memory are linear in the length;
+only the EMA carries information across chunks. `chunk_size=None` is full causal Mega
+(quadratic).
 
 Size macros: EMBED_DIM = d, MLP_DIM = the FFN width (paper 2d), CHUNK_SIZE = c; v = 2d, z = 128,
 h = 16 (the paper's LM settings) are fields. NUM_HEADS is ignored: Mega's attention has one head
@@ -140,8 +141,8 @@ class Mega(ChunkedAttention, LanguageModel, kw_only=True):
 
     Attributes:
       mlp_dim: FFN width (paper 2d).
-      mlp_activation: the FFN's activation (SiLU, the reference LM's `activation_fn`; any of
-        `lexjax.layers.mlp.MLP_ACTIVATIONS`).
+      mlp_activation: the FFN's activation (SiLU, the reference LM's `activation_fn`; any
+        element-wise one of `lexjax.layers.mlp.ELEMENTWISE_ACTIVATIONS`).
       chunk_size: Mega-chunk's chunk c (linear time), or None for full Mega (quadratic).
       qk_dim: z (paper 128). value_dim: v (default 2d). ema_dim: h (paper 16).
       position: the zoo position scheme giving b_rel (`relative_bias`) and/or rotating q, k.
