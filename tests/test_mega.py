@@ -47,8 +47,19 @@ def sharpened(variables):
     return {"params": jax.tree_util.tree_map_with_path(sharpen, params)}
 
 
-def numpy_mega_layer(x: np.ndarray, params: dict) -> np.ndarray:
-    """Eqs. 5–15 in float64 with full causal softmax attention and no position scheme."""
+def numpy_softmax_attention(q, k, v) -> np.ndarray:
+    """Full causal softmax attention with τ = √z."""
+    n = q.shape[1]
+    logits = np.einsum("bqz,bkz->bqk", q, k) / np.sqrt(q.shape[-1])
+    logits = np.where(np.tril(np.ones((n, n), bool)), logits, -np.inf)
+    attn = np.exp(logits - logits.max(-1, keepdims=True))
+    return attn / attn.sum(-1, keepdims=True) @ v
+
+
+def numpy_mega_layer(x: np.ndarray, params: dict, attention=numpy_softmax_attention
+                     ) -> np.ndarray:
+    """Eqs. 5–15 in float64 with `attention(q, k, v)` (full causal softmax) and no position
+    scheme."""
     p = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), nn.unbox(params))
     silu = lambda a: a / (1 + np.exp(-a))  # noqa: E731
     sigmoid = lambda a: 1 / (1 + np.exp(-a))  # noqa: E731
@@ -68,12 +79,7 @@ def numpy_mega_layer(x: np.ndarray, params: dict) -> np.ndarray:
     q = z * p["qk_scale"][0] + p["qk_offset"][0]
     k = z * p["qk_scale"][1] + p["qk_offset"][1]
     v = silu(affine(x, "wv"))
-    n = x.shape[1]
-    logits = np.einsum("bqz,bkz->bqk", q, k) / np.sqrt(q.shape[-1])
-    logits = np.where(np.tril(np.ones((n, n), bool)), logits, -np.inf)
-    attn = np.exp(logits - logits.max(-1, keepdims=True))
-    attn /= attn.sum(-1, keepdims=True)
-    o = attn @ v
+    o = attention(q, k, v)
     reset = silu(affine(x_ema, "w_reset"))
     update = sigmoid(affine(x_ema, "w_update"))
     candidate = silu(affine(x_ema, "wh") + (reset * o) @ p["uh"]["kernel"])
@@ -127,7 +133,7 @@ def test_flops_per_token_counts_every_term():
 
 def test_defaults_axes_and_errors():
     model = lexjax.build_model(["configs/models/mega.gin"])
-    assert (model.qk_dim, model.value_features, model.ema_dim, model.mask.chunk) == (
+    assert (model.qk_features, model.value_features, model.ema_dim, model.mask.chunk) == (
         128, 1024, 16, 256)
     _, variables = initialized()
     check_logical_axes(variables["params"])
@@ -154,3 +160,134 @@ def test_ffn_is_silu_as_in_the_reference_lm():
                                atol=1e-5)
     with pytest.raises(lexjax.ConfigError, match="mlp_activation"):
         lexjax.build_model(["configs/models/mega.gin"], TINY + (f"{M}mlp_activation='swiglu'",))
+
+
+# The reference's relative biases and element-wise attention (facebookresearch/mega @aeaa4b4,
+# fairseq/modules/relative_positional_bias.py, moving_average_gated_attention.py, utils.py),
+# ported to float64 numpy step by step.
+
+def reference_simple_bias(table: np.ndarray, seq_len: int) -> np.ndarray:
+    """`SimpleRelativePositionalBias.forward`: its pad / tile / view construction of `[n, n]`."""
+    m = (table.shape[0] + 1) // 2
+    b = table[m - seq_len:m + seq_len - 1]
+    t = np.tile(np.pad(b, (0, seq_len)), seq_len)[:-seq_len].reshape(seq_len, 3 * seq_len - 2)
+    r = (2 * seq_len - 1) // 2
+    return t[:, r:t.shape[1] - r]
+
+
+def reference_rotary_bias(alpha: np.ndarray, beta: np.ndarray, seq_len: int) -> np.ndarray:
+    """`RotaryRelativePositionalBias.forward`: α and β expanded to every position, rotated
+    (half-split pairs, sinusoid table of `get_sinusoid_embeddings`), then `a bᵀ`."""
+    half = alpha.shape[0] // 2
+    freq = np.exp(np.arange(half) * -(np.log(10000) / half))
+    angles = np.arange(seq_len)[:, None] * freq[None, :]
+    sin, cos = np.sin(angles), np.cos(angles)
+
+    def rotary(x):
+        x1, x2 = x[:half], x[half:]
+        return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=1)
+    return rotary(alpha) @ rotary(beta).T
+
+
+def reference_laplace(x):
+    from scipy.special import erf
+    return 0.5 * (1.0 + erf((x - 0.707107) / (0.282095 * np.sqrt(2.0))))
+
+
+def bias_matrix(scheme, params: dict, n: int, head_dim: int) -> np.ndarray:
+    positions = jnp.arange(n)
+    bias = nn.apply(lambda s: s.relative_bias(1, head_dim), scheme)({"params": params})
+    return np.asarray(bias(positions[:, None] - positions[None, :]))[0]
+
+
+def test_simple_bias_is_the_references_table():
+    """Entry (i, j) of the reference's matrix is w[M - 1 + j - i]; offsets past M - 1 read the
+    edge entry (the reference raises)."""
+    from lexjax.positions import SimpleRelativeBias
+    scheme = SimpleRelativeBias(max_distance=6)
+    table = np.random.default_rng(0).normal(size=11)
+    got = bias_matrix(scheme, {"rel_pos_bias": jnp.asarray(table[None], jnp.float32)}, 6, 4)
+    np.testing.assert_allclose(got, reference_simple_bias(table, 6), rtol=1e-6)
+    far = bias_matrix(scheme, {"rel_pos_bias": jnp.asarray(table[None], jnp.float32)}, 9, 4)
+    assert far[8, 0] == pytest.approx(table[0]) and far[0, 8] == pytest.approx(table[-1])
+
+
+def test_rotary_bias_is_the_references_product():
+    """rot(α, i) · rot(β, j) for every (i, j), from its offset alone (with gradients through
+    the per-head coefficients)."""
+    from lexjax.positions import RotaryRelativeBias
+    rng = np.random.default_rng(1)
+    alpha, beta = rng.normal(size=(2, 16))
+    params = {"alpha": jnp.asarray(alpha[None], jnp.float32),
+              "beta": jnp.asarray(beta[None], jnp.float32)}
+    got = bias_matrix(RotaryRelativeBias(), params, 40, 16)
+    np.testing.assert_allclose(got, reference_rotary_bias(alpha, beta, 40), rtol=1e-4,
+                               atol=1e-5)
+    bias = nn.apply(lambda s: s.relative_bias(1, 16), RotaryRelativeBias())({"params": params})
+    rel = jnp.arange(-5, 6)
+    np.testing.assert_allclose(np.asarray(bias(rel)), np.asarray(jax.vmap(
+        lambda theta: bias.fn(theta, rel))(bias.params)), rtol=1e-5, atol=1e-6)
+
+
+def numpy_elementwise_attention(q, k, v, function, chunk: int) -> np.ndarray:
+    """The reference's `element_attention` for a causal chunked decoder: inside each chunk,
+    `f(q kᵀ / lengths + bias) ⊙ tril` with lengths the row sums of the 0/1 causal mask, then
+    `· v` (no normalisation). No bias (NoPE)."""
+    out = np.zeros(q.shape[:2] + v.shape[-1:])
+    for start in range(0, q.shape[1], chunk):
+        s = slice(start, start + chunk)
+        c = q[:, s].shape[1]
+        mask = np.tril(np.ones((c, c)))
+        qk = np.einsum("bqz,bkz->bqk", q[:, s], k[:, s]) / mask.sum(-1, keepdims=True)
+        out[:, s] = (function(qk) * mask) @ v[:, s]
+    return out
+
+
+@pytest.mark.parametrize("name", ["laplace", "relu2"])
+def test_elementwise_attention_matches_the_reference(rng, name):
+    """A Mega-chunk layer (chunk 4, a partial last chunk) with the reference's laplace / relu²
+    attention, against eqs. 6–15 in float64 with `element_attention` in place of softmax."""
+    function = {"laplace": reference_laplace,
+                "relu2": lambda a: np.maximum(a, 0.0) ** 2}[name]
+    layer = MegaLayer(qk_dim=6, value_dim=10, ema_dim=3, position=NoPE(),
+                      mask=MaskSpec(chunk=4), attention_function=name)
+    x = rng.normal(size=(2, 11, 5))
+    variables = sharpened(jax.jit(layer.init)(jax.random.PRNGKey(0), jnp.zeros((1, 11, 5)),
+                                              jnp.arange(11)))
+    got = jax.jit(layer.apply)(variables, jnp.asarray(x, jnp.float32), jnp.arange(11))
+    attention = functools.partial(numpy_elementwise_attention, function=function, chunk=4)
+    np.testing.assert_allclose(got, numpy_mega_layer(x, variables["params"], attention),
+                               rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("bindings", [(f"{M}attention_function='laplace'",),
+                                      (f"{M}attention_function='relu2'", f"{M}chunk_size=None")],
+                         ids=["laplace_chunk", "relu2_full"])
+def test_elementwise_decoding_equals_forward(bindings):
+    model, variables = initialized(*bindings, position="t5")
+    variables = sharpened(variables)
+    toks = tokens(2, 13, seed=3)
+    decoded, _ = decode_all(model, variables, toks, prompt=3, max_length=16)
+    np.testing.assert_allclose(decoded, jax.jit(model.apply)(variables, toks), rtol=1e-4,
+                               atol=1e-4)
+
+
+def test_reference_defaults_rotary_bias_and_quarter_width_z():
+    """mega.gin: the learned rotary bias (additive: q and k are not rotated), z = d/4 (the
+    reference's 128 at d = 512, 256 for mega_lm_big's d = 1024); decoding with it equals the
+    forward pass."""
+    from lexjax.positions import RotaryRelativeBias
+    assert isinstance(lexjax.build_model(["configs/models/mega.gin"]).position,
+                      RotaryRelativeBias)
+    big = lexjax.build_model(["configs/models/mega.gin"], ("EMBED_DIM=1024",))
+    assert big.qk_features == 256
+    model = lexjax.build_model(["configs/models/mega.gin"], TINY[:-2])
+    variables = sharpened(jax.jit(model.init)(jax.random.PRNGKey(0), tokens(1, 16)))
+    hooks = nn.unbox(variables["params"])["layer_0"]["mega"]["position_hooks"]
+    assert hooks["alpha"].shape == hooks["beta"].shape == (1, 8)  # z = 32 / 4
+    toks = tokens(2, 13, seed=4)
+    decoded, _ = decode_all(model, variables, toks, prompt=3, max_length=16)
+    np.testing.assert_allclose(decoded, jax.jit(model.apply)(variables, toks), rtol=1e-4,
+                               atol=1e-4)
+    with pytest.raises(lexjax.ConfigError, match="attention_function"):
+        lexjax.build_model(["configs/models/mega.gin"], TINY + (f"{M}attention_function='relu'",))

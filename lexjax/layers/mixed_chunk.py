@@ -18,6 +18,10 @@ Scaling ("the 1/T scaling done right", a known pitfall of re-implementations):
   t + 1, a bidirectional one by N (Mega's `element_attention`; the scores then keep their scale
   at any length).
 
+The quadratic form also takes Mega's other element-wise attention functions
+(`ELEMENTWISE_ATTENTION`: "relu2", and "laplace" = `0.5 (1 + erf((x − μ) / (σ √2)))`, μ = √½,
+σ = √(1/4π), the reference's stabler stand-in for relu², Ma et al. 2023 App. C.1).
+
 Shapes: queries/keys `[batch, length, s]`, values `[batch, length, e]` (one head). Scores, the
 squared ReLU and every state are float32; outputs come back in v's dtype. Relative biases are
 callables `rel [*S] -> [1, *S]` (the zoo's `PositionScheme.relative_bias(1, s)`), added inside
@@ -25,13 +29,32 @@ the squared ReLU as the paper's `b`.
 """
 from __future__ import annotations
 
-from typing import Optional
+import math
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
+import jax.scipy.special
 
 from lexjax.attention import RelativeBias
 from lexjax.layers.mlp import squared_relu
+
+
+LAPLACE_MU = math.sqrt(0.5)
+LAPLACE_SIGMA = math.sqrt(1.0 / (4.0 * math.pi))
+
+
+def laplace_attention(x: jnp.ndarray) -> jnp.ndarray:
+    """Mega's Laplace attention function `0.5 (1 + erf((x − μ) / (σ √2)))`: relu²'s value and
+    slope at x = μ, bounded in (0, 1)."""
+    return 0.5 * (1.0 + jax.scipy.special.erf((x - LAPLACE_MU) / (LAPLACE_SIGMA * math.sqrt(2.0))))
+
+
+# Element-wise attention functions f of `f(q kᵀ / T + b) v` (Mega's `attention_activation`).
+ELEMENTWISE_ATTENTION: dict[str, Callable[[jnp.ndarray], jnp.ndarray]] = {
+    "relu2": squared_relu,
+    "laplace": laplace_attention,
+}
 
 
 def _with_bias(scores: jnp.ndarray, bias: Optional[RelativeBias], rel: jnp.ndarray) -> jnp.ndarray:
@@ -50,13 +73,19 @@ def quadratic_attention_at(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, q_pos
                            k_valid: Optional[jnp.ndarray] = None,
                            q_segments: Optional[jnp.ndarray] = None,
                            k_segments: Optional[jnp.ndarray] = None,
-                           length: Optional[int] = None) -> jnp.ndarray:
+                           length: Optional[int] = None,
+                           function: Callable[[jnp.ndarray], jnp.ndarray] = squared_relu,
+                           chunk: Optional[int] = None) -> jnp.ndarray:
     """Queries `[b, m, s]` at positions `q_pos [m]` against keys `[b, n, s]` at `k_pos [n]`,
     values `[b, n, e]` -> float32 `[b, m, e]`. A query sees the keys not in its future (causal),
-    valid (`k_valid [n]`) and of its own segment (`q_segments [b, m]`, `k_segments [b, n]`);
-    T is `length`, or (None) how many keys it sees (t + 1 causal, n bidirectional)."""
+    valid (`k_valid [n]`), of its own segment (`q_segments [b, m]`, `k_segments [b, n]`) and,
+    given `chunk`, of its own chunk of that many positions (Mega-chunk); T is `length`, or (None)
+    how many keys it sees (t + 1 causal, n bidirectional); `function` is the element-wise
+    attention function (relu²)."""
     rel = q_pos[:, None] - k_pos[None, :]
     visible = rel >= 0 if causal else jnp.ones(rel.shape, bool)
+    if chunk is not None:
+        visible = visible & (q_pos[:, None] // chunk == k_pos[None, :] // chunk)
     if k_valid is not None:
         visible = visible & k_valid[None, :]
     if q_segments is not None:
@@ -66,7 +95,7 @@ def quadratic_attention_at(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, q_pos
     else:
         normalizer = jnp.float32(length)
     scores = jnp.einsum("bis,bjs->bij", q, k, preferred_element_type=jnp.float32)
-    kernel = squared_relu(_with_bias(scores / normalizer, bias, rel))
+    kernel = function(_with_bias(scores / normalizer, bias, rel))
     kernel = jnp.where(visible, kernel, 0.0)
     return jnp.einsum("bij,bje->bie", kernel, v.astype(jnp.float32),
                       preferred_element_type=jnp.float32)
@@ -75,8 +104,10 @@ def quadratic_attention_at(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, q_pos
 def quadratic_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, *, causal: bool,
                         bias: Optional[RelativeBias] = None, block_size: Optional[int] = None,
                         segment_ids: Optional[jnp.ndarray] = None,
-                        length: Optional[int] = None) -> jnp.ndarray:
-    """The GAU's full attention `relu²(q kᵀ / T + b) v`.
+                        length: Optional[int] = None,
+                        function: Callable[[jnp.ndarray], jnp.ndarray] = squared_relu
+                        ) -> jnp.ndarray:
+    """The GAU's full attention `relu²(q kᵀ / T + b) v` (or another element-wise `function`).
 
     Args:
       q, k: `[batch, length, s]` (already transformed by the position scheme's rotation).
@@ -89,6 +120,7 @@ def quadratic_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, *, causa
         counted T counts) the keys of its own segment only.
       length: T, a constant (the paper: its training length), or None: the keys visible to
         the query (t + 1 causal, the sequence length bidirectional).
+      function: the element-wise attention function (default relu²; `ELEMENTWISE_ATTENTION`).
     Returns:
       `[batch, length, e]` in v's dtype.
     """
@@ -97,7 +129,7 @@ def quadratic_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, *, causa
     if block_size is None or block_size >= n:
         out = quadratic_attention_at(q, k, v, positions, positions, causal=causal, bias=bias,
                                      q_segments=segment_ids, k_segments=segment_ids,
-                                     length=length)
+                                     length=length, function=function)
         return out.astype(v.dtype)
     blocks = -(-n // block_size)
     pad = blocks * block_size - n
@@ -115,7 +147,7 @@ def quadratic_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, *, causa
         pos = start + jnp.arange(block_size, dtype=jnp.int32)
         return quadratic_attention_at(q_block, k, v, pos, positions, causal=causal, bias=bias,
                                       q_segments=q_block_segments, k_segments=segment_ids,
-                                      length=length)
+                                      length=length, function=function)
 
     out = jax.lax.map(one_block, (to_blocks(q), starts, q_segments))  # [blocks, b, block, e]
     out = jnp.moveaxis(out, 0, 1).reshape(b, blocks * block_size, -1)[:, :n]

@@ -5,7 +5,7 @@ One Mega layer (paper eqs. 6–15), `X [length, d] -> Y [length, d]`:
     X' = EMA(X)                                   multi-dimensional damped EMA (lexjax.layers.ema)
     Z = SiLU(X' W_z + b_z) ∈ R^{L×z};  Q = κ_q ⊙ Z + μ_q;  K = κ_k ⊙ Z + μ_k
     V = SiLU(X W_v + b_v) ∈ R^{L×v}
-    O = softmax(Q Kᵀ / √z + b_rel) V              one head; b_rel from the zoo's position scheme
+    O = f(Q Kᵀ / τ + b_rel) V                     one head; b_rel from the zoo's position scheme
     γ = SiLU(X' W_γ + b_γ) ∈ R^{L×v}  (reset);  φ = σ(X' W_φ + b_φ) ∈ R^{L×d}  (update)
     Ĥ = SiLU(X' W_h + (γ ⊙ O) U_h + b_h);   Y = φ ⊙ Ĥ + (1 − φ) ⊙ X
 
@@ -16,11 +16,15 @@ and one Mega block (eq. 17, post-norm, the gated residual replacing the usual on
 only the EMA carries information across chunks. `chunk_size=None` is full causal Mega
 (quadratic).
 
-Size macros: EMBED_DIM = d, MLP_DIM = the FFN width (paper 2d), CHUNK_SIZE = c; v = 2d, z = 128,
-h = 16 (the paper's LM settings) are fields. NUM_HEADS is ignored: Mega's attention has one head
-(its gate γ stands in for multiple heads, paper §3.5). Softmax attention (the paper's choice for
-text); the relative bias / rotation is the zoo's position scheme (paper: T5, RoPE, TUPE or ALiBi
-— the WT103 recipe uses rotary, the default here).
+Size macros: EMBED_DIM = d, MLP_DIM = the FFN width (paper 2d), CHUNK_SIZE = c; v = 2d,
+z = d/4 (the reference LMs: 128 at d = 512, 256 at d = 1024), h = 16 are fields. NUM_HEADS is
+ignored: Mega's attention has one head (its gate γ stands in for multiple heads, paper §3.5).
+The attention function f: softmax with τ = √z (the paper's choice for text), or the reference's
+element-wise "relu2" / "laplace" with τ = the number of keys the query sees (t + 1 in its chunk:
+the reference's `element_attention`), unnormalised. b_rel is the zoo's position scheme; the
+default is the reference's `RotaryRelativeBias` (its WT103 recipe, `--rel-pos-bias rotary`), a
+learned bias rot(α, i)·rot(β, j); its "simple" bias is `SimpleRelativeBias` (both in
+lexjax.positions.learned_offsets). Any other scheme works too (RoPE rotates q and k instead).
 
 Decoding (`LanguageModel.prefill` / `decode_step`): per layer the EMA state `[batch, d, h]` and
 the keys and values of the current chunk (O(c) memory; full Mega keeps every key, up to the length
@@ -41,9 +45,14 @@ from lexjax.layers import MLP, Layer, make_norm, with_activation_axes
 from lexjax.layers.basic import Dtype
 from lexjax.layers.decoding import KeyValueCache, cached_recurrence
 from lexjax.layers.ema import DampedEMA, ema_flops_per_token
+from lexjax.layers.mixed_chunk import (ELEMENTWISE_ATTENTION, quadratic_attention,
+                                       quadratic_attention_at)
 from lexjax.layers.mlp import ELEMENTWISE_ACTIVATIONS
 from lexjax.models.lm import ChunkedAttention, LanguageModel
-from lexjax.positions import PositionScheme, RoPE
+from lexjax.positions import PositionScheme, RotaryRelativeBias
+
+ATTENTION_FUNCTIONS = ("softmax",) + tuple(ELEMENTWISE_ATTENTION)
+ELEMENTWISE_BLOCK = 512  # query block of full Mega's element-wise attention (memory O(block·n))
 
 
 def biased_dense(features: int, axes: tuple[str, str], *, dtype: Dtype, name: str) -> nn.Dense:
@@ -52,6 +61,27 @@ def biased_dense(features: int, axes: tuple[str, str], *, dtype: Dtype, name: st
     return nn.Dense(features, dtype=dtype, param_dtype=jnp.float32, name=name,
                     kernel_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), axes),
                     bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[1:]))
+
+
+def chunked_elementwise_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, *,
+                                  chunk: Optional[int], bias, function) -> jnp.ndarray:
+    """Causal `f(q kᵀ / (t + 1) + b) v` inside chunks of `chunk` tokens (None: the whole row,
+    in query blocks): `q, k [batch, length, z]`, `v [batch, length, e]` -> `[batch, length, e]`.
+    Chunks become batch rows at chunk-local positions (the last one zero-padded: its padding
+    keys lie in every real query's future), so time and memory are O(length · chunk)."""
+    b, n, _ = q.shape
+    if chunk is None or chunk >= n:
+        return quadratic_attention(q, k, v, causal=True, bias=bias, function=function,
+                                   block_size=ELEMENTWISE_BLOCK)
+    pad = -n % chunk
+
+    def to_chunks(x):  # [b, n, f] -> [b * chunks, chunk, f]
+        x = jnp.pad(x, [(0, 0), (0, pad), (0, 0)])
+        return x.reshape(b * (n + pad) // chunk, chunk, x.shape[-1])
+
+    out = quadratic_attention(to_chunks(q), to_chunks(k), to_chunks(v), causal=True, bias=bias,
+                              function=function)
+    return out.reshape(b, n + pad, -1)[:, :n]
 
 
 class MegaLayer(Layer, kw_only=True):
@@ -68,6 +98,7 @@ class MegaLayer(Layer, kw_only=True):
     position: PositionScheme
     mask: MaskSpec
     attention_impl: str = "auto"
+    attention_function: str = "softmax"
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, positions: jnp.ndarray) -> jnp.ndarray:
@@ -89,7 +120,9 @@ class MegaLayer(Layer, kw_only=True):
 
         scheme = self.position.clone(parent=self, name="position_hooks")
         bias = scheme.relative_bias(1, self.qk_dim)
-        if self.decode:
+        if self.attention_function != "softmax":
+            out = self.elementwise_attention(scheme, bias, q, k, v, positions)
+        elif self.decode:
             keys, values, key_positions, key_valid = KeyValueCache(self.mask, name="kv_cache")(
                 k, v, positions)
             q, keys = scheme.rotate(q, keys, positions, key_positions)
@@ -112,6 +145,26 @@ class MegaLayer(Layer, kw_only=True):
                                                      ("mlp", "embed")))(reset * out)
         candidate = self.residual_dropout(nn.silu(candidate))
         return update * candidate + (1.0 - update) * x
+
+    def elementwise_attention(self, scheme: PositionScheme, bias, q: jnp.ndarray,
+                              k: jnp.ndarray, v: jnp.ndarray,
+                              positions: jnp.ndarray) -> jnp.ndarray:
+        """The "relu2" / "laplace" attention: `q, k [b, n, 1, z]`, `v [b, n, 1, v]` ->
+        `[b, n, 1, v]` (with `decode`, against the cached keys of the query's chunk)."""
+        function = ELEMENTWISE_ATTENTION[self.attention_function]
+        if self.decode:
+            keys, values, key_positions, key_valid = KeyValueCache(self.mask, name="kv_cache")(
+                k, v, positions)
+            q, keys = scheme.rotate(q, keys, positions, key_positions)
+            out = quadratic_attention_at(q[:, :, 0], keys[:, :, 0], values[:, :, 0], positions,
+                                         key_positions, causal=True, bias=bias,
+                                         k_valid=key_valid, function=function,
+                                         chunk=self.mask.chunk)
+            return out.astype(v.dtype)[:, :, None]
+        q, k = scheme.rotate(q, k, positions, positions)
+        return chunked_elementwise_attention(q[:, :, 0], k[:, :, 0], v[:, :, 0],
+                                             chunk=self.mask.chunk, bias=bias,
+                                             function=function)[:, :, None]
 
 
 class MegaBlock(Layer, kw_only=True):
@@ -144,22 +197,33 @@ class Mega(ChunkedAttention, LanguageModel, kw_only=True):
       mlp_activation: the FFN's activation (SiLU, the reference LM's `activation_fn`; any
         element-wise one of `lexjax.layers.mlp.ELEMENTWISE_ACTIVATIONS`).
       chunk_size: Mega-chunk's chunk c (linear time), or None for full Mega (quadratic).
-      qk_dim: z (paper 128). value_dim: v (default 2d). ema_dim: h (paper 16).
-      position: the zoo position scheme giving b_rel (`relative_bias`) and/or rotating q, k.
-      attention_impl: the `attend` implementation of the single-head attention.
+      qk_dim: z (default d/4, the reference LMs' 128 at d = 512 and 256 at d = 1024).
+      value_dim: v (default 2d). ema_dim: h (paper 16).
+      position: the zoo position scheme giving b_rel (`relative_bias`) and/or rotating q, k
+        (default the reference's learned rotary bias).
+      attention_function: "softmax" (τ = √z, the paper's choice for text), "relu2" or
+        "laplace" (element-wise, τ = the keys the query sees; the reference's
+        `attention_activation`).
+      attention_impl: the `attend` implementation of the softmax attention.
     """
 
     chunk_size: Optional[int] = 1024
-    qk_dim: int = 128
+    qk_dim: Optional[int] = None
     value_dim: Optional[int] = None
     ema_dim: int = 16
-    position: PositionScheme = RoPE()
+    position: PositionScheme = RotaryRelativeBias()
+    attention_function: str = "softmax"
     attention_impl: str = "auto"
     norm: str = "layernorm"
     mlp_activation: str = "silu"
 
     final_norm = False
     mixes_segments = "its damped EMA is a convolution over the whole row"
+
+    @property
+    def qk_features(self) -> int:
+        """z: `qk_dim`, or embed_dim / 4."""
+        return self.qk_dim if self.qk_dim is not None else max(1, self.embed_dim // 4)
 
     @property
     def value_features(self) -> int:
@@ -173,6 +237,9 @@ class Mega(ChunkedAttention, LanguageModel, kw_only=True):
         if self.mlp_activation not in ELEMENTWISE_ACTIVATIONS:
             raise ValueError(f"{self.field_name('mlp_activation')} must be one of "
                              f"{tuple(ELEMENTWISE_ACTIVATIONS)}, got {self.mlp_activation!r}")
+        if self.attention_function not in ATTENTION_FUNCTIONS:
+            raise ValueError(f"{self.field_name('attention_function')} must be one of "
+                             f"{ATTENTION_FUNCTIONS}, got {self.attention_function!r}")
 
     @nn.nowrap
     def flops_per_token(self, length: int) -> float:
@@ -180,7 +247,7 @@ class Mega(ChunkedAttention, LanguageModel, kw_only=True):
         sequence, FFT convolution estimate), the projections W_z, W_v, W_γ, W_φ, W_h, U_h,
         scores and values over the keys a query sees (its chunk for Mega-chunk), the FFN and the
         logits."""
-        d, z, v = self.embed_dim, self.qk_dim, self.value_features
+        d, z, v = self.embed_dim, self.qk_features, self.value_features
         projections = 2.0 * (d * z + 3 * d * v + 2 * d * d)
         attention = 2.0 * (z + v) * self.mask.mean_keys_per_query(length)
         ffn = 4.0 * d * self.mlp_dim
@@ -192,9 +259,10 @@ class Mega(ChunkedAttention, LanguageModel, kw_only=True):
                  decode: bool) -> jnp.ndarray:
         mode = dict(dropout_rate=self.dropout_rate, dtype=self.compute_dtype,
                     deterministic=deterministic, decode=decode)
-        layer = MegaLayer(qk_dim=self.qk_dim, value_dim=self.value_features,
+        layer = MegaLayer(qk_dim=self.qk_features, value_dim=self.value_features,
                           ema_dim=self.ema_dim, position=self.position_template, mask=self.mask,
-                          attention_impl=self.attention_impl, parent=None, **mode)
+                          attention_impl=self.attention_impl,
+                          attention_function=self.attention_function, parent=None, **mode)
         block_cls = self.remat(MegaBlock, decode)
         for i in range(self.num_layers):
             x = block_cls(layer=layer, mlp_dim=self.mlp_dim, norm=self.norm,
