@@ -56,7 +56,7 @@ def test_masks_and_bad_local_kind():
 def test_state_space_branch_only_in_the_bottom_layer():
     _, variables = initialized("NUM_LAYERS=3")
     params = variables["params"]
-    assert {"ssm", "ssm_out", "global_norm", "local_norm", "combine"} <= set(params["layer_0"])
+    assert {"ssm", "global_norm", "local_norm", "combine"} <= set(params["layer_0"])
     assert all("ssm" not in params[f"layer_{i}"] for i in (1, 2))
     assert nn.unbox(params["layer_0"]["ssm"])["c_re"].shape == (32, 8)  # one SSM per channel
 
@@ -73,7 +73,8 @@ def test_bottom_layer_global_path_carries_information_past_the_window():
     apply = jax.jit(model.apply)
     a, b = apply({"params": params}, toks), apply({"params": params}, other)
     assert float(jnp.max(jnp.abs(a[:, 30:] - b[:, 30:]))) > 1e-4
-    params["layer_0"]["ssm_out"]["kernel"] = jnp.zeros_like(params["layer_0"]["ssm_out"]["kernel"])
+    combine = params["layer_0"]["combine"]["kernel"]  # [global; local] -> embed
+    params["layer_0"]["combine"]["kernel"] = combine.at[:32].set(0.0)
     a, b = apply({"params": params}, toks), apply({"params": params}, other)
     np.testing.assert_allclose(a[:, 1:], b[:, 1:], atol=1e-6)  # the model is now pointwise
 
@@ -91,7 +92,32 @@ def test_flops_per_token_counts_every_term():
 def test_reference_defaults_and_axes():
     model = lexjax.build_model(["configs/models/spade.gin"])
     assert (model.chunk_size, model.local_attention, model.state_dim, model.ssm_variant) == (
-        512, "window", 64, "dss")
+        512, "window", 32, "dss")
     assert type(model.position).__name__ == "T5Buckets"
     _, variables = initialized()
     check_logical_axes(variables["params"])
+
+
+def test_global_branch_is_the_bare_state_space_model(rng):
+    """The reference's S4 module is built with use_pointwise=False
+    (microsoft/EfficientLongSequenceModeling @0819294, spade-modules/s4.py): the global branch is
+    K ∗ x̃ + D ⊙ x̃ with no activation or projection, x̃ the layer's pre-norm input. Checked in
+    float64 (direct causal convolution) against the global norm's output inside the model."""
+    from lexjax.layers.ssm import DiagonalSSM
+    model, variables = initialized("NUM_LAYERS=1")
+    toks = tokens(2, 19, seed=6)
+    _, state = model.apply(variables, toks, capture_intermediates=True,
+                           mutable=["intermediates"])
+    captured = state["intermediates"]["layer_0"]
+    u = np.asarray(captured["pre_attention_norm"]["__call__"][0], np.float64)  # [b, n, d]
+    params = nn.unbox(variables["params"])["layer_0"]
+    ssm = DiagonalSSM(32, 8, variant="dss")
+    kernel = np.asarray(ssm.apply({"params": params["ssm"]}, 19, method=ssm.kernel), np.float64)
+    g = np.stack([np.einsum("cs,bsc->bc", kernel[:, t::-1], u[:, :t + 1])
+                  for t in range(19)], axis=1) + np.asarray(params["ssm"]["d"]) * u
+    mean, var = g.mean(-1, keepdims=True), g.var(-1, keepdims=True)
+    norm = params["global_norm"]
+    want = (g - mean) / np.sqrt(var + 1e-6) * np.asarray(norm["scale"]) + np.asarray(norm["bias"])
+    np.testing.assert_allclose(np.asarray(captured["global_norm"]["__call__"][0]), want,
+                               rtol=1e-3, atol=1e-4)
+    assert "ssm_out" not in params and nn.unbox(params["ssm"])["c_re"].shape == (32, 8)

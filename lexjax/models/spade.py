@@ -4,8 +4,12 @@ to the bottom layer for global information.
 
 Bottom layer (the reference's `SpadeDecoderLayerBase` with an S4 module, `concat` combine):
 
-    x̃ = LN(x);  g = GELU(SSM(x̃)) W_g  (global);  l = LocalAttn(x̃)  (local)
+    x̃ = LN(x);  g = SSM(x̃) = K ∗ x̃ + D ⊙ x̃  (global);  l = LocalAttn(x̃)  (local)
     x = x + W_c [LN_g(g); LN_l(l)];  x = x + FFN(LN(x))
+
+The SSM output goes to its norm as it is: the reference builds its S4 module with
+`use_pointwise=False` (`spade-modules/s4.py` @0819294), so no activation or output projection
+follows the convolution.
 
 All other layers: pre-norm Transformer blocks with local attention only (`DecoderLayer`). The
 reference's `run_lm.sh` puts the S4 branch on layer 0 only (`s4_every_n_layers` = 100); so does
@@ -15,7 +19,10 @@ the cost is linear in the length.
 
 The SSM is S4's diagonal counterpart (JAX has no Cauchy kernel, so a DSS/S4D
 Vandermonde kernel): `DiagonalSSM` with `ssm_variant="dss"` (skew-HiPPO eigenvalues = S4D-LegS,
-the diagonal part of S4's HiPPO-LegS), N = 64 modes, one SSM per channel, Δ ∈ [1e-3, 1e-1].
+the diagonal part of S4's HiPPO-LegS), 32 complex modes (the reference's `d_state` 64: S4 keeps
+N/2 modes of each conjugate pair), one SSM per channel, Δ ∈ [1e-3, 1e-1]. The reference's
+eigenvalues are learned per channel (`n_ssm` = the width); here they are shared by the channels
+and only Δ, C and D are per channel.
 
 Size macros: NUM_LAYERS, EMBED_DIM, NUM_HEADS (the attention heads of every layer), MLP_DIM,
 CHUNK_SIZE (the local window / chunk); position scheme POSITION (default T5 buckets, as the
@@ -37,7 +44,7 @@ from lexjax.attention import MaskSpec
 from lexjax.layers import dense, make_norm
 from lexjax.layers.decoder import DecoderLayer
 from lexjax.layers.decoding import cached_recurrence
-from lexjax.layers.ssm import SSM_CHANNELS, DiagonalSSM, ssm_flops_per_token
+from lexjax.layers.ssm import DiagonalSSM, ssm_flops_per_token
 from lexjax.models.lm import AttentionLanguageModel
 from lexjax.positions import PositionScheme, T5Buckets
 
@@ -48,7 +55,7 @@ class SpadeBottomLayer(DecoderLayer, kw_only=True):
     """The SSM-augmented layer: `x [batch, length, embed]`, `positions [length]` -> same; the
     fields of a `DecoderLayer` plus its state-space model's."""
 
-    state_dim: int = 64
+    state_dim: int = 32
     ssm_variant: str = "dss"
 
     @nn.compact
@@ -59,9 +66,7 @@ class SpadeBottomLayer(DecoderLayer, kw_only=True):
         ssm = DiagonalSSM(d, self.state_dim, variant=self.ssm_variant, name="ssm")
         g = (cached_recurrence(self, h, name="ssm_state", forward=ssm,
                                initial_state=ssm.initial_state, step=ssm.step)
-             if self.decode else ssm(h))
-        g = dense(d, (SSM_CHANNELS, "embed"), dtype=self.dtype, name="ssm_out")(
-            nn.gelu(g).astype(self.dtype))
+             if self.decode else ssm(h)).astype(self.dtype)
         local = self.attention(h, positions, segment_ids)
         both = jnp.concatenate([make_norm(self.norm, dtype=self.dtype, name="global_norm")(g),
                                 make_norm(self.norm, dtype=self.dtype, name="local_norm")(local)],
@@ -78,14 +83,15 @@ class Spade(AttentionLanguageModel, kw_only=True):
     Attributes:
       chunk_size: the local attention's window (or chunk) in tokens.
       local_attention: "window" (sliding, the reference's) or "chunk" (non-overlapping).
-      state_dim: complex modes per SSM channel (the reference's S4 state 64).
+      state_dim: complex modes per SSM channel (32: the reference's S4 `d_state` 64 counts
+        both members of each conjugate pair).
       ssm_variant: see `lexjax.layers.ssm.DiagonalSSM` ("dss" = S4D-LegS).
       position: the zoo scheme of every attention layer (default T5 buckets).
     """
 
     chunk_size: int = 512
     local_attention: str = "window"
-    state_dim: int = 64
+    state_dim: int = 32
     ssm_variant: str = "dss"
     position: PositionScheme = T5Buckets()
     norm: str = "layernorm"
@@ -108,10 +114,10 @@ class Spade(AttentionLanguageModel, kw_only=True):
     def flops_per_token(self, length: int) -> float:
         """Forward FLOPs per token at `length` (2 per multiply-add): every layer's attention
         projections, scores and values over its window, MLP; the bottom layer's SSM (kernel once
-        per sequence, FFT convolution estimate), its output and the 2d -> d combination."""
+        per sequence, FFT convolution estimate) and the 2d -> d combination."""
         d = self.embed_dim
         layer = 2.0 * self.block_macs(self.mask.mean_keys_per_query(length))
-        bottom_extra = ssm_flops_per_token(d, self.state_dim, length) + 2.0 * 3 * d * d
+        bottom_extra = ssm_flops_per_token(d, self.state_dim, length) + 2.0 * 2 * d * d
         return self.num_layers * layer + bottom_extra + 2.0 * d * self.vocab_size
 
     def backbone(self, x: jnp.ndarray, positions: jnp.ndarray, *,
