@@ -92,7 +92,7 @@ def test_flops_per_token_counts_every_term():
 def test_reference_defaults_and_axes():
     model = lexjax.build_model(["configs/models/spade.gin"])
     assert (model.chunk_size, model.local_attention, model.state_dim, model.ssm_variant) == (
-        512, "window", 32, "dss")
+        512, "window", 32, "dss_exp")
     assert type(model.position).__name__ == "T5Buckets"
     _, variables = initialized()
     check_logical_axes(variables["params"])
@@ -111,7 +111,7 @@ def test_global_branch_is_the_bare_state_space_model(rng):
     captured = state["intermediates"]["layer_0"]
     u = np.asarray(captured["pre_attention_norm"]["__call__"][0], np.float64)  # [b, n, d]
     params = nn.unbox(variables["params"])["layer_0"]
-    ssm = DiagonalSSM(32, 8, variant="dss")
+    ssm = DiagonalSSM(32, 8, variant="dss_exp")
     kernel = np.asarray(ssm.apply({"params": params["ssm"]}, 19, method=ssm.kernel), np.float64)
     g = np.stack([np.einsum("cs,bsc->bc", kernel[:, t::-1], u[:, :t + 1])
                   for t in range(19)], axis=1) + np.asarray(params["ssm"]["d"]) * u

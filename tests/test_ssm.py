@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from helpers import step_through
-from lexjax.layers.ssm import (VARIANTS, DiagonalSSM, causal_fft_conv, complex_expm1,
+from lexjax.layers.ssm import (RECURRENT_VARIANTS, VARIANTS, DiagonalSSM, causal_fft_conv, complex_expm1,
                                fft_conv_flops, fft_length, hippo_skew_eigenvalues,
                                initial_eigenvalues, power_kernel)
 from lexjax.training.state import check_logical_axes
@@ -116,7 +116,7 @@ def test_hippo_skew_eigenvalues_and_inits():
                                                                    -0.5 + 2 * np.pi * 1j])
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("variant", RECURRENT_VARIANTS)
 def test_layer_equals_explicit_recurrence(rng, variant):
     layer, variables = init_ssm(variant, length=40)
     u = rng.normal(size=(2, 40, 3))
@@ -132,7 +132,7 @@ def test_layer_equals_explicit_recurrence(rng, variant):
                                rtol=1e-4, atol=1e-5 * np.abs(kernel).max())
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("variant", RECURRENT_VARIANTS)
 def test_recurrent_step_equals_convolution(rng, variant):
     layer, variables = init_ssm(variant, length=24)
     u = jnp.asarray(rng.normal(size=(2, 24, 3)), jnp.float32)
@@ -140,7 +140,7 @@ def test_recurrent_step_equals_convolution(rng, variant):
                                layer.apply(variables, u), rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("variant", ["gss", "dss"])
+@pytest.mark.parametrize("variant", ["gss", "dss_exp", "dss"])
 def test_gradients_equal_direct_convolution(rng, variant):
     layer, variables = init_ssm(variant, length=32)
     u = jnp.asarray(rng.normal(size=(2, 32, 3)), jnp.float32)
@@ -206,3 +206,42 @@ def test_unknown_variant_is_refused():
 def test_fft_flops_grow_logarithmically():
     assert fft_conv_flops(8192) / fft_conv_flops(1024) == pytest.approx(
         np.log2(16384) / np.log2(2048), rel=0.05)
+
+
+def reference_dss_softmax_kernel(log_dt, lambda_re, lambda_im, w, length, epsilon=1e-7):
+    """`DSSKernel.forward` with version='softmax' (ag1988/dss @777084e,
+    src/models/sequence/ss/standalone/dss.py) in float64: `log_dt [H, 2]` (sep_dt_re_im),
+    `Lambda = re + i im [N]`, `W [H, N]` complex -> `[H, L]`."""
+    lam = lambda_re + 1j * lambda_im
+    dt = np.exp(log_dt)
+    dt_lam = dt[:, :1] * lam.real + 1j * dt[:, 1:] * lam.imag  # [H, N]
+    p = dt_lam[..., None] * np.arange(length)  # [H, N, L]
+    gt_0 = lam.real > 0
+    p = p - (dt_lam * (gt_0 * (length - 1)))[..., None]
+    dt_lam_neg = dt_lam * (1 - 2 * gt_0)
+    num = np.exp(dt_lam_neg) - 1
+    den = np.exp(dt_lam_neg * length) - 1
+    x = den * lam
+    w = w * num * np.conj(x) / (x * np.conj(x) + epsilon)
+    return np.einsum("hn,hnl->hl", w, np.exp(p)).real
+
+
+@pytest.mark.parametrize("length", [1, 9, 50])
+def test_dss_softmax_kernel_is_the_references(rng, length):
+    """DSS's default kernel, including modes with Re λ > 0 (mirrored against overflow)."""
+    layer, variables = init_ssm("dss", features=3, state_dim=6, length=length)
+    params = nn.unbox(variables["params"])
+    params["lambda_re"] = jnp.asarray([-0.5, 0.3, -2.0, 1.5, -0.01, 0.02], jnp.float32)
+    params["log_dt"] = jnp.asarray(rng.uniform(-4, 0, size=(3, 2)), jnp.float32)
+    got = layer.apply({"params": params}, length, method=DiagonalSSM.kernel)
+    p = {k: np.asarray(v, np.float64) for k, v in params.items()}
+    want = reference_dss_softmax_kernel(p["log_dt"], p["lambda_re"], p["lambda_im"],
+                                        p["c_re"] + 1j * p["c_im"], length)
+    np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-5 * np.abs(want).max())
+    u = jnp.asarray(rng.normal(size=(2, length, 3)), jnp.float32)
+    np.testing.assert_allclose(layer.apply({"params": params}, u),
+                               direct_causal_conv(np.asarray(u), want) + p["d"] * np.asarray(u),
+                               rtol=1e-3, atol=1e-4)
+    with pytest.raises(ValueError, match="normalised over the input's length"):
+        layer.apply({"params": params}, u[:, 0], layer.initial_state(2),
+                    method=DiagonalSSM.step)

@@ -30,7 +30,11 @@ import numpy as np
 SSM_CHANNELS = "ssm_channels"  # logical axis of independent SSM channels (H)
 SSM_STATE = "ssm_state"  # logical axis of the modes of one channel's state (N)
 
-VARIANTS = ("gss", "dss", "s4d_lin")
+# Variants whose kernel is an impulse response `Re Σ C̃ z^l` (a recurrence: they decode token by
+# token and run at any length); "dss" (DSS_softmax) renormalises its kernel over the length.
+RECURRENT_VARIANTS = ("gss", "dss_exp", "s4d_lin")
+VARIANTS = RECURRENT_VARIANTS + ("dss",)
+SOFTMAX_EPSILON = 1e-7  # the DSS reference's `reciprocal` epsilon
 
 
 def complex_expm1(z: jnp.ndarray) -> jnp.ndarray:
@@ -129,9 +133,9 @@ def hippo_skew_eigenvalues(n: int) -> np.ndarray:
 
 def initial_eigenvalues(variant: str, state_dim: int) -> np.ndarray:
     """Continuous-time λ (complex128 `[state_dim]`, Re λ < 0) of the deterministic inits:
-    "dss": DSS's `hippo_skew_pos_imag`, the skew-HiPPO eigenvalues of size 2N with positive
-    imaginary part, minus 1/2 (S4D-LegS); "s4d_lin": S4D-Lin, λ_n = −1/2 + iπn."""
-    if variant == "dss":
+    "dss" / "dss_exp": DSS's `hippo_skew_pos_imag`, the skew-HiPPO eigenvalues of size 2N with
+    positive imaginary part, minus 1/2 (S4D-LegS); "s4d_lin": S4D-Lin, λ_n = −1/2 + iπn."""
+    if variant in ("dss", "dss_exp"):
         return hippo_skew_eigenvalues(2 * state_dim)[:state_dim] - 0.5
     if variant == "s4d_lin":
         return -0.5 + 1j * np.pi * np.arange(state_dim)
@@ -161,20 +165,26 @@ class DiagonalSSM(nn.Module):
       - "gss" (GSS's simplified DSS kernel): λ = −exp(λ_re) + i·exp(λ_im) shared by all
         channels, no Δ (absorbed), C ~ N(0, 1) complex [H, N], D ~ N(0, 1) — every parameter
         N(0, 1), the GSS paper's "random initialisation works well for LM";
-      - "dss" (DSS_exp): λ = −exp(log_neg_re) + i·im shared by all channels, initialised at
-        DSS's skew-HiPPO eigenvalues; per-channel step sizes Δ = exp(log_dt), log-uniform in
-        [dt_min, dt_max], separate for the real and imaginary part of λ (DSS's sep_dt_re_im) when
-        `separate_dt`; W ~ N(0, 1) complex; D ~ N(0, 1);
-      - "s4d_lin": as "dss" with S4D-Lin eigenvalues λ_n = −1/2 + iπn and C ~ complex N(0, 1)
-        (variance 1/2 per part, S4D's init).
-    The real part of λ is always −exp(·) (stability), so this is DSS_exp, not DSS_softmax (whose
-    kernel is renormalised by the sequence length, which breaks both the recurrence and length
-    extrapolation). `state_dim` counts complex modes (S4D's N/2 conjugate pairs = N here).
+      - "dss" (DSS_softmax, the DSS paper's and reference's default `version='softmax'`):
+        λ = re + i·im unconstrained, shared by all channels, initialised at DSS's skew-HiPPO
+        eigenvalues; per-channel step sizes Δ = exp(log_dt), log-uniform in [dt_min, dt_max],
+        separate for the real and imaginary part of λ (DSS's sep_dt_re_im) when `separate_dt`;
+        W ~ N(0, 1) complex; D ~ N(0, 1). The kernel is normalised over the L positions of the
+        input (a softmax over positions of each mode's powers):
+        `K[l] = Re Σ_n W_n (e^{Δλ_n} − 1) / (λ_n (e^{LΔλ_n} − 1)) e^{lΔλ_n}`, modes with
+        Re λ > 0 mirrored (the reference's max-shift) so no power overflows. Outputs depend on
+        the input's length, so it does not decode token by token;
+      - "dss_exp" (DSS_exp): as "dss" with Re λ = −exp(log_neg_re) < 0 and
+        `K[l] = Re Σ_n W_n (e^{Δλ_n} − 1) / λ_n e^{lΔλ_n}`: a recurrence (S4D-LegS with DSS's W
+        init);
+      - "s4d_lin": as "dss_exp" with S4D-Lin eigenvalues λ_n = −1/2 + iπn and C ~ complex
+        N(0, 1) (variance 1/2 per part, S4D's init).
+    `state_dim` counts complex modes (S4D's N/2 conjugate pairs = N here).
     """
 
     features: int
     state_dim: int = 64
-    variant: str = "dss"
+    variant: str = "dss_exp"
     dt_min: float = 1e-3
     dt_max: float = 1e-1
     separate_dt: bool = True
@@ -193,16 +203,21 @@ class DiagonalSSM(nn.Module):
             c_std = 1.0
         else:
             evals = initial_eigenvalues(self.variant, n)
-            self.lambda_log_neg_re = self.param(
-                "lambda_log_neg_re", channel_modes(_constant(np.log(-evals.real)), (SSM_STATE,)),
-                (n,), jnp.float32)
+            if self.variant == "dss":
+                self.lambda_re = self.param(
+                    "lambda_re", channel_modes(_constant(evals.real), (SSM_STATE,)), (n,),
+                    jnp.float32)
+            else:
+                self.lambda_log_neg_re = self.param(
+                    "lambda_log_neg_re", channel_modes(_constant(np.log(-evals.real)),
+                                                       (SSM_STATE,)), (n,), jnp.float32)
             self.lambda_im = self.param(
                 "lambda_im", channel_modes(_constant(evals.imag), (SSM_STATE,)), (n,), jnp.float32)
             self.log_dt = self.param(
                 "log_dt", channel_modes(_log_uniform_rows(self.dt_min, self.dt_max),
                                         (SSM_CHANNELS, None)),
                 (h, 2 if self.separate_dt else 1), jnp.float32)
-            c_std = 1.0 if self.variant == "dss" else math.sqrt(0.5)
+            c_std = math.sqrt(0.5) if self.variant == "s4d_lin" else 1.0
         c_init = channel_modes(nn.initializers.normal(c_std), (SSM_CHANNELS, SSM_STATE))
         self.c_re = self.param("c_re", c_init, (h, n), jnp.float32)
         self.c_im = self.param("c_im", c_init, (h, n), jnp.float32)
@@ -210,7 +225,11 @@ class DiagonalSSM(nn.Module):
 
     def discretized(self) -> tuple[jnp.ndarray, jnp.ndarray]:
         """`(C̃ [features, N] complex64, log z)`: log z = Δλ, `[features, N]` (per-channel Δ) or
-        `[N]` ("gss": Δ = 1, shared by all channels); Re log z < 0."""
+        `[N]` ("gss": Δ = 1, shared by all channels); Re log z < 0 (the recurrent variants)."""
+        if self.variant not in RECURRENT_VARIANTS:
+            raise ValueError(f"the {self.variant!r} SSM kernel is normalised over the input's "
+                             f"length, so it has no recurrence to decode with: use one of "
+                             f"{RECURRENT_VARIANTS}")
         re = -jnp.exp(self.lambda_log_neg_re)
         if self.variant == "gss":
             lam = jax.lax.complex(re, jnp.exp(self.lambda_log_im))
@@ -223,9 +242,29 @@ class DiagonalSSM(nn.Module):
         return c * complex_expm1(log_z) / lam, log_z
 
     def kernel(self, length: int) -> jnp.ndarray:
-        """float32 `[features, length]`: `K[h, l] = Re Σ_n C̃[h, n] z[h, n]^l`."""
+        """float32 `[features, length]`: `K[h, l] = Re Σ_n C̃[h, n] z[h, n]^l` (for "dss", the
+        softmax kernel of an input of `length` positions)."""
+        if self.variant == "dss":
+            return self.softmax_kernel(length)
         coeff, log_z = self.discretized()
         return power_kernel(coeff, log_z, length)
+
+    def softmax_kernel(self, length: int) -> jnp.ndarray:
+        """DSS_softmax, float32 `[features, length]`. A mode with Re λ > 0 is evaluated
+        mirrored: `e^{lΔλ} / Σ_r e^{rΔλ} = e^{−(L−1−l)Δλ} / Σ_r e^{−rΔλ}`, so both halves are
+        powers of a base of modulus ≤ 1 (`power_kernel`), the second read backwards."""
+        dt = jnp.exp(self.log_dt)  # [h, 1 or 2]
+        lam = jax.lax.complex(self.lambda_re, self.lambda_im)
+        dt_lam = jax.lax.complex(dt[:, :1] * self.lambda_re, dt[:, -1:] * self.lambda_im)
+        growing = self.lambda_re > 0  # [N]
+        log_base = jnp.where(growing, -dt_lam, dt_lam)  # [h, N], Re ≤ 0
+        denominator = complex_expm1(log_base * length) * lam
+        # W (e^{Δλ} − 1) / (λ (e^{LΔλ} − 1)), the division as the reference's `reciprocal`
+        coeff = (jax.lax.complex(self.c_re, self.c_im) * complex_expm1(log_base)
+                 * jnp.conj(denominator) / (jnp.abs(denominator) ** 2 + SOFTMAX_EPSILON))
+        decaying = power_kernel(jnp.where(growing, 0.0, coeff), log_base, length)
+        mirrored = power_kernel(jnp.where(growing, coeff, 0.0), log_base, length)[:, ::-1]
+        return decaying + mirrored
 
     def __call__(self, u: jnp.ndarray) -> jnp.ndarray:
         """`u [batch, length, features]` -> float32 `[batch, length, features]`, by FFT."""

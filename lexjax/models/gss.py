@@ -90,8 +90,9 @@ class GSS(LanguageModel, kw_only=True):
       mlp_dim: F, the gated width (paper 4E).
       ssm_dim: H, the SSM width (default embed_dim // 4).
       state_dim: N, complex modes per SSM channel (paper 512).
-      ssm_variant: "gss" (the paper's simplified kernel and N(0, 1) init), "dss" or "s4d_lin"
-        (see `lexjax.layers.ssm.DiagonalSSM`).
+      ssm_variant: "gss" (the paper's simplified kernel and N(0, 1) init), "dss_exp",
+        "s4d_lin" or "dss" (DSS_softmax: trains and scores, does not decode; see
+        `lexjax.layers.ssm.DiagonalSSM`).
     """
 
     ssm_dim: Optional[int] = None

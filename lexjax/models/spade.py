@@ -18,8 +18,8 @@ radius 511 = window 512) or, with `local_attention="chunk"`, non-overlapping chu
 the cost is linear in the length.
 
 The SSM is S4's diagonal counterpart (JAX has no Cauchy kernel, so a DSS/S4D
-Vandermonde kernel): `DiagonalSSM` with `ssm_variant="dss"` (skew-HiPPO eigenvalues = S4D-LegS,
-the diagonal part of S4's HiPPO-LegS), 32 complex modes (the reference's `d_state` 64: S4 keeps
+Vandermonde kernel): `DiagonalSSM` with `ssm_variant="dss_exp"` (skew-HiPPO eigenvalues =
+S4D-LegS, the diagonal part of S4's HiPPO-LegS), 32 complex modes (the reference's `d_state` 64: S4 keeps
 N/2 modes of each conjugate pair), one SSM per channel, Δ ∈ [1e-3, 1e-1]. The reference's
 eigenvalues are learned per channel (`n_ssm` = the width); here they are shared by the channels
 and only Δ, C and D are per channel.
@@ -56,7 +56,7 @@ class SpadeBottomLayer(DecoderLayer, kw_only=True):
     fields of a `DecoderLayer` plus its state-space model's."""
 
     state_dim: int = 32
-    ssm_variant: str = "dss"
+    ssm_variant: str = "dss_exp"
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, positions: jnp.ndarray,
@@ -85,14 +85,14 @@ class Spade(AttentionLanguageModel, kw_only=True):
       local_attention: "window" (sliding, the reference's) or "chunk" (non-overlapping).
       state_dim: complex modes per SSM channel (32: the reference's S4 `d_state` 64 counts
         both members of each conjugate pair).
-      ssm_variant: see `lexjax.layers.ssm.DiagonalSSM` ("dss" = S4D-LegS).
+      ssm_variant: see `lexjax.layers.ssm.DiagonalSSM` ("dss_exp" = S4D-LegS).
       position: the zoo scheme of every attention layer (default T5 buckets).
     """
 
     chunk_size: int = 512
     local_attention: str = "window"
     state_dim: int = 32
-    ssm_variant: str = "dss"
+    ssm_variant: str = "dss_exp"
     position: PositionScheme = T5Buckets()
     norm: str = "layernorm"
 
