@@ -36,7 +36,9 @@ def initialized(name="block_recurrent", *bindings):
 
 
 VARIANTS = [(), (f"{BRT}.gate='lstm'",), (f"{BRT}.state_mlp=True",),
-            (f"{BRT}.recurrent_layers=(0, 1)", f"{BRT}.num_kv_heads=2")]
+            (f"{BRT}.state_mlp=True", f"{BRT}.single_gate=True", f"{BRT}.gate='lstm'"),
+            (f"{BRT}.recurrent_layers=(0, 1)", f"{BRT}.num_kv_heads=2",
+             f"{BRT}.normalize_keys=False")]
 
 
 def test_default_recurrent_layer_is_third_from_top():
@@ -150,7 +152,8 @@ def test_window_attention_equals_transformer_with_blockwise_mask(position):
     (each block sees itself and the previous block): an independent implementation (blocked
     attention with absolute positions) of the same function."""
     xl = lexjax.build_model(["configs/models/transformer_xl.gin",
-                             f"configs/positions/{position}.gin"], TINY)
+                             f"configs/positions/{position}.gin"],
+                            TINY + (f"{BRT}.normalize_keys=False",))
     toks = tokens(2, 5 * BLOCK, seed=7)
     variables = xl.init(jax.random.PRNGKey(1), toks)
     reference = Transformer(vocab_size=VOCAB, num_layers=2, embed_dim=32, num_heads=4,
@@ -192,8 +195,61 @@ def test_gates_follow_their_formulas():
                 + np.tanh(lin["update"]) * sigmoid(lin["input_gate"] - 1))
     np.testing.assert_allclose(lstm.apply({"params": p}, state, update), expected, rtol=1e-5,
                                atol=1e-6)
+    single = StateGate("fixed", squash=True)  # meliad's single gate: its FFN ends in tanh
+    p = nn.unbox(single.init(jax.random.PRNGKey(0), state, update)["params"])
+    z = np.tanh(np.asarray(update) @ p["update"]["kernel"] + p["update"]["bias"])
+    g = sigmoid(np.asarray(p["gate_bias"]))
+    np.testing.assert_allclose(single.apply({"params": p}, state, update),
+                               np.asarray(state) * g + z * (1 - g), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="unknown state gate"):
         StateGate("bias").init(jax.random.PRNGKey(0), state, update)
+    with pytest.raises(lexjax.ConfigError, match="single_gate"):
+        lexjax.build_model(["configs/models/block_recurrent.gin"],
+                           TINY + (f"{BRT}.single_gate=True",))
+
+
+def test_normalized_keys_follow_meliad():
+    """meliad's attention with normalize_keys (google-research/meliad @cc1aef5,
+    transformer/memory/transformer_base.py `normalize_kq`, transformer/attention.py): q and k
+    scaled by rsqrt(Σx² + 1e-6), logits |τ_h| (q̂·k̂ + b) (the bias added before the learned
+    scale), softmax over visible keys; against float64 numpy."""
+    from lexjax.layers.recurrent import attend_span, normalize_keys, tempered
+    rng = np.random.default_rng(3)
+    q, k, v = (rng.normal(size=(2, 5, 3, 4)) for _ in range(3))
+    tau = np.array([0.5, -2.0, 3.0])
+    slopes = np.array([0.1, 0.3, 0.7])
+    bias = lambda rel: -jnp.asarray(slopes, jnp.float32)[:, None, None] * jnp.abs(rel)  # noqa
+    pos = jnp.arange(5)
+    tq, tbias = tempered(normalize_keys(jnp.asarray(q, jnp.float32)), bias,
+                         jnp.abs(jnp.asarray(tau, jnp.float32)))
+    got = attend_span(tq, normalize_keys(jnp.asarray(k, jnp.float32)),
+                      jnp.asarray(v, jnp.float32), pos, pos, causal=True, bias=tbias)
+    qn = q / np.sqrt(np.sum(q ** 2, -1, keepdims=True) + 1e-6)
+    kn = k / np.sqrt(np.sum(k ** 2, -1, keepdims=True) + 1e-6)
+    rel = np.arange(5)[:, None] - np.arange(5)[None, :]
+    logits = (np.einsum("bqhd,bkhd->bhqk", qn, kn) - slopes[:, None, None] * np.abs(rel))
+    logits = np.abs(tau)[:, None, None] * logits
+    logits = np.where(rel >= 0, logits, -np.inf)
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    np.testing.assert_allclose(got, np.einsum("bhqk,bkhd->bqhd", probs, v), rtol=1e-5,
+                               atol=1e-6)
+
+
+def test_every_attention_has_a_learned_temperature():
+    """normalize_keys (the default): the tokens' window and cross attention and the state's two
+    attentions each own a per-head temperature, and each receives a gradient."""
+    model, variables = initialized()
+    params = nn.unbox(variables["params"])
+    toks = tokens(2, 3 * BLOCK, seed=12)
+    grads = jax.grad(lambda p: jnp.mean(model.apply({"params": p}, toks) ** 2))(params)
+    layer = grads["layer_0"]
+    for scale in (layer["attention"]["attention_scale"], layer["attention_scale2"],
+                  layer["state_update"]["attention_scale"],
+                  layer["state_update"]["attention_scale2"]):
+        assert scale.shape == (4,) and float(jnp.max(jnp.abs(scale))) > 0
+    assert "attention_scale" not in initialized(
+        "block_recurrent", f"{BRT}.normalize_keys=False")[1]["params"]["layer_1"]["attention"]
 
 
 def test_every_parameter_has_logical_axes():
@@ -203,11 +259,15 @@ def test_every_parameter_has_logical_axes():
                                           jax.ShapeDtypeStruct((1, BLOCK), jnp.int32))["params"])
 
 
-@pytest.mark.parametrize("name", ["block_recurrent", "transformer_xl"])
-def test_flops_per_token_matches_xla(name):
+@pytest.mark.parametrize("name,bindings", [
+    ("block_recurrent", ()), ("transformer_xl", ()),
+    ("block_recurrent", (f"{BRT}.state_mlp=True", f"{BRT}.single_gate=True"))],
+    ids=["block_recurrent", "transformer_xl", "single_gate"])
+def test_flops_per_token_matches_xla(name, bindings):
     """The analytic count against XLA's cost analysis of the forward pass (which also counts
-    the masked half of each span and elementwise work: within 25%)."""
-    model, variables = initialized(name, "NUM_STATES=8")
+    the masked half of each span and elementwise work: within 25%), blocks unrolled (XLA's cost
+    analysis counts a scanned loop's body once)."""
+    model, variables = initialized(name, "NUM_STATES=8", f"{BRT}.unroll_blocks=True", *bindings)
     length = 8 * BLOCK
     toks = jax.ShapeDtypeStruct((1, length), jnp.int32)
     compiled = jax.jit(model.apply).lower(variables, toks).compile()

@@ -10,6 +10,12 @@ j to the state c_j; on the state ("horizontal") side, c_{j+1} = gate(c_j, [SelfA
 CrossAttn(c_j -> tokens of block j)]), a `lax.scan` over blocks. The state's keys and values serve
 both directions. Everything except the state recurrence is computed for all blocks at once.
 
+Keys and queries are L2-normalised with a learned per-head temperature by default (meliad's
+`normalize_keys`, "more stable with Transformer XL"): every attention's logits are
+`|τ_h| (q̂ · k̂ + b)`, `x̂ = x / √(Σ x² + 1e-6)`, τ initialised at 1, one τ per attention (the
+tokens' self- and cross-attention, the state's self- and cross-attention); without it, the usual
+`q · k / √d + b`.
+
 Positions inside an attention span are block-local (queries W..2W-1, keys 0..2W-1 of the span
 "previous block + current block"): relative schemes (RoPE, xPos, T5, ALiBi, ...) see the true
 distances, and every block, segment and decoding step does the same arithmetic. Absolute schemes
@@ -26,10 +32,38 @@ import jax.numpy as jnp
 from lexjax.attention import MaskSpec
 from lexjax.attention.common import masked_softmax_attention
 from lexjax.layers.basic import Dtype, Layer, dense, make_norm, with_activation_axes
-from lexjax.layers.mlp import MLP
+from lexjax.layers.mlp import ELEMENTWISE_ACTIVATIONS, MLP
 from lexjax.positions import PositionScheme
+from lexjax.positions.base import per_head
 
 GATES = ("fixed", "lstm")
+NORMALIZE_EPSILON = 1e-6  # meliad's `normalize_kq`
+
+
+# --- normalised keys and queries ------------------------------------------------------------
+def normalize_keys(x: jnp.ndarray) -> jnp.ndarray:
+    """meliad's `normalize_kq`: `x [..., d] * rsqrt(Σ x² + 1e-6)`, in x's dtype."""
+    x32 = x.astype(jnp.float32)
+    norm = jax.lax.rsqrt(jnp.sum(jnp.square(x32), axis=-1, keepdims=True) + NORMALIZE_EPSILON)
+    return (x32 * norm).astype(x.dtype)
+
+
+def attention_temperature(module: nn.Module, name: str, num_heads: int) -> jnp.ndarray:
+    """A learned per-head temperature `|τ| [heads]` (float32, initialised at ones)."""
+    tau = module.param(name, nn.with_logical_partitioning(nn.initializers.ones, ("heads",)),
+                       (num_heads,), jnp.float32)
+    return jnp.abs(tau)
+
+
+def tempered(q: jnp.ndarray, bias, temperature: Optional[jnp.ndarray]):
+    """Queries `[..., heads, d]` and a relative bias such that the softmax's `q·k / √d + b`
+    becomes `τ (q·k + b)`: q times `τ √d` and the bias times τ. Unchanged without τ."""
+    if temperature is None:
+        return q, bias
+    q = (q.astype(jnp.float32) * (temperature * q.shape[-1] ** 0.5)[:, None]).astype(q.dtype)
+    if bias is None:
+        return q, None
+    return q, lambda rel: per_head(temperature, rel) * bias(rel)
 
 
 # --- block layout ---------------------------------------------------------------------------
@@ -80,10 +114,13 @@ def attend_span(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, q_pos: jnp.ndarr
     return out.reshape(q.shape[:-1] + (v.shape[-1],))
 
 
-def unordered_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray) -> jnp.ndarray:
+def unordered_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray,
+                        temperature: Optional[jnp.ndarray] = None) -> jnp.ndarray:
     """Attention without mask or positions (to and from the state): `q [..., q_len, heads, d]`,
-    `k, v [..., k_len, kv_heads, d]` -> `[..., q_len, heads, d]`."""
+    `k, v [..., k_len, kv_heads, d]` -> `[..., q_len, heads, d]`; with a `temperature [heads]`,
+    logits `τ q·k` (normalised keys), else `q·k / √d`."""
     no_positions = jnp.zeros((), jnp.int32)
+    q, _ = tempered(q, None, temperature)
     return attend_span(q, k, v, no_positions[None], no_positions[None], causal=False)
 
 
@@ -94,7 +131,8 @@ class WindowSelfAttention(nn.Module):
     `project(h [b, n, embed])` -> q `[b, n, heads, d]`, k, v `[b, n, kv_heads, d]` (keys and values
     before any position transform: this is what the cache holds); `attend_blocks` and
     `attend_step` attend over (previous block, current block) with the position scheme applied to
-    the span's block-local positions.
+    the span's block-local positions. With `normalized`, q and k come back L2-normalised and the
+    logits are `|τ| (q̂·k̂ + b)` ("attention_scale").
     """
 
     num_heads: int
@@ -102,6 +140,7 @@ class WindowSelfAttention(nn.Module):
     block_size: int
     position: PositionScheme
     num_kv_heads: Optional[int] = None
+    normalized: bool = True
     dtype: Dtype = jnp.float32
 
     def setup(self):
@@ -113,13 +152,19 @@ class WindowSelfAttention(nn.Module):
         self.value = dense((kv_heads, self.head_dim), ("embed", "kv_heads", "kv"),
                            dtype=self.dtype, name="value")
         self.scheme = self.position.clone()  # parameters under "scheme"
+        self.temperature = (attention_temperature(self, "attention_scale", self.num_heads)
+                            if self.normalized else None)
 
     def project(self, h: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
-        return self.query(h), self.key(h), self.value(h)
+        q, k = self.query(h), self.key(h)
+        if self.normalized:
+            q, k = normalize_keys(q), normalize_keys(k)
+        return q, k, self.value(h)
 
     def _attend(self, q, k, v, q_pos, k_pos, k_valid):
         q, k = self.scheme.rotate(q, k, q_pos, k_pos)
-        bias = self.scheme.relative_bias(self.num_heads, self.head_dim)
+        q, bias = tempered(q, self.scheme.relative_bias(self.num_heads, self.head_dim),
+                           self.temperature)
         return attend_span(q, k, v, q_pos, k_pos, causal=True, bias=bias, k_valid=k_valid)
 
     def attend_blocks(self, q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray,
@@ -156,12 +201,15 @@ class StateGate(nn.Module):
     "fixed": c' = c * g + z * (1 - g), z = W_z u + b_z, g = sigmoid(b_g) a learned per-channel bias.
     "lstm":  c' = c * f + z * i, z = tanh(W_z u + b_z), i = sigmoid(W_i u + b_i - 1),
              f = sigmoid(W_f u + b_f + 1).
-    Kernels start at variance scaling 0.1, biases at N(0, 0.1) (the paper's gate init).
+    `squash`: z = tanh(W_z u + b_z) for the fixed gate too (meliad's "single" gate, whose FFN
+    ends in tanh). Kernels start at variance scaling 0.1, biases at N(0, 0.1) (the paper's gate
+    init).
     """
 
     kind: str = "fixed"
     contract: tuple[int, ...] = (-1,)
     input_axes: tuple[str, ...] = ("mlp",)
+    squash: bool = False
     dtype: Dtype = jnp.float32
 
     def _projection(self, name: str, features: int) -> nn.Module:
@@ -181,7 +229,7 @@ class StateGate(nn.Module):
             bias = self.param("gate_bias", nn.with_logical_partitioning(
                 nn.initializers.normal(0.1), ("embed",)), (features,), jnp.float32)
             g = jax.nn.sigmoid(bias)
-            return state * g + z * (1.0 - g)
+            return state * g + (jnp.tanh(z) if self.squash else z) * (1.0 - g)
         i = jax.nn.sigmoid(self._projection("input_gate", features)(update).astype(jnp.float32)
                            - 1.0)
         f = jax.nn.sigmoid(self._projection("forget_gate", features)(update).astype(jnp.float32)
@@ -197,7 +245,11 @@ class StateUpdate(nn.Module):
     c (plus learned state IDs) is normalised and projected to queries for self-attention and for
     cross-attention to the tokens, and to keys/values; the two attention outputs, concatenated,
     feed the gate ("skip": no MLP in the state path). With `state_mlp` ("dual"), a second gate
-    follows an MLP on the state.
+    follows an MLP on the state. With `single_gate` as well ("single", meliad's
+    `single_gate`): no gate after the attention; the concatenated attention outputs go through
+    the MLP's hidden layer, whose output projection, squashed by tanh, is the one gate's update.
+    `normalized`: L2-normalised queries and keys with learned temperatures ("attention_scale"
+    for the state's self-attention, "attention_scale2" for its cross-attention).
     """
 
     num_heads: int
@@ -205,9 +257,11 @@ class StateUpdate(nn.Module):
     num_kv_heads: Optional[int] = None
     gate: str = "fixed"
     state_mlp: bool = False
+    single_gate: bool = False
     mlp_dim: int = 0
     mlp_activation: str = "gelu"
     norm: str = "rmsnorm"
+    normalized: bool = True
     dtype: Dtype = jnp.float32
 
     def setup(self):
@@ -221,31 +275,55 @@ class StateUpdate(nn.Module):
                          dtype=self.dtype, name="key")
         self.value = dense((kv_heads, self.head_dim), ("embed", "kv_heads", "kv"),
                            dtype=self.dtype, name="value")
-        self.attention_gate = StateGate(self.gate, contract=(-2, -1), input_axes=("heads", "kv"),
-                                        dtype=self.dtype, name="attention_gate")
-        if self.state_mlp:
-            self.mlp_norm = make_norm(self.norm, dtype=self.dtype, name="mlp_norm")
-            self.mlp = MLP(self.mlp_dim, self.mlp_activation, dtype=self.dtype, name="mlp")
-            self.mlp_gate = StateGate(self.gate, dtype=self.dtype, name="mlp_gate")
+        if self.single_gate:
+            if not self.state_mlp or self.mlp_activation == "swiglu":
+                raise ValueError("the single state gate follows the state MLP: it needs "
+                                 "state_mlp=True and an element-wise mlp_activation")
+            self.hidden = dense(self.mlp_dim, ("heads", "kv", "mlp"), dtype=self.dtype,
+                                contract=(-2, -1), name="hidden")
+            self.single = StateGate(self.gate, squash=True, dtype=self.dtype, name="single_gate")
+        else:
+            self.attention_gate = StateGate(self.gate, contract=(-2, -1),
+                                            input_axes=("heads", "kv"), dtype=self.dtype,
+                                            name="attention_gate")
+            if self.state_mlp:
+                self.mlp_norm = make_norm(self.norm, dtype=self.dtype, name="mlp_norm")
+                self.mlp = MLP(self.mlp_dim, self.mlp_activation, dtype=self.dtype, name="mlp")
+                self.mlp_gate = StateGate(self.gate, dtype=self.dtype, name="mlp_gate")
+        self.temperatures = ((attention_temperature(self, "attention_scale", self.num_heads),
+                              attention_temperature(self, "attention_scale2", self.num_heads))
+                             if self.normalized else (None, None))
 
-    def normalized(self, state: jnp.ndarray, state_ids: jnp.ndarray) -> jnp.ndarray:
+    def normed_state(self, state: jnp.ndarray, state_ids: jnp.ndarray) -> jnp.ndarray:
         return self.state_norm((state + state_ids).astype(self.dtype))
 
     def keys_values(self, state: jnp.ndarray, state_ids: jnp.ndarray
                     ) -> tuple[jnp.ndarray, jnp.ndarray]:
-        """`[b, S, embed]` -> k_s, v_s `[b, S, kv_heads, d]`."""
-        h = self.normalized(state, state_ids)
-        return self.key(h), self.value(h)
+        """`[b, S, embed]` -> k_s, v_s `[b, S, kv_heads, d]` (k_s normalised with `normalized`)."""
+        return self._project(self.normed_state(state, state_ids), (self.key, self.value))
+
+    def _project(self, h: jnp.ndarray, layers: tuple) -> tuple[jnp.ndarray, ...]:
+        """`h` through each projection; queries and keys (all but the value projection)
+        normalised with `normalized`."""
+        out = [layer(h) for layer in layers]
+        return tuple(normalize_keys(x) if self.normalized and layer is not self.value else x
+                     for layer, x in zip(layers, out))
 
     def __call__(self, state: jnp.ndarray, block_kv: tuple[jnp.ndarray, jnp.ndarray],
                  state_ids: jnp.ndarray):
         token_k, token_v = block_kv
-        h = self.normalized(state, state_ids)
-        k_s, v_s = self.key(h), self.value(h)
-        own = unordered_attention(self.query(h), k_s, v_s)
-        read = unordered_attention(self.cross_query(h), token_k.astype(self.dtype),
-                                   token_v.astype(self.dtype))
-        state = self.attention_gate(state, jnp.concatenate([own, read], axis=-2))
+        h = self.normed_state(state, state_ids)
+        q, cross_q, k_s, v_s = self._project(h, (self.query, self.cross_query, self.key,
+                                                 self.value))
+        own_tau, read_tau = self.temperatures
+        own = unordered_attention(q, k_s, v_s, own_tau)
+        read = unordered_attention(cross_q, token_k.astype(self.dtype),
+                                   token_v.astype(self.dtype), read_tau)
+        both = jnp.concatenate([own, read], axis=-2)
+        if self.single_gate:
+            hidden = ELEMENTWISE_ACTIVATIONS[self.mlp_activation](self.hidden(both))
+            return self.single(state, hidden), (k_s, v_s)
+        state = self.attention_gate(state, both)
         if self.state_mlp:
             state = self.mlp_gate(state, self.mlp(self.mlp_norm(state.astype(self.dtype))))
         return state, (k_s, v_s)
@@ -261,8 +339,8 @@ class BlockLayer(Layer, kw_only=True):
 
     Without `recurrent`: a Transformer-XL layer (block-window self-attention with the carried
     previous block, then an MLP). With `recurrent`: the recurrent cell; the tokens' attention
-    output is concatenated with their cross-attention to the state of their block before the
-    output projection, and the state runs through `StateUpdate` block by block (`lax.scan`, or a
+    output is concatenated with their cross-attention to the state of their block (its own
+    temperature "attention_scale2" with `normalize_keys`) before the output projection, and the state runs through `StateUpdate` block by block (`lax.scan`, or a
     Python loop with `unroll_blocks`). Dropout is applied on the token path only (as in meliad:
     the state path has none).
     """
@@ -278,6 +356,8 @@ class BlockLayer(Layer, kw_only=True):
     num_states: int = 512
     gate: str = "fixed"
     state_mlp: bool = False
+    single_gate: bool = False
+    normalize_keys: bool = True
     unroll_blocks: bool = False
     norm: str = "rmsnorm"
     mlp_activation: str = "gelu"
@@ -285,8 +365,8 @@ class BlockLayer(Layer, kw_only=True):
     def setup(self):
         self.attention_norm = make_norm(self.norm, dtype=self.dtype, name="pre_attention_norm")
         self.attention = WindowSelfAttention(self.num_heads, self.head_dim, self.block_size,
-                                             self.position, self.num_kv_heads, self.dtype,
-                                             name="attention")
+                                             self.position, self.num_kv_heads,
+                                             self.normalize_keys, self.dtype, name="attention")
         self.out = dense(self.embed_dim, ("heads", "kv", "embed"), dtype=self.dtype,
                          contract=(-2, -1), name="out")
         self.mlp_norm = make_norm(self.norm, dtype=self.dtype, name="pre_mlp_norm")
@@ -298,12 +378,22 @@ class BlockLayer(Layer, kw_only=True):
                                      dtype=self.dtype, name="cross_query")
             self.state_update = StateUpdate(
                 self.num_heads, self.head_dim, self.num_kv_heads, self.gate, self.state_mlp,
-                self.mlp_dim, self.mlp_activation, self.norm, self.dtype, name="state_update")
+                self.single_gate, self.mlp_dim, self.mlp_activation, self.norm,
+                self.normalize_keys, self.dtype, name="state_update")
+            self.cross_temperature = (
+                attention_temperature(self, "attention_scale2", self.num_heads)
+                if self.normalize_keys else None)
             shape = (self.num_states, self.embed_dim)
             self.state_ids = self.param("state_ids", nn.with_logical_partitioning(
                 nn.initializers.normal(1.0), (None, "embed")), shape, jnp.float32)
             self.initial_state = self.param("initial_state", nn.with_logical_partitioning(
                 nn.initializers.normal(0.1), (None, "embed")), shape, jnp.float32)
+
+    def token_cross_queries(self, h: jnp.ndarray) -> jnp.ndarray:
+        """The tokens' queries to the state `[b, n, heads, d]` (normalised with
+        `normalize_keys`)."""
+        q = self.cross_query(h)
+        return normalize_keys(q) if self.normalize_keys else q
 
     def _finish(self, x: jnp.ndarray, mixed: jnp.ndarray) -> jnp.ndarray:
         x = x + self.dropout(self.out(mixed), deterministic=self.deterministic)
@@ -345,7 +435,8 @@ class BlockLayer(Layer, kw_only=True):
         if self.recurrent:
             state, (k_s, v_s) = self.run_state(self.start_state(state, first_position),
                                                to_blocks(k, w), to_blocks(v, w))
-            read = unordered_attention(to_blocks(self.cross_query(h), w), k_s, v_s)
+            read = unordered_attention(to_blocks(self.token_cross_queries(h), w), k_s, v_s,
+                                       self.cross_temperature)
             mixed = jnp.concatenate([mixed, read.reshape(mixed.shape)], axis=-2)
         last_kv = (k[:, -w:].astype(jnp.float32), v[:, -w:].astype(jnp.float32))
         return self._finish(x, mixed), last_kv, state
@@ -372,7 +463,8 @@ class BlockLayer(Layer, kw_only=True):
         if self.recurrent:
             state = self.start_state(cache["state"], position)
             k_s, v_s = self.state_update.keys_values(state, self.state_ids)
-            read = unordered_attention(self.cross_query(h), k_s, v_s)
+            read = unordered_attention(self.token_cross_queries(h), k_s, v_s,
+                                       self.cross_temperature)
             mixed = jnp.concatenate([mixed, read], axis=-2)
             advanced, _ = self.state_update(state, (keys[:, w:], values[:, w:]), self.state_ids)
             new_cache["state"] = jnp.where(complete, advanced, state)

@@ -69,7 +69,12 @@ class BlockRecurrentTransformer(AttentionLanguageModel, kw_only=True):
         the paper's single layer `num_layers - 3` (layer 10 of 12), or the top one when
         `num_layers < 3`; () is Transformer-XL.
       gate: "fixed" (the paper's best) or "lstm"; state_mlp: False = "skip" (no MLP in the state
-        path, the paper's best), True = "dual" (a second gate after an MLP on the state).
+        path, the paper's best), True = "dual" (a second gate after an MLP on the state), or
+        with `single_gate` "single" (one gate, fed by the MLP's hidden layer on the attention
+        outputs; meliad's `single_gate`).
+      normalize_keys: L2-normalised queries and keys with a learned per-head temperature in
+        every attention (meliad's default, "more stable with Transformer XL"); False: the usual
+        1/√d scaling.
       unroll_blocks: a Python loop over blocks instead of `lax.scan` (tests; compile time grows
         with length).
       Other fields as `AttentionLanguageModel`; the block-window attention is computed directly
@@ -81,6 +86,8 @@ class BlockRecurrentTransformer(AttentionLanguageModel, kw_only=True):
     recurrent_layers: Optional[tuple[int, ...]] = None
     gate: str = "fixed"
     state_mlp: bool = False
+    single_gate: bool = False
+    normalize_keys: bool = True
     position: PositionScheme = T5Buckets()
     unroll_blocks: bool = False
 
@@ -105,6 +112,9 @@ class BlockRecurrentTransformer(AttentionLanguageModel, kw_only=True):
         super().check()
         if self.gate not in GATES:
             raise ValueError(f"unknown gate {self.gate!r}; use one of {GATES}")
+        if self.single_gate and not self.state_mlp:
+            raise ValueError("single_gate (meliad's \"single\" state path) gates the state MLP's "
+                             "output: set state_mlp=True as well")
         if self.block_size < 1 or self.num_states < 1:
             raise ValueError(f"block_size and num_states must be positive, got "
                              f"{self.block_size}, {self.num_states}")
@@ -140,11 +150,14 @@ class BlockRecurrentTransformer(AttentionLanguageModel, kw_only=True):
         d, h, kv = self.head_features, self.num_heads, self.key_value_heads
         w, s, e = self.block_size, self.num_states, self.embed_dim
         keys_per_query = w + (w + 1) / 2 if length > w else (length + 1) / 2
-        gate_inputs = 2 * h * d * e * (1 if self.gate == "fixed" else 3)
-        state_mlp = (e * self.mlp_dim * (3 if self.mlp_activation == "swiglu" else 2)
-                     + e * e * (1 if self.gate == "fixed" else 3))
-        per_state = (e * d * (2 * h + 2 * kv) + gate_inputs + 2 * h * d * (s + w)
-                     + (state_mlp if self.state_mlp else 0))
+        gates = 1 if self.gate == "fixed" else 3
+        if self.single_gate:  # attention outputs -> MLP hidden -> the gate's projections
+            state_path = 2 * h * d * self.mlp_dim + self.mlp_dim * e * gates
+        else:
+            state_path = 2 * h * d * e * gates + (
+                e * self.mlp_dim * (3 if self.mlp_activation == "swiglu" else 2) + e * e * gates
+                if self.state_mlp else 0)
+        per_state = e * d * (2 * h + 2 * kv) + state_path + 2 * h * d * (s + w)
         recurrent_extra = e * h * d * 2 + 2 * h * d * s + per_state * s / w
         total = (self.num_layers * self.block_macs(keys_per_query)
                  + len(self.recurrent_indices()) * recurrent_extra)
@@ -158,6 +171,7 @@ class BlockRecurrentTransformer(AttentionLanguageModel, kw_only=True):
             mlp_dim=self.mlp_dim, block_size=self.block_size, position=self.position_template,
             num_kv_heads=self.num_kv_heads, recurrent=i in recurrent,
             num_states=self.num_states, gate=self.gate, state_mlp=self.state_mlp,
+            single_gate=self.single_gate, normalize_keys=self.normalize_keys,
             unroll_blocks=self.unroll_blocks, norm=self.norm, mlp_activation=self.mlp_activation,
             dropout_rate=self.dropout_rate, dtype=self.compute_dtype,
             deterministic=deterministic, name=f"layer_{i}") for i in range(self.num_layers)]
