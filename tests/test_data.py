@@ -667,3 +667,24 @@ def test_left_padded_pieces_end_at_the_row_end():
     np.testing.assert_array_equal(
         np.stack(list(packing.pad_documents(documents, 4, pad_left=True))), left)
     np.testing.assert_array_equal(data.segment_ids(left)[0], [0, 1, 1, 1])
+
+
+def test_random_left_crops_are_the_reference_crops():
+    """google-research/perceiver-ar @cc756f5, perceiver_ar/dataset_test.py
+    `test_minimum_crop_length`: with context 7 and minimum crop 4, 'abcdefg' trains on 'abcd',
+    'abcde', 'abcdef' and 'abcdefg' (each at the end of the row, padding first), uniformly."""
+    doc = np.arange(2, 9)  # a..g
+    rows = np.stack([doc, np.r_[0, 0, 0, 5, 6, 7, 8], np.zeros(7, int)])
+    rng = np.random.default_rng(0)
+    seen, counts = set(), {}
+    for _ in range(2000):
+        out = packing.random_left_crops(rows, 4, rng)
+        seen.add(tuple(out[0]))
+        counts[int(np.sum(out[0] > 0))] = counts.get(int(np.sum(out[0] > 0)), 0) + 1
+        np.testing.assert_array_equal(out[1], rows[1])  # 4 tokens: at the minimum already
+        np.testing.assert_array_equal(out[2], rows[2])  # an empty row stays empty
+    want = {tuple(np.r_[np.zeros(7 - e, int), doc[:e]]) for e in range(4, 8)}
+    assert seen == want
+    assert all(abs(c / 2000 - 0.25) < 0.04 for c in counts.values())
+    short = packing.random_left_crops(rows[1:2], 0, np.random.default_rng(1))
+    assert np.sum(short > 0) >= 1 and short[0, -1] > 0  # at least one token, at the end

@@ -2,6 +2,8 @@
 under input dropout), ragged lengths, generation with a cache equal to the full forward for every
 position hook, the paper's input dropout, partial rotation, FLOP count, gin, and a short
 training run with input dropout. (The contract of every model: tests/test_lm_contract.py.)"""
+import itertools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -330,3 +332,53 @@ def test_bad_configuration_is_refused_clearly(field, value, match):
     with pytest.raises(ValueError, match=match):
         jax.eval_shape(make(**{field: value}).init, jax.random.PRNGKey(0),
                        jnp.ones((1, 4), jnp.int32))
+
+
+def test_training_crops_make_every_position_a_latent():
+    """The reference's random crops: over training steps every position of a piece is among
+    the scored last `num_latents` positions ("none": only the last 6 of 16); "full_latents"
+    keeps at least 6 tokens so every latent is a real token."""
+    rows = np.tile(np.arange(2, 18), (4, 1))  # four full pieces of 16 tokens
+    model = make()
+    latent_tokens = {name: set() for name in ("random", "none", "full_latents")}
+    for step in range(200):
+        for name, seen in latent_tokens.items():
+            cropped = model.clone(train_cropping=name).crop_rows(
+                rows, np.random.default_rng((0, step)))
+            assert np.all(np.diff((cropped > 0).astype(int), axis=1) >= 0)  # padding first
+            for row in cropped:
+                real = row[row > 0]
+                np.testing.assert_array_equal(real, np.arange(2, 2 + real.size))  # a prefix
+                if name == "full_latents":
+                    assert real.size >= 6
+                seen.update(int(t) for t in row[-6:] if t > 0)
+    assert latent_tokens["random"] == latent_tokens["full_latents"] == set(range(2, 18))
+    assert latent_tokens["none"] == set(range(12, 18))
+    with pytest.raises(ValueError, match="train_cropping"):
+        jax.eval_shape(make(train_cropping="crop").init, jax.random.PRNGKey(0),
+                       jnp.ones((1, 4), jnp.int32))
+
+
+def test_the_trainer_reads_cropped_rows(tmp_path, monkeypatch):
+    """The trainer's token batches for Perceiver AR are the uncropped rows' random prefixes,
+    a function of (seed, step)."""
+    from lexjax.data import DataConfig
+    from lexjax.training.config import TrainConfig
+    from lexjax.training.inputs import training_batches
+    monkeypatch.setenv("LEXJAX_DATA_CACHE", str(tmp_path / "cache"))
+    for i in range(20):
+        (tmp_path / f"doc{i:02d}.txt").write_text("lorem ipsum dolor " * (i + 3) + "\n")
+    run = TrainConfig(data=DataConfig(task="lexjax.text_files",
+                                      text_files_glob=str(tmp_path / "*.txt")),
+                      train_steps=3, batch_size=4, train_length=32)
+    whole = list(itertools.islice(training_batches(make(train_cropping="none"), run), 3))
+    cropped = list(itertools.islice(training_batches(make(), run), 3))
+    again = list(itertools.islice(training_batches(make(), run, start_step=1), 2))
+    assert any(np.sum(c["targets"] > 0) < np.sum(w["targets"] > 0)
+               for c, w in zip(cropped, whole))
+    for c, w in zip(cropped, whole):
+        for crop_row, row in zip(c["targets"], w["targets"]):
+            real, full = crop_row[crop_row > 0], row[row > 0]
+            np.testing.assert_array_equal(real, full[:real.size])
+    for a, b in zip(again, cropped[1:]):
+        np.testing.assert_array_equal(a["targets"], b["targets"])

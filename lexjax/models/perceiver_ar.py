@@ -13,6 +13,17 @@ Positions: the zoo's `PositionScheme` hooks, each at the true token positions (l
 N-m .. N-1, inputs at 0 .. N-1). Rotations touch the first `rotary_fraction` of each head's
 channels (the paper rotates half, with interleaved pairs inside that slice).
 
+Training crops (the reference's `minimum_crop_length` / flaxformer's `train_cropping_method`):
+only the last m positions of a row are scored, so training rows are cut at a random end
+(`crop_rows`, applied by the trainer's token batches): a row, one left-padded document piece,
+keeps a uniformly random prefix of its tokens, at least `minimum_crop_length` long, moved to the
+row's end. Every position of a piece is then a latent in some step, instead of only its last m.
+"random" (default, the reference's, minimum 1 token), "full_latents" (minimum m: every latent is
+a real token, flaxformer's FULL_LATENTS) or "none" (pieces as they are). Rows are never packed
+(the latents are a row's last positions), so a crop never mixes documents; the reference crops a
+window ending anywhere in the whole document, here the crop stays inside the row's piece (a
+piece of a long document does not see the previous piece as context).
+
 Regularisation: `input_dropout_rate` drops a random subset of the *context* inputs (the N - m
 positions before the latents), per example, by masking them as cross-attention keys; the latent
 positions themselves are always kept, so every latent sees at least its own input and no row is
@@ -36,6 +47,7 @@ import flax.linen as nn
 import gin
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from lexjax.attention import MaskSpec
 from lexjax.layers import MLP, make_norm, with_activation_axes
@@ -45,6 +57,9 @@ from lexjax.layers.latent_cross_attention import (DEFAULT_KEY_CHUNK, DEFAULT_QUE
                                                   LatentCrossAttention)
 from lexjax.models.lm import AttentionLanguageModel
 from lexjax.positions import PositionScheme, RoPE
+
+
+TRAIN_CROPPING = ("random", "full_latents", "none")
 
 
 class PartialRotation(PositionScheme):
@@ -152,6 +167,10 @@ class PerceiverAR(AttentionLanguageModel, kw_only=True):
       rotary_fraction: fraction of each head's channels the scheme rotates (paper: 0.5).
       input_dropout_rate: training-time fraction of context inputs (before the latents) masked out
         of the cross-attention, drawn per example from the "dropout" rng.
+      train_cropping: "random" (the reference's), "full_latents" or "none": how training rows
+        are cropped (`crop_rows`, see the module doc).
+      minimum_crop_length: the shortest "random" crop (the reference's `minimum_crop_length`;
+        at least 1 token).
       cross_attention_block_size, cross_attention_key_chunk_size: latents per query block and
         inputs per key chunk of the cross-attention (live memory O(block * chunk) per head).
       attention_impl: `attend` implementation of the latent self-attention.
@@ -161,6 +180,8 @@ class PerceiverAR(AttentionLanguageModel, kw_only=True):
     position: PositionScheme = RoPE()
     rotary_fraction: float = 0.5
     input_dropout_rate: float = 0.0
+    train_cropping: str = "random"
+    minimum_crop_length: int = 0
     cross_attention_block_size: int = DEFAULT_QUERY_BLOCK
     cross_attention_key_chunk_size: int = DEFAULT_KEY_CHUNK
 
@@ -180,6 +201,20 @@ class PerceiverAR(AttentionLanguageModel, kw_only=True):
         if not 0.0 <= self.input_dropout_rate <= 1.0:
             raise ValueError(f"input_dropout_rate must be in [0, 1], got "
                              f"{self.input_dropout_rate}")
+        if self.train_cropping not in TRAIN_CROPPING:
+            raise ValueError(f"{self.field_name('train_cropping')} must be one of "
+                             f"{TRAIN_CROPPING}, got {self.train_cropping!r}")
+
+    @nn.nowrap
+    def crop_rows(self, tokens: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """Training rows `[batch, length]` (left-padded pieces) cropped at random ends (see the
+        module doc); unchanged with `train_cropping="none"`."""
+        from lexjax.data.packing import random_left_crops  # the data package loads seqio
+        if self.train_cropping == "none":
+            return tokens
+        minimum = (self.num_latents if self.train_cropping == "full_latents"
+                   else self.minimum_crop_length)
+        return random_left_crops(tokens, minimum, rng)
 
     @nn.nowrap
     def flops_per_token(self, length: int) -> float:

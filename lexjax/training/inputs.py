@@ -6,7 +6,8 @@ objectives (causal and masked LM), by model (shared by the trainer, the step and
   with global tokens, `packs_documents` False: padded rows, the segment ids marking padding);
 - a model whose layers mix the whole row: padded rows, one document piece each (segment id 1,
   padding 0, which is not scored), padded after the piece, or before it for a model scored on
-  a row's last positions (`padding_side = "left"`: Perceiver AR);
+  a row's last positions (`padding_side = "left"`: Perceiver AR, whose rows are then cropped at
+  random, `crop_rows`, so every position of a piece is scored);
 - a state-carrying model (`init_carry`): row streams, row i of each batch continuing row i of the
   previous one (`lexjax.data.stream_batches`).
 
@@ -53,8 +54,12 @@ def token_batches(model: nn.Module, config: TrainConfig, start_step: int = 0
     pad_left = getattr(model, "padding_side", "right") == "left"
     pack = reads_segment_ids(model) and model.packs_documents
     eos_id = config.data.seqio_vocabulary().eos_id  # a converted checkpoint's may not be 1
-    for tokens in data.train_batches(config.data, pack=pack,
-                                     pad_left=pad_left, **common):
+    crop = getattr(model, "crop_rows", None)
+    batches = data.train_batches(config.data, pack=pack, pad_left=pad_left, **common)
+    for step, tokens in enumerate(batches, start_step):
+        if crop is not None:  # a pure function of (seed, step, shard), as the rows are
+            tokens = crop(tokens, np.random.default_rng(
+                (config.seed, step, jax.process_index())))
         yield {"targets": tokens, "segment_ids": data.segment_ids(tokens, eos_id)}
 
 
