@@ -96,6 +96,11 @@ def test_reference_defaults_and_axes():
     assert type(model.position).__name__ == "T5Buckets"
     _, variables = initialized()
     check_logical_axes(variables["params"])
+    # One T5 table for every layer (the reference hands layer 0's position bias up the stack).
+    paths = [jax.tree_util.keystr(p)
+             for p, _ in jax.tree_util.tree_flatten_with_path(variables["params"])[0]]
+    assert [p for p in paths if "rel_embedding" in p] == [
+        "['shared_position']['rel_embedding'].value"]
 
 
 def test_global_branch_is_the_bare_state_space_model(rng):

@@ -502,3 +502,34 @@ def test_norm_spec_epsilon_and_bias(bias, rng):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
     with pytest.raises(ValueError, match="unknown norm"):
         Norm("batchnorm")
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_shared_relative_bias_is_every_layer_reading_one_table(scan):
+    """share_relative_bias (T5's table for all layers): the model equals the unshared one with
+    every layer's table set to the shared table, in the forward pass and in decoding, and the
+    table gets one gradient summed over the layers."""
+    from helpers import decode_all
+    bindings = ("NUM_LAYERS=3", f"lexjax.models.Transformer.scan_layers={scan}")
+    shared = build("t5", *bindings, "lexjax.models.Transformer.share_relative_bias=True")
+    per_layer = build("t5", *bindings)
+    toks = jnp.asarray(np.random.default_rng(4).integers(1, 64, (2, 13)), jnp.int32)
+    params = nn.unbox(jax.jit(shared.init)(jax.random.PRNGKey(0), toks)["params"])
+    table = jax.random.normal(jax.random.PRNGKey(5), params["shared_position"]["rel_embedding"].shape)
+    params["shared_position"]["rel_embedding"] = table
+    unshared = nn.unbox(jax.jit(per_layer.init)(jax.random.PRNGKey(0), toks)["params"])
+    layers = {k: v for k, v in params.items() if k != "shared_position"}
+    by_path = {jax.tree_util.keystr(p): x
+               for p, x in jax.tree_util.tree_flatten_with_path(layers)[0]}
+
+    def same_weights_one_table(path, x):
+        name = jax.tree_util.keystr(path)
+        return jnp.broadcast_to(table, x.shape) if "rel_embedding" in name else by_path[name]
+    reference = jax.tree_util.tree_map_with_path(same_weights_one_table, unshared)
+    want = per_layer.apply({"params": reference}, toks)
+    np.testing.assert_allclose(shared.apply({"params": params}, toks), want, rtol=1e-5,
+                               atol=1e-5)
+    decoded, _ = decode_all(shared, {"params": params}, toks, prompt=4, max_length=16)
+    np.testing.assert_allclose(decoded, want, rtol=1e-4, atol=1e-4)
+    assert not any("rel_embedding" in jax.tree_util.keystr(p)
+                   for p, _ in jax.tree_util.tree_flatten_with_path(layers)[0])

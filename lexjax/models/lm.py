@@ -43,6 +43,7 @@ from lexjax.layers import Embedding, Norm, compute_dtype, dense, make_norm, with
 from lexjax.layers.decoder import NORM_POSITIONS, DecoderLayer
 from lexjax.layers.mlp import MLP_ACTIVATIONS
 from lexjax.positions import PositionScheme
+from lexjax.positions.base import PrebuiltBias
 
 # The size macros of configs/models/*.gin, by field: error messages name what a user sets.
 MACROS = {"vocab_size": "VOCAB_SIZE", "num_layers": "NUM_LAYERS", "embed_dim": "EMBED_DIM",
@@ -384,6 +385,8 @@ class AttentionLanguageModel(LanguageModel, kw_only=True):
       attention_impl: the `lexjax.attention.attend` implementation ("auto", "xla",
         "reference", "pallas", ...).
       attention_block_size: block length of blocked implementations (None: their default).
+      share_relative_bias: one relative-bias table for every layer (T5's choice, and SPADE's
+        reference), built once under "shared_position"; False (default): a table per layer.
     """
 
     num_heads: int
@@ -392,6 +395,7 @@ class AttentionLanguageModel(LanguageModel, kw_only=True):
     mlp_activation: str = "gelu"
     attention_impl: str = "auto"
     attention_block_size: Optional[int] = None
+    share_relative_bias: bool = False
 
     #: the block of the stack: a `DecoderLayer`, or a subclass with another attention (YOSO,
     #: kernelized attention), whose extra fields `decoder_layer_fields` adds
@@ -431,12 +435,26 @@ class AttentionLanguageModel(LanguageModel, kw_only=True):
     def decoder_layer_fields(self, mask: MaskSpec, deterministic: bool, decode: bool) -> dict:
         """The `DecoderLayer` fields of this model under `mask`."""
         return dict(num_heads=self.num_heads, head_dim=self.head_features, mlp_dim=self.mlp_dim,
-                    position=self.position_template, mask=mask,
+                    position=self.layer_position(), mask=mask,
                     num_kv_heads=self.num_kv_heads,
                     norm=self.norm, mlp_activation=self.mlp_activation,
                     dropout_rate=self.dropout_rate, attention_impl=self.attention_impl,
                     attention_block_size=self.attention_block_size, dtype=self.compute_dtype,
                     deterministic=deterministic, decode=decode)
+
+    def setup(self):
+        if self.share_relative_bias and self.position is not None:
+            self.shared_position = self.position_template
+
+    @nn.nowrap
+    def layer_position(self) -> Optional[PositionScheme]:
+        """The position scheme the attention layers clone: `position_template`, or with
+        `share_relative_bias` a `PrebuiltBias` holding the one shared table's bias."""
+        template = self.position_template
+        if not self.share_relative_bias or template is None:
+            return template
+        bias = self.shared_position.relative_bias(self.num_heads, self.head_features)
+        return PrebuiltBias(scheme=template, bias=bias, parent=None)
 
     @nn.nowrap
     def block_macs(self, keys_per_query: float) -> float:

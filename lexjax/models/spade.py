@@ -26,7 +26,7 @@ and only Δ, C and D are per channel.
 
 Size macros: NUM_LAYERS, EMBED_DIM, NUM_HEADS (the attention heads of every layer), MLP_DIM,
 CHUNK_SIZE (the local window / chunk); position scheme POSITION (default T5 buckets, as the
-reference: 32 buckets, max distance 128).
+reference: 32 buckets, max distance 128, one table shared by all layers).
 
 Decoding (`LanguageModel.prefill` / `decode_step`): the bottom layer's SSM state and every
 layer's keys and values of the last `chunk_size` tokens, one token per call. SPADE cannot keep
@@ -87,6 +87,8 @@ class Spade(AttentionLanguageModel, kw_only=True):
         both members of each conjugate pair).
       ssm_variant: see `lexjax.layers.ssm.DiagonalSSM` ("dss_exp" = S4D-LegS).
       position: the zoo scheme of every attention layer (default T5 buckets).
+      share_relative_bias: one relative-bias table for all layers (default True: the reference
+        computes layer 0's T5 bias and hands it up the stack).
     """
 
     chunk_size: int = 512
@@ -94,6 +96,7 @@ class Spade(AttentionLanguageModel, kw_only=True):
     state_dim: int = 32
     ssm_variant: str = "dss_exp"
     position: PositionScheme = T5Buckets()
+    share_relative_bias: bool = True
     norm: str = "layernorm"
 
     mixes_segments = "its bottom layer's state-space model convolves over the whole row"

@@ -16,7 +16,7 @@ positions past a few hundred).
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -70,3 +70,37 @@ def heads_first(values: jnp.ndarray) -> jnp.ndarray:
 def per_head(values: jnp.ndarray, rel: jnp.ndarray) -> jnp.ndarray:
     """Reshapes per-head parameters `[heads]` to broadcast against `rel [*S]`: `[heads, 1, ...]`."""
     return values.reshape(values.shape + (1,) * rel.ndim)
+
+
+class PrebuiltBias(PositionScheme):
+    """`scheme`'s hooks with its relative bias replaced by `bias`, a `RelativeBias` built once
+    above the layers: one table shared by every layer (T5's, and SPADE's reference, where layer
+    0's position bias is handed up the stack), instead of one per layer. Rotations and
+    embeddings are `scheme`'s."""
+
+    scheme: PositionScheme
+    bias: Any = None
+
+    def setup(self):
+        self.inner = self.scheme.clone()
+
+    @property
+    def max_positions(self) -> Optional[int]:
+        return self.scheme.max_positions
+
+    @property
+    def rotates_keys_alone(self) -> bool:
+        return self.scheme.rotates_keys_alone
+
+    @property
+    def rotates_per_block(self) -> bool:
+        return self.scheme.rotates_per_block
+
+    def embed(self, positions, features):
+        return self.inner.embed(positions, features)
+
+    def rotate(self, q, k, q_positions, k_positions):
+        return self.inner.rotate(q, k, q_positions, k_positions)
+
+    def relative_bias(self, num_heads, head_dim):
+        return self.bias

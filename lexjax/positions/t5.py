@@ -37,9 +37,9 @@ def relative_position_bucket(rel: jnp.ndarray, *, bidirectional: bool, num_bucke
 
 @gin.register(module="lexjax.positions")
 class T5Buckets(PositionScheme):
-    """T5's bucketed relative bias. The T5 paper shares one table across layers; here each
-    attention layer has its own table (flaxformer's unshared option), as for every learned
-    relative scheme of the zoo."""
+    """T5's bucketed relative bias. The T5 paper shares one table across layers (a model's
+    `share_relative_bias=True`, SPADE's default); by default each attention layer has its own
+    table (flaxformer's unshared option), as for every learned relative scheme of the zoo."""
 
     num_buckets: int = 32
     max_distance: int = 128
