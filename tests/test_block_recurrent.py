@@ -36,7 +36,7 @@ def initialized(name="block_recurrent", *bindings):
 
 
 VARIANTS = [(), (f"{BRT}.gate='lstm'",), (f"{BRT}.state_mlp=True",),
-            (f"{BRT}.state_mlp=True", f"{BRT}.single_gate=True", f"{BRT}.gate='lstm'"),
+            (f"{BRT}.state_mlp=True", f"{BRT}.single_gate=True"),
             (f"{BRT}.recurrent_layers=(0, 1)", f"{BRT}.num_kv_heads=2",
              f"{BRT}.normalize_keys=False")]
 
@@ -203,9 +203,10 @@ def test_gates_follow_their_formulas():
                                np.asarray(state) * g + z * (1 - g), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="unknown state gate"):
         StateGate("bias").init(jax.random.PRNGKey(0), state, update)
-    with pytest.raises(lexjax.ConfigError, match="single_gate"):
-        lexjax.build_model(["configs/models/block_recurrent.gin"],
-                           TINY + (f"{BRT}.single_gate=True",))
+    for bad, match in (((f"{BRT}.single_gate=True",), "single_gate"),
+                       ((f"{BRT}.share_relative_bias=True",), "share_relative_bias")):
+        with pytest.raises(lexjax.ConfigError, match=match):
+            lexjax.build_model(["configs/models/block_recurrent.gin"], TINY + bad)
 
 
 def test_normalized_keys_follow_meliad():

@@ -291,3 +291,5 @@ def test_reference_defaults_rotary_bias_and_quarter_width_z():
                                atol=1e-4)
     with pytest.raises(lexjax.ConfigError, match="attention_function"):
         lexjax.build_model(["configs/models/mega.gin"], TINY + (f"{M}attention_function='relu'",))
+    with pytest.raises(lexjax.ConfigError, match="even z"):
+        lexjax.build_model(["configs/models/mega.gin"], ("EMBED_DIM=36",))

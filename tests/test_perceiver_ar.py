@@ -344,7 +344,7 @@ def test_training_crops_make_every_position_a_latent():
     for step in range(200):
         for name, seen in latent_tokens.items():
             cropped = model.clone(train_cropping=name).crop_rows(
-                rows, np.random.default_rng((0, step)))
+                rows, np.random.default_rng((0, step)).random(4))
             assert np.all(np.diff((cropped > 0).astype(int), axis=1) >= 0)  # padding first
             for row in cropped:
                 real = row[row > 0]
@@ -354,9 +354,10 @@ def test_training_crops_make_every_position_a_latent():
                 seen.update(int(t) for t in row[-6:] if t > 0)
     assert latent_tokens["random"] == latent_tokens["full_latents"] == set(range(2, 18))
     assert latent_tokens["none"] == set(range(12, 18))
-    with pytest.raises(ValueError, match="train_cropping"):
-        jax.eval_shape(make(train_cropping="crop").init, jax.random.PRNGKey(0),
-                       jnp.ones((1, 4), jnp.int32))
+    for bad, match in (({"train_cropping": "crop"}, "train_cropping"),
+                       ({"minimum_crop_length": -1}, "minimum_crop_length")):
+        with pytest.raises(ValueError, match=match):
+            jax.eval_shape(make(**bad).init, jax.random.PRNGKey(0), jnp.ones((1, 4), jnp.int32))
 
 
 def test_the_trainer_reads_cropped_rows(tmp_path, monkeypatch):
@@ -382,3 +383,15 @@ def test_the_trainer_reads_cropped_rows(tmp_path, monkeypatch):
             np.testing.assert_array_equal(real, full[:real.size])
     for a, b in zip(again, cropped[1:]):
         np.testing.assert_array_equal(a["targets"], b["targets"])
+
+
+def test_shared_relative_bias_reaches_every_layer():
+    """share_relative_bias with T5 buckets: one table, read by the cross-attention and every
+    latent layer (none of their own), and it gets a gradient."""
+    model = make(position=T5Buckets(), share_relative_bias=True)
+    toks = jnp.ones((1, 12), jnp.int32)
+    params = nn.unbox(init(model, toks)["params"])
+    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    assert [p for p in paths if "rel_embedding" in p] == ["['shared_position']['rel_embedding']"]
+    grad = jax.grad(lambda p: jnp.sum(model.apply({"params": p}, toks) ** 2))(params)
+    assert float(jnp.max(jnp.abs(grad["shared_position"]["rel_embedding"]))) > 0

@@ -245,3 +245,32 @@ def test_dss_softmax_kernel_is_the_references(rng, length):
     with pytest.raises(ValueError, match="normalised over the input's length"):
         layer.apply({"params": params}, u[:, 0], layer.initial_state(2),
                     method=DiagonalSSM.step)
+
+
+def test_dss_softmax_gradients_are_the_references(rng):
+    """The reference computes a growing mode's max-shift under `torch.no_grad()`, so its gradient
+    is that of e^{lΔλ} alone: the same formula in jnp with the shift stop-gradiented, against
+    the layer's gradients (all parameters, two modes with Re λ > 0)."""
+    layer, variables = init_ssm("dss", features=2, state_dim=4, length=12)
+    params = nn.unbox(variables["params"])
+    params["lambda_re"] = jnp.asarray([-0.4, 0.3, -1.0, 0.8], jnp.float32)
+    weights = jnp.asarray(rng.normal(size=(2, 12)), jnp.float32)
+
+    def reference(p):
+        lam = jax.lax.complex(p["lambda_re"], p["lambda_im"])
+        dt = jnp.exp(p["log_dt"])
+        dt_lam = jax.lax.complex(dt[:, :1] * p["lambda_re"], dt[:, 1:] * p["lambda_im"])
+        gt_0 = p["lambda_re"] > 0
+        exps = dt_lam[..., None] * jnp.arange(12)
+        exps = exps - jax.lax.stop_gradient(dt_lam * gt_0 * 11)[..., None]
+        neg = dt_lam * (1 - 2 * gt_0)
+        x = (jnp.exp(neg * 12) - 1) * lam
+        w = (jax.lax.complex(p["c_re"], p["c_im"]) * (jnp.exp(neg) - 1) * jnp.conj(x)
+             / (jnp.abs(x) ** 2 + 1e-7))
+        return jnp.sum(jnp.real(jnp.einsum("hn,hnl->hl", w, jnp.exp(exps))) * weights)
+
+    def ours(p):
+        return jnp.sum(layer.apply({"params": p}, 12, method=DiagonalSSM.kernel) * weights)
+    got, want = jax.grad(ours)(params), jax.grad(reference)(params)
+    for name in ("lambda_re", "lambda_im", "log_dt", "c_re", "c_im"):
+        np.testing.assert_allclose(got[name], want[name], rtol=2e-3, atol=1e-4, err_msg=name)

@@ -507,8 +507,7 @@ def test_norm_spec_epsilon_and_bias(bias, rng):
 @pytest.mark.parametrize("scan", [False, True])
 def test_shared_relative_bias_is_every_layer_reading_one_table(scan):
     """share_relative_bias (T5's table for all layers): the model equals the unshared one with
-    every layer's table set to the shared table, in the forward pass and in decoding, and the
-    table gets one gradient summed over the layers."""
+    every layer's table set to the shared table, in the forward pass and in decoding."""
     from helpers import decode_all
     bindings = ("NUM_LAYERS=3", f"lexjax.models.Transformer.scan_layers={scan}")
     shared = build("t5", *bindings, "lexjax.models.Transformer.share_relative_bias=True")

@@ -73,18 +73,21 @@ def pad_documents(documents: Iterable[np.ndarray], length: int, pad_id: int = PA
             yield np.pad(piece, pad, constant_values=pad_id)
 
 
-def random_left_crops(rows: np.ndarray, minimum_length: int, rng: np.random.Generator,
+def random_left_crops(rows: np.ndarray, minimum_length: int, uniforms: np.ndarray,
                       pad_id: int = PAD_ID) -> np.ndarray:
     """Random prefixes of left-padded rows `[batch, length]` (Perceiver AR's training crops):
     row i, whose last r_i positions hold its tokens, keeps its first e_i tokens, e_i uniform in
-    [min(max(minimum_length, 1), r_i), r_i], moved to the row's end (padding first again), so
-    the positions a model reads at a row's end are drawn from all of the piece's positions."""
+    [min(max(minimum_length, 1), r_i), r_i] (drawn from `uniforms [batch]` in [0, 1), one per
+    row, so a row's crop does not depend on how the batch is split across hosts), moved to the
+    row's end (padding first again): the positions a model reads at a row's end are drawn from
+    all of the piece's positions."""
     rows = np.asarray(rows)
     batch, length = rows.shape
     real = rows != pad_id
     counts = np.where(real.any(axis=1), length - np.argmax(real, axis=1), 0)
     low = np.minimum(max(minimum_length, 1), counts)
-    ends = rng.integers(low, counts + 1)
+    ends = np.minimum(low + np.floor(np.asarray(uniforms) * (counts - low + 1)).astype(int),
+                      counts)
     out = np.full_like(rows, pad_id)
     for i in range(batch):
         kept = rows[i, length - counts[i]:length - counts[i] + ends[i]]

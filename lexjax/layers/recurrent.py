@@ -276,9 +276,6 @@ class StateUpdate(nn.Module):
         self.value = dense((kv_heads, self.head_dim), ("embed", "kv_heads", "kv"),
                            dtype=self.dtype, name="value")
         if self.single_gate:
-            if not self.state_mlp or self.mlp_activation == "swiglu":
-                raise ValueError("the single state gate follows the state MLP: it needs "
-                                 "state_mlp=True and an element-wise mlp_activation")
             self.hidden = dense(self.mlp_dim, ("heads", "kv", "mlp"), dtype=self.dtype,
                                 contract=(-2, -1), name="hidden")
             self.single = StateGate(self.gate, squash=True, dtype=self.dtype, name="single_gate")

@@ -7,12 +7,14 @@ One channel h of a diagonal SSM with N complex modes, after discretisation:
     x_k = z ⊙ x_{k-1} + u_k,    y_k = Re(C̃ · x_k) + D u_k          (x_k ∈ C^N)
 
 so `y = K * u + D u` with the causal kernel `K[l] = Re Σ_n C̃_n z_n^l`. Training convolves by FFT
-(O(L log L)); decoding runs the recurrence (O(N) per token). DSS_exp's continuous parameters give
+(O(L log L)); decoding runs the recurrence (O(N) per token). (DSS_softmax, variant "dss", instead
+normalises its kernel over the input's length: no recurrence, so it does not decode.) DSS_exp's continuous parameters give
 `z = exp(Δλ)` and `C̃ = W (e^{Δλ} − 1) / λ` (zero-order hold); GSS absorbs Δ (Δ = 1).
 
 Numerics (the known pitfalls of SSM kernels): kernels, powers and FFTs run in float32 / complex64
 whatever the compute dtype; Re λ = −exp(·) < 0 and Δ = exp(·) > 0 by parameterisation, so
-every |z| < 1 and no power overflows at any length; each power is one `exp(l · log z)` of an exactly
+every |z| < 1 and no power overflows at any length (DSS_softmax's modes with Re λ > 0 are
+evaluated mirrored, as powers of 1/z); each power is one `exp(l · log z)` of an exactly
 representable integer l (no repeated multiplication, so errors do not grow with l); `(e^{Δλ} − 1)`
 is a complex expm1 (no cancellation for small |Δλ|); matmuls building kernels use HIGHEST precision
 (TPUs otherwise round f32 matmul inputs to bf16).
@@ -262,8 +264,12 @@ class DiagonalSSM(nn.Module):
         # W (e^{Δλ} − 1) / (λ (e^{LΔλ} − 1)), the division as the reference's `reciprocal`
         coeff = (jax.lax.complex(self.c_re, self.c_im) * complex_expm1(log_base)
                  * jnp.conj(denominator) / (jnp.abs(denominator) ** 2 + SOFTMAX_EPSILON))
+        # The reference shifts a growing mode's exponents by (L−1)Δλ under no_grad; the factor
+        # below is 1 but gives the mirrored terms the reference's gradient (that of e^{lΔλ}).
+        shift = jnp.exp((length - 1) * (dt_lam - jax.lax.stop_gradient(dt_lam)))
         decaying = power_kernel(jnp.where(growing, 0.0, coeff), log_base, length)
-        mirrored = power_kernel(jnp.where(growing, coeff, 0.0), log_base, length)[:, ::-1]
+        mirrored = power_kernel(jnp.where(growing, coeff * shift, 0.0), log_base,
+                                length)[:, ::-1]
         return decaying + mirrored
 
     def __call__(self, u: jnp.ndarray) -> jnp.ndarray:

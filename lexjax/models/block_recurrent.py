@@ -112,6 +112,12 @@ class BlockRecurrentTransformer(AttentionLanguageModel, kw_only=True):
         super().check()
         if self.gate not in GATES:
             raise ValueError(f"unknown gate {self.gate!r}; use one of {GATES}")
+        if self.share_relative_bias:
+            raise ValueError("BlockRecurrentTransformer keeps one relative-bias table per layer "
+                             "(as meliad does); share_relative_bias is not supported here")
+        if self.single_gate and self.mlp_activation == "swiglu":
+            raise ValueError("single_gate feeds the state MLP's hidden layer to the gate: it needs "
+                             "an element-wise mlp_activation, not 'swiglu'")
         if self.single_gate and not self.state_mlp:
             raise ValueError("single_gate (meliad's \"single\" state path) gates the state MLP's "
                              "output: set state_mlp=True as well")

@@ -237,6 +237,10 @@ class Mega(ChunkedAttention, LanguageModel, kw_only=True):
         if self.mlp_activation not in ELEMENTWISE_ACTIVATIONS:
             raise ValueError(f"{self.field_name('mlp_activation')} must be one of "
                              f"{tuple(ELEMENTWISE_ACTIVATIONS)}, got {self.mlp_activation!r}")
+        if self.qk_features % 2 and isinstance(self.position, RotaryRelativeBias):
+            raise ValueError(f"the rotary relative bias needs an even z: set "
+                             f"{self.field_name('qk_dim')} (z = embed_dim / 4 = "
+                             f"{self.qk_features} here)")
         if self.attention_function not in ATTENTION_FUNCTIONS:
             raise ValueError(f"{self.field_name('attention_function')} must be one of "
                              f"{ATTENTION_FUNCTIONS}, got {self.attention_function!r}")

@@ -201,20 +201,24 @@ class PerceiverAR(AttentionLanguageModel, kw_only=True):
         if not 0.0 <= self.input_dropout_rate <= 1.0:
             raise ValueError(f"input_dropout_rate must be in [0, 1], got "
                              f"{self.input_dropout_rate}")
+        if self.minimum_crop_length < 0:
+            raise ValueError(f"{self.field_name('minimum_crop_length')} must be >= 0, got "
+                             f"{self.minimum_crop_length}")
         if self.train_cropping not in TRAIN_CROPPING:
             raise ValueError(f"{self.field_name('train_cropping')} must be one of "
                              f"{TRAIN_CROPPING}, got {self.train_cropping!r}")
 
     @nn.nowrap
-    def crop_rows(self, tokens: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        """Training rows `[batch, length]` (left-padded pieces) cropped at random ends (see the
-        module doc); unchanged with `train_cropping="none"`."""
+    def crop_rows(self, tokens: np.ndarray, uniforms: np.ndarray) -> np.ndarray:
+        """Training rows `[batch, length]` (left-padded pieces) cropped at random ends drawn from
+        `uniforms [batch]` in [0, 1) (see the module doc); unchanged with
+        `train_cropping="none"`."""
         from lexjax.data.packing import random_left_crops  # the data package loads seqio
         if self.train_cropping == "none":
             return tokens
         minimum = (self.num_latents if self.train_cropping == "full_latents"
                    else self.minimum_crop_length)
-        return random_left_crops(tokens, minimum, rng)
+        return random_left_crops(tokens, minimum, uniforms)
 
     @nn.nowrap
     def flops_per_token(self, length: int) -> float:
@@ -235,7 +239,7 @@ class PerceiverAR(AttentionLanguageModel, kw_only=True):
     def layers(self, deterministic: bool) -> tuple[CrossAttentionBlock, LatentStack]:
         """The cross-attention block and the latent stack, their attention rotating the first
         `rotary_fraction` of each head's channels."""
-        rotation = PartialRotation(self.position_template, self.rotary_fraction, parent=None)
+        rotation = PartialRotation(self.layer_position(), self.rotary_fraction, parent=None)
         fields = {**self.decoder_layer_fields(MaskSpec(), deterministic, decode=False),
                   "position": rotation}
         block = DecoderLayer(**fields, parent=None)

@@ -10,7 +10,7 @@
 
 The model calls the embedding hook on one instance at the bottom of the stack and the attention
 hooks on a separate instance in each attention layer, so learned relative-bias parameters are
-per layer. Positions are int32 `[length]` (shared by the batch) or `[batch, length]`.
+per layer (unless the model shares one table: `PrebuiltBias`). Positions are int32 `[length]` (shared by the batch) or `[batch, length]`.
 A scheme with none of the hooks is NoPE. Position arithmetic runs in float32 (bfloat16 angles lose
 positions past a few hundred).
 """
@@ -103,4 +103,9 @@ class PrebuiltBias(PositionScheme):
         return self.inner.rotate(q, k, q_positions, k_positions)
 
     def relative_bias(self, num_heads, head_dim):
+        heads = getattr(self.bias, "num_heads", num_heads)
+        if heads != num_heads:
+            raise ValueError(f"the shared relative bias has {heads} heads, this attention "
+                             f"{num_heads}: share_relative_bias needs every attention layer to "
+                             f"have the model's head count")
         return self.bias

@@ -57,9 +57,10 @@ def token_batches(model: nn.Module, config: TrainConfig, start_step: int = 0
     crop = getattr(model, "crop_rows", None)
     batches = data.train_batches(config.data, pack=pack, pad_left=pad_left, **common)
     for step, tokens in enumerate(batches, start_step):
-        if crop is not None:  # a pure function of (seed, step, shard), as the rows are
-            tokens = crop(tokens, np.random.default_rng(
-                (config.seed, step, jax.process_index())))
+        if crop is not None:  # one draw per global row: a function of (seed, step), as the rows
+            first = jax.process_index() * tokens.shape[0]
+            uniforms = np.random.default_rng((config.seed, step)).random(config.batch_size)
+            tokens = crop(tokens, uniforms[first:first + tokens.shape[0]])
         yield {"targets": tokens, "segment_ids": data.segment_ids(tokens, eos_id)}
 
 
