@@ -293,3 +293,15 @@ def test_reference_defaults_rotary_bias_and_quarter_width_z():
         lexjax.build_model(["configs/models/mega.gin"], TINY + (f"{M}attention_function='relu'",))
     with pytest.raises(lexjax.ConfigError, match="even z"):
         lexjax.build_model(["configs/models/mega.gin"], ("EMBED_DIM=36",))
+
+
+def test_full_mega_elementwise_attention_in_query_blocks_equals_one_block(monkeypatch):
+    """Full Mega's element-wise attention runs in query blocks (ELEMENTWISE_BLOCK) past the
+    block length: blocks of 4 against one block over all 13 positions, with a T5 bias."""
+    import lexjax.models.mega as mega
+    model, variables = initialized(f"{M}attention_function='laplace'", f"{M}chunk_size=None",
+                                   position="t5")
+    toks = tokens(2, 13, seed=8)
+    whole = model.apply(variables, toks)
+    monkeypatch.setattr(mega, "ELEMENTWISE_BLOCK", 4)
+    np.testing.assert_allclose(model.apply(variables, toks), whole, rtol=1e-5, atol=1e-5)
