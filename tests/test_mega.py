@@ -111,13 +111,15 @@ def test_decoding_equals_forward(bindings, length, slots):
                                atol=1e-4)
 
 
-def test_decoding_with_rotary_positions_equals_forward():
-    model, variables = initialized()
-    variables = sharpened(variables)
-    toks = tokens(1, 11, seed=9)
+def assert_decoding_equals_forward(model, variables, toks) -> None:
     decoded, _ = decode_all(model, variables, toks, prompt=3, max_length=16)
     np.testing.assert_allclose(decoded, jax.jit(model.apply)(variables, toks), rtol=1e-4,
                                atol=1e-4)
+
+
+def test_decoding_with_rotary_positions_equals_forward():
+    model, variables = initialized()
+    assert_decoding_equals_forward(model, sharpened(variables), tokens(1, 11, seed=9))
 
 
 def test_flops_per_token_counts_every_term():
@@ -265,11 +267,7 @@ def test_elementwise_attention_matches_the_reference(rng, name):
                          ids=["laplace_chunk", "relu2_full"])
 def test_elementwise_decoding_equals_forward(bindings):
     model, variables = initialized(*bindings, position="t5")
-    variables = sharpened(variables)
-    toks = tokens(2, 13, seed=3)
-    decoded, _ = decode_all(model, variables, toks, prompt=3, max_length=16)
-    np.testing.assert_allclose(decoded, jax.jit(model.apply)(variables, toks), rtol=1e-4,
-                               atol=1e-4)
+    assert_decoding_equals_forward(model, sharpened(variables), tokens(2, 13, seed=3))
 
 
 def test_reference_defaults_rotary_bias_and_quarter_width_z():
@@ -285,10 +283,7 @@ def test_reference_defaults_rotary_bias_and_quarter_width_z():
     variables = sharpened(jax.jit(model.init)(jax.random.PRNGKey(0), tokens(1, 16)))
     hooks = nn.unbox(variables["params"])["layer_0"]["mega"]["position_hooks"]
     assert hooks["alpha"].shape == hooks["beta"].shape == (1, 8)  # z = 32 / 4
-    toks = tokens(2, 13, seed=4)
-    decoded, _ = decode_all(model, variables, toks, prompt=3, max_length=16)
-    np.testing.assert_allclose(decoded, jax.jit(model.apply)(variables, toks), rtol=1e-4,
-                               atol=1e-4)
+    assert_decoding_equals_forward(model, variables, tokens(2, 13, seed=4))
     with pytest.raises(lexjax.ConfigError, match="attention_function"):
         lexjax.build_model(["configs/models/mega.gin"], TINY + (f"{M}attention_function='relu'",))
     with pytest.raises(lexjax.ConfigError, match="even z"):

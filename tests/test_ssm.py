@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from helpers import step_through
-from lexjax.layers.ssm import (RECURRENT_VARIANTS, VARIANTS, DiagonalSSM, causal_fft_conv, complex_expm1,
+from lexjax.layers.ssm import (RECURRENT_VARIANTS, VARIANTS, DiagonalSSM, causal_fft_conv,
+                               complex_expm1,
                                fft_conv_flops, fft_length, hippo_skew_eigenvalues,
                                initial_eigenvalues, power_kernel)
 from lexjax.training.state import check_logical_axes

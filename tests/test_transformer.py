@@ -514,7 +514,8 @@ def test_shared_relative_bias_is_every_layer_reading_one_table(scan):
     per_layer = build("t5", *bindings)
     toks = jnp.asarray(np.random.default_rng(4).integers(1, 64, (2, 13)), jnp.int32)
     params = nn.unbox(jax.jit(shared.init)(jax.random.PRNGKey(0), toks)["params"])
-    table = jax.random.normal(jax.random.PRNGKey(5), params["shared_position"]["rel_embedding"].shape)
+    table_shape = params["shared_position"]["rel_embedding"].shape
+    table = jax.random.normal(jax.random.PRNGKey(5), table_shape)
     params["shared_position"]["rel_embedding"] = table
     unshared = nn.unbox(jax.jit(per_layer.init)(jax.random.PRNGKey(0), toks)["params"])
     layers = {k: v for k, v in params.items() if k != "shared_position"}

@@ -31,7 +31,7 @@ from lexjax.data.classification import (CLASSIFICATION_TASKS, ClassificationTask
 from lexjax.data.config import DataConfig
 from lexjax.data.corpora import SPLITS, Corpus, split_of, stdlib_corpus, text_files_corpus
 from lexjax.data.errors import DataError
-from lexjax.data.packing import EOS_ID, PAD_ID, random_left_crops, segment_ids
+from lexjax.data.packing import EOS_ID, PAD_ID, segment_ids
 from lexjax.data.pipeline import (bytes_per_token, eval_windows, stream_batches, stream_segments,
                                   train_batches)
 from lexjax.data.streams import CACHE_ENV, cache_root
@@ -44,7 +44,7 @@ __all__ = [
     "CLASSIFICATION_TASKS", "ClassificationTask", "class_counts", "classification_batches",
     "classification_examples", "task_info", "BYTE_VOCAB_SIZE", "CACHE_ENV", "Corpus", "DataConfig",
     "DataError", "EOS_ID", "PAD_ID", "SPLITS", "STDLIB_CODE", "TEXT_FILES", "bytes_per_token",
-    "cache_root", "eval_windows", "get_task", "get_vocabulary", "register_tasks", "random_left_crops", "segment_ids",
+    "cache_root", "eval_windows", "get_task", "get_vocabulary", "register_tasks", "segment_ids",
     "split_of", "stdlib_corpus", "stream_batches", "stream_segments", "task_names",
     "text_files_corpus", "train_batches", "vocab_size", "word_roles",
 ]

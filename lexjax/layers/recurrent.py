@@ -297,21 +297,21 @@ class StateUpdate(nn.Module):
     def keys_values(self, state: jnp.ndarray, state_ids: jnp.ndarray
                     ) -> tuple[jnp.ndarray, jnp.ndarray]:
         """`[b, S, embed]` -> k_s, v_s `[b, S, kv_heads, d]` (k_s normalised with `normalized`)."""
-        return self._project(self.normed_state(state, state_ids), (self.key, self.value))
+        h = self.normed_state(state, state_ids)
+        return self.query_or_key(self.key, h), self.value(h)
 
-    def _project(self, h: jnp.ndarray, layers: tuple) -> tuple[jnp.ndarray, ...]:
-        """`h` through each projection; queries and keys (all but the value projection)
-        normalised with `normalized`."""
-        out = [layer(h) for layer in layers]
-        return tuple(normalize_keys(x) if self.normalized and layer is not self.value else x
-                     for layer, x in zip(layers, out))
+    def query_or_key(self, projection: nn.Module, h: jnp.ndarray) -> jnp.ndarray:
+        """A query or key projection of `h`, L2-normalised with `normalized`."""
+        x = projection(h)
+        return normalize_keys(x) if self.normalized else x
 
     def __call__(self, state: jnp.ndarray, block_kv: tuple[jnp.ndarray, jnp.ndarray],
                  state_ids: jnp.ndarray):
         token_k, token_v = block_kv
         h = self.normed_state(state, state_ids)
-        q, cross_q, k_s, v_s = self._project(h, (self.query, self.cross_query, self.key,
-                                                 self.value))
+        q, cross_q, k_s = (self.query_or_key(p, h)
+                           for p in (self.query, self.cross_query, self.key))
+        v_s = self.value(h)
         own_tau, read_tau = self.temperatures
         own = unordered_attention(q, k_s, v_s, own_tau)
         read = unordered_attention(cross_q, token_k.astype(self.dtype),
@@ -337,8 +337,9 @@ class BlockLayer(Layer, kw_only=True):
     Without `recurrent`: a Transformer-XL layer (block-window self-attention with the carried
     previous block, then an MLP). With `recurrent`: the recurrent cell; the tokens' attention
     output is concatenated with their cross-attention to the state of their block (its own
-    temperature "attention_scale2" with `normalize_keys`) before the output projection, and the state runs through `StateUpdate` block by block (`lax.scan`, or a
-    Python loop with `unroll_blocks`). Dropout is applied on the token path only (as in meliad:
+    temperature "attention_scale2" with `normalize_keys`) before the output projection, and the
+    state runs through `StateUpdate` block by block (`lax.scan`, or a Python loop with
+    `unroll_blocks`). Dropout is applied on the token path only (as in meliad:
     the state path has none).
     """
 

@@ -7,9 +7,10 @@ One channel h of a diagonal SSM with N complex modes, after discretisation:
     x_k = z ⊙ x_{k-1} + u_k,    y_k = Re(C̃ · x_k) + D u_k          (x_k ∈ C^N)
 
 so `y = K * u + D u` with the causal kernel `K[l] = Re Σ_n C̃_n z_n^l`. Training convolves by FFT
-(O(L log L)); decoding runs the recurrence (O(N) per token). (DSS_softmax, variant "dss", instead
-normalises its kernel over the input's length: no recurrence, so it does not decode.) DSS_exp's continuous parameters give
-`z = exp(Δλ)` and `C̃ = W (e^{Δλ} − 1) / λ` (zero-order hold); GSS absorbs Δ (Δ = 1).
+(O(L log L)); decoding runs the recurrence (O(N) per token). (DSS_softmax, variant "dss",
+instead normalises its kernel over the input's length: no recurrence, so it does not decode.)
+DSS_exp's continuous parameters give `z = exp(Δλ)` and `C̃ = W (e^{Δλ} − 1) / λ` (zero-order
+hold); GSS absorbs Δ (Δ = 1).
 
 Numerics (the known pitfalls of SSM kernels): kernels, powers and FFTs run in float32 / complex64
 whatever the compute dtype; Re λ = −exp(·) < 0 and Δ = exp(·) > 0 by parameterisation, so

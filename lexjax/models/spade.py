@@ -19,9 +19,9 @@ the cost is linear in the length.
 
 The SSM is S4's diagonal counterpart (JAX has no Cauchy kernel, so a DSS/S4D
 Vandermonde kernel): `DiagonalSSM` with `ssm_variant="dss_exp"` (skew-HiPPO eigenvalues =
-S4D-LegS, the diagonal part of S4's HiPPO-LegS), 32 complex modes (the reference's `d_state` 64: S4 keeps
-N/2 modes of each conjugate pair), one SSM per channel, Δ ∈ [1e-3, 1e-1]. The reference's
-eigenvalues are learned per channel (`n_ssm` = the width); here they are shared by the channels
+S4D-LegS, the diagonal part of S4's HiPPO-LegS), 32 complex modes (the reference's `d_state`
+64: S4 keeps N/2 modes of each conjugate pair), one SSM per channel, Δ ∈ [1e-3, 1e-1]. The
+reference's eigenvalues are learned per channel (`n_ssm` = the width); here they are shared by the channels
 and only Δ, C and D are per channel.
 
 Size macros: NUM_LAYERS, EMBED_DIM, NUM_HEADS (the attention heads of every layer), MLP_DIM,

@@ -10,7 +10,8 @@
 
 The model calls the embedding hook on one instance at the bottom of the stack and the attention
 hooks on a separate instance in each attention layer, so learned relative-bias parameters are
-per layer (unless the model shares one table: `PrebuiltBias`). Positions are int32 `[length]` (shared by the batch) or `[batch, length]`.
+per layer (unless the model shares one table: `PrebuiltBias`). Positions are int32 `[length]`
+(shared by the batch) or `[batch, length]`.
 A scheme with none of the hooks is NoPE. Position arithmetic runs in float32 (bfloat16 angles lose
 positions past a few hundred).
 """
