@@ -14,8 +14,14 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 
+# Large wheels (TensorFlow, ~570 MB) are resumed when a download is cut off, and the whole
+# install is tried three times before it fails.
 install: $(PY)
-	$(PY) -m pip install -q '$(TORCH)' -e '.[test,convert]'
+	for attempt in 1 2 3; do \
+		$(PY) -m pip install -q --retries 10 --resume-retries 20 '$(TORCH)' -e '.[test,convert]' \
+			&& exit 0; \
+		echo "pip install failed (attempt $$attempt of 3)"; \
+	done; exit 1
 
 test: install
 	XLA_FLAGS=--xla_force_host_platform_device_count=8 TF_CPP_MIN_LOG_LEVEL=3 \
