@@ -13,7 +13,8 @@ bytes per chip, and the compiler's roofline step time with the tokens/s and MFU 
 
 The model and the run (its TrainConfig: BATCH_SIZE, TRAIN_LENGTH, the data, the optimizer) come
 from the gin files, read exactly as the trainer reads them; writes DIR/bench.{json,csv,md,png} and
-prints the table.
+prints the table. Multi-host: every host runs the command with `--distributed` (the flags of
+`python -m lexjax.train`); process 0 prints and writes the report.
 """
 from __future__ import annotations
 
@@ -50,9 +51,7 @@ def main(argv=None) -> int:
                         help="estimate for a Cloud TPU topology instead of measuring, e.g. "
                              "v5e:4x4, v6e:2x2, v4:2x2x1, v5p:2x2x2")
     parser.add_argument("--out", required=True, help="directory for bench.{json,csv,md,png}")
-    parser.add_argument("--distributed", action="store_true",
-                        help="multi-host: call jax.distributed.initialize() first "
-                             "(also: LEXJAX_DISTRIBUTED=1)")
+    cli.add_distributed_flags(parser)
     args, bindings = cli.parse_args(parser, sys.argv[1:] if argv is None else argv)
     if args.steps < 1:
         parser.error("--steps must be at least 1")
@@ -70,7 +69,13 @@ def main(argv=None) -> int:
     from lexjax.config import parse_gin
     from lexjax.runs import configured_training
 
-    partitioning.initialize_distributed(args.distributed or None)
+    cli.join_distributed(args)
+    primary = partitioning.is_primary_process()  # multi-host: process 0 reports
+
+    def say(text: str) -> None:
+        if primary:
+            print(text, file=sys.stderr)
+
     parse_gin(args.gin_file, bindings)
     model, config = configured_training()
     meshes = args.mesh or [config.mesh or "data:-1"]
@@ -83,35 +88,34 @@ def main(argv=None) -> int:
         for mesh in meshes:  # every mesh string checked before any compiling
             partitioning.parse_mesh(mesh, len(topology.devices))
         title = f"{name} ({shape}): compiler estimates for TPU {topology.name}"
-        print(f"{title}: {len(topology.devices)} chips", file=sys.stderr)
+        say(f"{title}: {len(topology.devices)} chips")
         rows = []
         for mesh in meshes:
             row = estimate_mesh(model, config, mesh, topology)
-            print(f"  {mesh}: {row['hbm_note']}", file=sys.stderr)
+            say(f"  {mesh}: {row['hbm_note']}")
             rows.append(row)
         extra = {"mode": "estimated", "topology": topology.name, "model": name,
                  "batch_size": config.batch_size, "length": config.train_length}
     else:
-        from lexjax.benchmarking.measure import first_batch, measure_mesh
+        from lexjax.benchmarking.measure import measure_mesh
         from lexjax.training.flops import device_peak_flops
 
         for mesh in meshes:  # every mesh string checked before any data or compiling
             partitioning.parse_mesh(mesh, jax.device_count())
-        batch = first_batch(model, config)
         device_peak = device_peak_flops()
         title = (f"{name} ({shape}): measured on {jax.device_count()} "
                  f"{jax.devices()[0].platform} devices")
-        print(title, file=sys.stderr)
+        say(title)
         rows = []
         for mesh in meshes:
-            row = measure_mesh(model, config, mesh, args.steps, batch, device_peak)
-            print(f"  {mesh}: loss {row['loss']:.4f}, {row['tokens_per_sec']:.0f} tokens/s",
-                  file=sys.stderr)
+            row = measure_mesh(model, config, mesh, args.steps, device_peak)
+            say(f"  {mesh}: loss {row['loss']:.4f}, {row['tokens_per_sec']:.0f} tokens/s")
             rows.append(row)
         extra = {"mode": "measured", "model": name, "batch_size": config.batch_size,
                  "length": config.train_length, "steps": args.steps,
                  "platform": jax.devices()[0].platform, "peak_source": rows[0]["peak_source"]}
-    print(report.write_bench(args.out, rows, title=title, extra=extra))
+    if primary:
+        print(report.write_bench(args.out, rows, title=title, extra=extra))
     return 0
 
 

@@ -60,6 +60,28 @@ def add_gin_flags(parser: argparse.ArgumentParser) -> None:
                      "--gin.TRAIN_STEPS=100 --gin.DTYPE=bfloat16.")
 
 
+def add_distributed_flags(parser: argparse.ArgumentParser) -> None:
+    """`--distributed [--coordinator_address=H:P --num_processes=N --process_id=I]`: every host
+    of a multi-host run starts the same command; on Cloud TPU bare `--distributed` finds the
+    others itself."""
+    group = parser.add_argument_group("multi-host")
+    group.add_argument("--distributed", action="store_true",
+                       help="join a multi-host run (jax.distributed; also LEXJAX_DISTRIBUTED=1)")
+    group.add_argument("--coordinator_address", default=None,
+                       help="HOST:PORT of process 0 (auto-detected on Cloud TPU)")
+    group.add_argument("--num_processes", type=int, default=None, help="processes in the run")
+    group.add_argument("--process_id", type=int, default=None, help="this process, 0..N-1")
+
+
+def join_distributed(args: argparse.Namespace) -> bool:
+    """Joins the multi-host run the `add_distributed_flags` flags describe (before anything
+    touches a device); returns whether this process is part of one."""
+    from lexjax import partitioning
+    return partitioning.initialize_distributed(
+        args.distributed or None, coordinator_address=args.coordinator_address,
+        num_processes=args.num_processes, process_id=args.process_id)
+
+
 @contextlib.contextmanager
 def native_stderr_silenced():
     """Points file descriptor 2, where C++ libraries log, at /dev/null for the duration (Python's

@@ -1,6 +1,6 @@
 """Evaluate a trained run at several lengths ("train short, test long"):
 `python -m lexjax.evaluate --model_dir=D --lengths=128,256,512,1024 [--bca | --window]
-[--stride=S] [--mesh=M] [--gin_file=F] [--gin.NAME=VALUE]`.
+[--stride=S] [--mesh=M] [--gin_file=F] [--gin.NAME=VALUE] [--distributed ...]`.
 
 By the run's objective:
 - causal LM: loss, perplexity, bits per byte, attention resolution per length
@@ -8,7 +8,9 @@ By the run's objective:
 - masked LM: masked-token loss and accuracy per length (`D/eval/masked_lm`);
 - classification: accuracy (F1, Matthews where the task defines them) and the majority baseline,
   at the training length unless --lengths says otherwise (`D/eval/classification`).
-Prints the table and writes `D/eval/<name>.{md,csv,json,png}`.
+Prints the table and writes `D/eval/<name>.{md,csv,json,png}`. Multi-host (`--distributed`, the
+flags of `python -m lexjax.train`): every process scores the same rows over the global mesh;
+process 0 prints and writes the report.
 """
 from __future__ import annotations
 
@@ -55,8 +57,10 @@ def main(argv=None) -> int:
                         help="windows never cross a document boundary")
     parser.add_argument("--mesh", default="", help="device mesh, e.g. data:2,tensor:4")
     parser.add_argument("--name", default=None, help="output file stem under model_dir/eval")
+    cli.add_distributed_flags(parser)
     args, bindings = cli.parse_args(parser, sys.argv[1:] if argv is None else argv)
     check_settings(args)
+    cli.join_distributed(args)
 
     import os
 
@@ -85,14 +89,15 @@ def main(argv=None) -> int:
     objective = run.config.objective.prepare(run.model, data)
     check_objective_settings(args, objective.name)
     lengths = args.lengths or [run.train_length]
-    print(f"evaluating {type(run.model).__name__} ({objective.name}, step {run.step}, trained "
-          f"at length {run.train_length}) on {data.task}:{args.split} at lengths {lengths}",
-          file=sys.stderr)
+    primary = partitioning.is_primary_process()
+    say = (lambda text: print(text, file=sys.stderr)) if primary else (lambda text: None)
+    say(f"evaluating {type(run.model).__name__} ({objective.name}, step {run.step}, trained "
+        f"at length {run.train_length}) on {data.task}:{args.split} at lengths {lengths}")
     common = dict(train_length=run.train_length, batch_size=args.batch_size, split=args.split,
                   mesh=mesh, rules=run.config.logical_axis_rules,
-                  progress=lambda row: print("  " + ", ".join(
+                  progress=lambda row: say("  " + ", ".join(
                       f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
-                      for k, v in row.items()), file=sys.stderr))
+                      for k, v in row.items())))
     extra = {"task": data.task, "split": args.split, "step": run.step,
              "objective": objective.name}
     if objective.name == "masked_lm":
@@ -111,13 +116,15 @@ def main(argv=None) -> int:
                              + (f"_stride{args.stride}" if args.stride else ""))
         columns, plotted = COLUMNS, "perplexity"
         common.pop("train_length")
-        common["progress"] = lambda r: print(f"  length {r.length}: loss {r.loss:.4f}, ppl "
-                                             f"{r.perplexity:.3f}", file=sys.stderr)
+        common["progress"] = lambda r: say(f"  length {r.length}: loss {r.loss:.4f}, ppl "
+                                           f"{r.perplexity:.3f}")
         results = evaluate_lengths(
             run.model, run.variables, data, lengths, max_tokens=args.max_tokens,
             respect_documents=args.respect_documents, stride=args.stride, **common)
         rows = [r.row(run.train_length) for r in results]
         extra["per_position_loss"] = {r.length: r.per_position_loss for r in results}
+    if not primary:
+        return 0
     title = f"{os.path.basename(os.path.abspath(args.model_dir))}: {name}"
     print(markdown_table(rows, columns), flush=True)  # before any file is written
     write_report(os.path.join(args.model_dir, "eval"), name, rows, title=title,

@@ -244,13 +244,67 @@ def replicated(mesh: Mesh) -> NamedSharding:
 DISTRIBUTED_ENV = "LEXJAX_DISTRIBUTED"
 
 
-def initialize_distributed(enabled: Optional[bool] = None) -> bool:
-    """Joins a multi-host run with `jax.distributed.initialize()` (which finds the coordinator
-    itself on Cloud TPU, GKE, SLURM and MPI clusters). `enabled=None` reads the environment
-    variable LEXJAX_DISTRIBUTED ("1"/"true"). Must run before anything touches a device; calling
-    it again is a no-op. Returns whether this process is part of a distributed run."""
+def initialize_distributed(enabled: Optional[bool] = None, *,
+                           coordinator_address: Optional[str] = None,
+                           num_processes: Optional[int] = None,
+                           process_id: Optional[int] = None) -> bool:
+    """Joins a multi-host run with `jax.distributed.initialize()`, which finds the coordinator
+    itself on Cloud TPU, GKE, SLURM and MPI clusters; elsewhere (several processes on one
+    machine or a plain cluster) give `coordinator_address` ("HOST:PORT" of process 0),
+    `num_processes` and `process_id`. On CPU the processes' collectives go over gloo.
+    `enabled=None` reads the environment variable LEXJAX_DISTRIBUTED ("1"/"true"). Must run
+    before anything touches a device; calling it again is a no-op. Returns whether this process
+    is part of a distributed run."""
     if enabled is None:
         enabled = os.environ.get(DISTRIBUTED_ENV, "").lower() in ("1", "true", "yes")
+    explicit = (coordinator_address, num_processes, process_id)
+    if not enabled and any(x is not None for x in explicit):
+        raise MeshError("--coordinator_address, --num_processes and --process_id need "
+                        "--distributed")
     if enabled and not jax.distributed.is_initialized():
-        jax.distributed.initialize()
+        if any(x is not None for x in explicit) and any(x is None for x in explicit):
+            raise MeshError("give all of --coordinator_address=HOST:PORT, --num_processes=N "
+                            "and --process_id=I, or none of them (auto-detected on Cloud TPU)")
+        if num_processes is not None and not 0 <= process_id < num_processes:
+            raise MeshError(f"--process_id={process_id} is not in [0, {num_processes}) "
+                            f"(--num_processes={num_processes})")
+        jax.distributed.initialize(coordinator_address=coordinator_address,
+                                   num_processes=num_processes, process_id=process_id)
     return bool(enabled)
+
+
+def is_primary_process() -> bool:
+    """Whether this process writes the run's files (configs, metrics, TensorBoard, reports):
+    process 0 of a multi-host run, or the only process."""
+    return jax.process_index() == 0
+
+
+def host_batch_shard(mesh: Mesh) -> tuple[int, int]:
+    """(shard_index, num_shards): this process's rows of a global batch split over the batch
+    axes of `mesh` are rows `[shard_index * B / num_shards, (shard_index + 1) * B / num_shards)`.
+    Read from where the mesh puts this process's devices along the flattened batch axes, so it
+    holds for any device order; (0, 1) when every process holds every row."""
+    order = ([mesh.axis_names.index(a) for a in BATCH_AXES] +
+             [i for i, a in enumerate(mesh.axis_names) if a not in BATCH_AXES])
+    processes = np.vectorize(lambda device: device.process_index)(mesh.devices)
+    ways = int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+    return batch_shard_of(processes.transpose(order).reshape(ways, -1), jax.process_index())
+
+
+def batch_shard_of(processes: np.ndarray, process: int) -> tuple[int, int]:
+    """(shard_index, num_shards) of `process`, given `processes[batch_position, other]`: the
+    process of each device, its mesh position flattened to (the batch axes, the other axes).
+
+    Raises:
+      MeshError: if the process's batch positions are not one aligned block (a mesh laid out
+        across hosts in another order), or it has no device in the mesh.
+    """
+    ways = processes.shape[0]
+    mine = [row for row in range(ways) if (processes[row] == process).any()]
+    count = len(mine)
+    if not mine or mine != list(range(mine[0], mine[0] + count)) or mine[0] % count \
+            or ways % count:
+        raise MeshError(f"process {process} holds batch positions {mine} of the {ways} of the "
+                        "mesh: not one aligned block; order the mesh's devices by process (the "
+                        "default layout does)")
+    return mine[0] // count, ways // count

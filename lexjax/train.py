@@ -1,8 +1,10 @@
 """Train a model: `python -m lexjax.train --gin_file=configs/runs/quickstart.gin
-[--gin_file=...] [--gin.NAME=VALUE ...] --model_dir=DIR [--init_from=OTHER_DIR]`.
+[--gin_file=...] [--gin.NAME=VALUE ...] --model_dir=DIR [--init_from=OTHER_DIR]
+[--distributed [--coordinator_address=HOST:PORT --num_processes=N --process_id=I]]`.
 
 Resumes from DIR's latest checkpoint; `--init_from` starts a fine-tune from another run's
-parameters. See configs/runs/quickstart.gin for the run macros.
+parameters. See configs/runs/quickstart.gin for the run macros. Multi-host: every host runs the
+same command with `--distributed`; process 0 writes the run directory's files.
 """
 from __future__ import annotations
 
@@ -19,12 +21,14 @@ def main(argv=None) -> int:
     parser.add_argument("--model_dir", required=True, help="run directory (created if needed)")
     parser.add_argument("--init_from", default=None,
                         help="model_dir of a trained run whose parameters start this one")
+    cli.add_distributed_flags(parser)
     args, bindings = cli.parse_args(parser, sys.argv[1:] if argv is None else argv,
                                     first=claim_model_dir)
 
     from lexjax.config import check_bindings_used, parse_gin
     from lexjax.runs import configured_training
     from lexjax.training import train
+    cli.join_distributed(args)
     parse_gin(args.gin_file, bindings)
     check_bindings_used(bindings)
     model, config = configured_training()  # what the run gin binds to train: one-line errors

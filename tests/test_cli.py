@@ -93,6 +93,8 @@ def cli(tmp_path_factory):
         "misspelt_macro": lambda: train(QUICKSTART, "--gin.TRAIN_STEP=5",
                                         f"--model_dir={root / 'z'}"),
         "model_dir_is_a_file": lambda: train(QUICKSTART, *TINY, f"--model_dir={glob_file}"),
+        "distributed_partial": lambda: train(QUICKSTART, *TINY, "--distributed",
+                                             "--num_processes=2", f"--model_dir={root / 'd'}"),
         "help_train": lambda: train("--help"),
         "help_evaluate": lambda: python("-c", help_probe),
     }
@@ -240,6 +242,7 @@ def test_generate_refuses_bad_values(cli, case, names):
     ("evaluate_bad_batch", ["--batch_size", "0"]),
     ("misspelt_macro", ["TRAIN_STEP", "did you mean TRAIN_STEPS"]),
     ("model_dir_is_a_file", ["doc000.txt", "is a file"]),
+    ("distributed_partial", ["--coordinator_address", "--process_id", "or none of them"]),
 ])
 def test_bad_settings_are_refused_in_one_line_naming_them(cli, case, names):
     assert_one_clear_error(cli[0][case], *names)

@@ -330,3 +330,43 @@ def test_three_axis_mesh_gradient_of_chained_projections():
         jax.device_put(kernels, kernel_sharding), jax.device_put(x, batch_sharding),
         jax.device_put(p, batch_sharding))
     _assert_trees_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("processes, process, expected", [
+    ([[0], [0], [1], [1]], 0, (0, 2)),        # data:4 over two hosts: rows 0-3 of 8 on host 0
+    ([[0], [0], [1], [1]], 1, (1, 2)),
+    ([[0, 0], [1, 1]], 1, (1, 2)),            # fsdp:2,tensor:2: a host holds one fsdp row
+    ([[0, 1], [0, 1]], 1, (0, 1)),            # tensor across hosts: every host holds all rows
+    ([[0], [1], [2], [3]], 2, (2, 4)),
+    ([[0, 0, 0, 0]], 0, (0, 1)),              # one host
+])
+def test_batch_shard_of_reads_the_hosts_rows_from_the_mesh(processes, process, expected):
+    assert partitioning.batch_shard_of(np.asarray(processes), process) == expected
+
+
+@pytest.mark.parametrize("processes, process", [
+    ([[0], [1], [1], [0]], 0),                # not one block
+    ([[1], [0], [0], [1]], 0),                # one block, not aligned to its size
+    ([[0], [0]], 1),                          # no device in the mesh
+])
+def test_batch_shard_of_refuses_a_mesh_out_of_host_order(processes, process):
+    with pytest.raises(partitioning.MeshError, match="aligned block"):
+        partitioning.batch_shard_of(np.asarray(processes), process)
+
+
+def test_host_batch_shard_of_one_process_is_the_whole_batch():
+    assert partitioning.host_batch_shard(partitioning.make_mesh("data:2,fsdp:2,tensor:2")) == \
+        (0, 1)
+
+
+@pytest.mark.parametrize("enabled, flags, message", [
+    (None, dict(process_id=0), "need --distributed"),
+    (True, dict(num_processes=2), "all of --coordinator_address"),
+    (True, dict(coordinator_address="127.0.0.1:1", num_processes=2, process_id=2),
+     r"--process_id=2 is not in \[0, 2\)"),
+])
+def test_initialize_distributed_names_bad_flags(monkeypatch, enabled, flags, message):
+    monkeypatch.delenv(partitioning.DISTRIBUTED_ENV, raising=False)
+    with pytest.raises(partitioning.MeshError, match=message):
+        partitioning.initialize_distributed(enabled, **flags)
+    assert not jax.distributed.is_initialized()

@@ -1,6 +1,7 @@
 """Measured rows: the train step compiled and run on a mesh of the devices at hand."""
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import time
 from typing import Optional
@@ -15,10 +16,11 @@ from lexjax.training.inputs import training_batches
 from lexjax.training.step import ShardedTrainStep
 
 
-def first_batch(model, config: TrainConfig) -> dict[str, np.ndarray]:
-    """This process's rows of the run's first training batch (the same on every mesh), laid out
-    as the trainer reads them for this model (`lexjax.training.inputs`)."""
-    return next(training_batches(model, config))
+def first_batch(model, config: TrainConfig, mesh_spec: str) -> dict[str, np.ndarray]:
+    """This process's rows, on mesh `mesh_spec`, of the run's first training batch (the same
+    global batch on every mesh), laid out as the trainer reads them for this model
+    (`lexjax.training.inputs`)."""
+    return next(training_batches(model, dataclasses.replace(config, mesh=mesh_spec)))
 
 
 def mesh_peak_flops(mesh, device_peak: tuple[float, str]) -> tuple[float, str]:
@@ -40,9 +42,9 @@ def step_flops(model, config: TrainConfig, compiled, num_devices: int) -> Option
 
 
 def measure_mesh(model, config: TrainConfig, mesh_spec: str, steps: int,
-                 batch: dict[str, np.ndarray], device_peak: tuple[float, str]) -> dict:
+                 device_peak: tuple[float, str]) -> dict:
     """Compiles the train step on `mesh_spec` (see `partitioning.make_mesh`), runs `steps` steps
-    on `batch` from the same initial state, and returns its row: compile time, the median step
+    on the run's first batch from the same initial state, and returns its row: compile time, the median step
     time (of steps after the first, when there are several), tokens/s, MFU, the first step's
     loss, state bytes per device (from the shardings) and XLA's peak temporary bytes.
     `device_peak`: `flops.device_peak_flops()`, measured once per process."""
@@ -50,7 +52,7 @@ def measure_mesh(model, config: TrainConfig, mesh_spec: str, steps: int,
     step = ShardedTrainStep(model, config, mesh)
     compiled, compile_seconds = step.compile()
     state = step.init(config.seed)
-    device_batch = step.device_batch(batch)
+    device_batch = step.device_batch(first_batch(model, config, mesh_spec))
     key = jax.random.PRNGKey(config.seed)
     times, first_loss = [], None
     for i in range(steps):

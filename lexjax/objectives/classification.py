@@ -97,10 +97,12 @@ class Classification(Objective):
 
     def training_batches(self, model, config, start_step=0):
         from lexjax import data
+        from lexjax.training.inputs import host_shard
+        shard_index, num_shards = host_shard(config)
         return data.classification_batches(
             config.data, length=config.train_length, batch_size=config.batch_size,
-            seed=config.seed, start_step=start_step, shard_index=jax.process_index(),
-            num_shards=jax.process_count())
+            seed=config.seed, start_step=start_step, shard_index=shard_index,
+            num_shards=num_shards)
 
     def validator(self, model, config, mesh, rules):
         from lexjax import data

@@ -54,7 +54,7 @@ class Checkpointer:
         self.manager = ocp.CheckpointManager(
             self.directory, options=ocp.CheckpointManagerOptions(
                 max_to_keep=max_to_keep, create=not read_only, read_only=read_only))
-        if not read_only:
+        if not read_only and jax.process_index() == 0:
             remove_unfinished_saves(self.directory)
 
     def latest_step(self) -> Optional[int]:

@@ -19,7 +19,6 @@ from __future__ import annotations
 from typing import Iterator, Optional
 
 import flax.linen as nn
-import jax
 import numpy as np
 
 from lexjax.training.config import TrainConfig
@@ -38,15 +37,22 @@ def training_batches(model: nn.Module, config: TrainConfig, start_step: int = 0
     return config.objective.training_batches(model, config, start_step)
 
 
+def host_shard(config: TrainConfig) -> tuple[int, int]:
+    """(shard_index, num_shards) of this process's rows in the run mesh's global batch (one
+    shard on one host; `partitioning.host_batch_shard`)."""
+    from lexjax import partitioning
+    return partitioning.host_batch_shard(partitioning.make_mesh(config.mesh))
+
+
 def token_batches(model: nn.Module, config: TrainConfig, start_step: int = 0
                   ) -> Iterator[dict[str, np.ndarray]]:
     """This process's rows of the global token batches from `start_step` on: `{"targets"}`,
     plus `{"segment_ids"}` for models without carried state."""
     from lexjax import data
 
+    shard_index, num_shards = host_shard(config)
     common = dict(length=config.train_length, batch_size=config.batch_size, seed=config.seed,
-                  start_step=start_step, shard_index=jax.process_index(),
-                  num_shards=jax.process_count())
+                  start_step=start_step, shard_index=shard_index, num_shards=num_shards)
     if carries_state(model):
         for tokens in data.stream_batches(config.data, **common):
             yield {"targets": tokens}
@@ -58,7 +64,7 @@ def token_batches(model: nn.Module, config: TrainConfig, start_step: int = 0
     batches = data.train_batches(config.data, pack=pack, pad_left=pad_left, **common)
     for step, tokens in enumerate(batches, start_step):
         if crop is not None:  # one draw per global row: a function of (seed, step), as the rows
-            first = jax.process_index() * tokens.shape[0]
+            first = shard_index * tokens.shape[0]
             uniforms = np.random.default_rng((config.seed, step)).random(config.batch_size)
             tokens = crop(tokens, uniforms[first:first + tokens.shape[0]])
         yield {"targets": tokens, "segment_ids": data.segment_ids(tokens, eos_id)}

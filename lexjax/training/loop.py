@@ -16,6 +16,10 @@ SIGTERM and SIGINT end the run after the current step with a checkpoint of it (`
 one host: a multi-host run does not yet agree across hosts on the step to stop at); resume skips
 a damaged latest checkpoint (set aside, the previous one restored) and a torn metrics line; a
 resumed run rewrites `config.gin` only once it has saved a checkpoint under the new config.
+
+Multi-host (`--distributed`): every process runs this loop on its own rows of each global batch
+(`partitioning.host_batch_shard`); orbax writes the checkpoints from all processes together;
+process 0 alone writes `config.gin`, metrics and TensorBoard events, and reports.
 """
 from __future__ import annotations
 
@@ -231,7 +235,7 @@ def train(model: nn.Module, config: TrainConfig, model_dir: str,
       Interrupted: after SIGTERM / SIGINT, once the step reached is checkpointed.
     """
     partitioning.initialize_distributed()
-    writer = jax.process_index() == 0
+    writer = partitioning.is_primary_process()
     if writer:
         check_writable(model_dir)
     with RunLock(model_dir) if writer else contextlib.nullcontext():
@@ -241,13 +245,16 @@ def train(model: nn.Module, config: TrainConfig, model_dir: str,
 def _train(model: nn.Module, config: TrainConfig, model_dir: str, init_from: Optional[str],
            progress: Optional[bool]) -> dict:
     trainer = _Trainer(model, config, model_dir, init_from)
+    primary = partitioning.is_primary_process()  # writes the run's files and reports
+    save_configs = _save_configs if primary else lambda _: gin.operative_config_str()
     logger = None
     try:
-        state = trainer.initial_state(warn=_print_stderr)
+        state = trainer.initial_state(warn=_print_stderr if primary else _ignore)
         start_step = int(state.step)
-        truncate_metrics(model_dir, start_step)
+        if primary:
+            truncate_metrics(model_dir, start_step)
         fresh = start_step == 0
-        operative = _save_configs(model_dir) if fresh else None  # a resume: after its first save
+        operative = save_configs(model_dir) if fresh else None  # a resume: after its first save
         if start_step >= config.train_steps:
             _print_stderr(f"nothing to train: {model_dir} is at step {start_step} of "
                           f"TRAIN_STEPS {config.train_steps}; raise TRAIN_STEPS to go on")
@@ -261,7 +268,7 @@ def _train(model: nn.Module, config: TrainConfig, model_dir: str, init_from: Opt
         batches = inputs.training_batches(model, config, start_step)
         key = jax.random.PRNGKey(config.seed)
         logger = MetricsLogger(model_dir, total_steps=config.train_steps, start_step=start_step,
-                               progress=progress)
+                               progress=progress, enabled=primary)
         if fresh:
             logger.text("config/operative", operative)
         logger.message(
@@ -309,7 +316,7 @@ def _train(model: nn.Module, config: TrainConfig, model_dir: str, init_from: Opt
                     saved_step = step
                     if operative is None:
                         trainer.checkpointer.wait()
-                        operative = _save_configs(model_dir)
+                        operative = save_configs(model_dir)
                 if stopping:
                     trainer.checkpointer.wait()
                     message = (f"stopped by {stop.name} at step {step}; checkpoint saved in "
@@ -327,3 +334,7 @@ def _train(model: nn.Module, config: TrainConfig, model_dir: str, init_from: Opt
 
 def _print_stderr(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
+
+
+def _ignore(text: str) -> None:
+    """The warnings of processes other than 0 (process 0 prints the same ones)."""

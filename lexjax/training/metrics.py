@@ -46,28 +46,32 @@ def truncate_metrics(model_dir: str, last_step: int) -> None:
 
 
 class MetricsLogger:
-    """Writes each logged step to JSONL, TensorBoard and the progress bar."""
+    """Writes each logged step to JSONL, TensorBoard and the progress bar. `enabled=False` (the
+    processes other than 0 of a multi-host run) writes and shows nothing."""
 
     def __init__(self, model_dir: str, *, total_steps: int, start_step: int,
-                 progress: Optional[bool] = None):
-        os.makedirs(model_dir, exist_ok=True)
-        self._jsonl = open(os.path.join(model_dir, METRICS_FILE), "a")
-        self._tensorboard = SummaryWriter(os.path.join(model_dir, "tensorboard"))
-        show = sys.stderr.isatty() if progress is None else progress
+                 progress: Optional[bool] = None, enabled: bool = True):
+        self._enabled = enabled
+        if enabled:
+            os.makedirs(model_dir, exist_ok=True)
+            self._jsonl = open(os.path.join(model_dir, METRICS_FILE), "a")
+            self._tensorboard = SummaryWriter(os.path.join(model_dir, "tensorboard"))
+        show = enabled and (sys.stderr.isatty() if progress is None else progress)
         self._bar = tqdm.tqdm(total=total_steps, initial=start_step, unit="step",
                               dynamic_ncols=True, disable=not show)
-        self._lines = not show  # plain progress lines instead of the bar
+        self._lines = enabled and not show  # plain progress lines instead of the bar
         self._total, self._start_step, self._step = total_steps, start_step, start_step
         self._started = time.perf_counter()
         self._last: dict = {}
 
     def write(self, step: int, metrics: dict) -> None:
         record = {"step": int(step), **{k: _plain(v) for k, v in metrics.items()}}
-        self._jsonl.write(json.dumps(record) + "\n")
-        self._jsonl.flush()
-        for name, value in record.items():
-            if name != "step" and isinstance(value, (int, float)) and math.isfinite(value):
-                self._tensorboard.add_scalar(name, value, step)
+        if self._enabled:
+            self._jsonl.write(json.dumps(record) + "\n")
+            self._jsonl.flush()
+            for name, value in record.items():
+                if name != "step" and isinstance(value, (int, float)) and math.isfinite(value):
+                    self._tensorboard.add_scalar(name, value, step)
         self._bar.update(step - self._step)
         self._step = step
         self._last.update(record)
@@ -94,16 +98,19 @@ class MetricsLogger:
         return "; ".join(parts) + (f"; {ending}" if ending else "")
 
     def text(self, name: str, text: str, step: int = 0) -> None:
-        self._tensorboard.add_text(name, text, step)
+        if self._enabled:
+            self._tensorboard.add_text(name, text, step)
 
     def message(self, text: str) -> None:
         """A line on stderr (above the bar, if one is shown)."""
-        self._bar.write(text, file=sys.stderr)
+        if self._enabled:
+            self._bar.write(text, file=sys.stderr)
 
     def close(self) -> None:
         self._bar.close()
-        self._tensorboard.close()
-        self._jsonl.close()
+        if self._enabled:
+            self._tensorboard.close()
+            self._jsonl.close()
 
 
 def format_seconds(seconds: float) -> str:
