@@ -61,6 +61,7 @@ from lexjax.attention import MaskSpec, attend
 from lexjax.attention.kernels import BlockGrid
 from lexjax.attention.kernels.pallas_attention import block_sizes
 from lexjax.attention.kernels.impl import lowering_for_backend
+from lexjax.benchmarking.topology import CHIPS, estimated_seconds, parse_topology
 from lexjax.positions import ALiBi
 
 MIB = 2 ** 20
@@ -140,9 +141,9 @@ def measure(args, impl: str, mask: MaskSpec, n: int, sharding) -> dict:
     row["temp_mib"] = memory.temp_size_in_bytes / MIB if memory is not None else None
     costs = compiled.cost_analysis() or {}
     row["xla_gflop"] = costs.get("flops", 0.0) / 1e9
-    if "optimal_seconds" in costs:
-        row["estimated_ms"] = costs["optimal_seconds"] * 1e3
     if sharding is not None:
+        seconds, source = estimated_seconds(costs, CHIPS[parse_topology(args.topology)[0]])
+        row.update(estimated_ms=None if seconds is None else seconds * 1e3, est_source=source)
         return row
     if impl == "reference" and memory is not None and \
             memory.temp_size_in_bytes > args.max_run_bytes:
@@ -170,7 +171,8 @@ def tpu_sharding(topology: str):
     return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
 
-COLUMNS = ["mask", "n", "impl", "compile_s", "temp_mib", "xla_gflop", "estimated_ms", "ms",
+COLUMNS = ["mask", "n", "impl", "compile_s", "temp_mib", "xla_gflop", "estimated_ms",
+           "est_source", "ms",
            "pairs", "pair_fraction", "note", "error"]
 
 
@@ -208,7 +210,9 @@ def notes(args) -> list[str]:
            "is the kernels' declaration (FLOPs of the visited block pairs)."]
     if args.topology:
         out.append(f"Compiled for TPU {args.topology} ahead of time; nothing ran. estimated_ms is "
-                   "the compiler's optimal_seconds from those costs, not a measurement.")
+                   "an estimate, not a measurement, by the method in est_source: the compiler's "
+                   "optimal_seconds where positive, else the roofline max(FLOPs / peak, bytes / "
+                   "HBM bandwidth) of the same cost analysis (lexjax.benchmarking.topology).")
     elif lowering_for_backend(jax.default_backend())[1] and "pallas" in args.impls:
         out.append("'pallas' ran the TPU kernels in Pallas interpret mode on this "
                    f"{jax.default_backend()}: its ms time the interpreter, not a kernel.")

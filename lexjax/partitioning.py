@@ -17,6 +17,7 @@ shape then picks the strategy, since a mesh axis of size 1 splits nothing:
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import os
 from typing import Any, Optional, Sequence
@@ -91,11 +92,31 @@ def check_rules(rules: Any) -> Rules:
     return tuple(checked)
 
 
+_TRACING_MESH: contextvars.ContextVar[Optional[Mesh]] = contextvars.ContextVar(
+    "lexjax_tracing_mesh", default=None)
+
+
 @contextlib.contextmanager
 def mesh_context(mesh: Mesh, rules: Rules = LOGICAL_AXIS_RULES):
-    """The mesh and the logical-axis rules, for tracing (activation constraints, kernels)."""
-    with mesh, nn.logical_axis_rules(list(rules)):
-        yield
+    """The mesh and the logical-axis rules, for tracing: the mesh as the resource environment
+    and as `tracing_mesh()` (what the Pallas kernels read to run per device in `shard_map`, and
+    to know the platform compiled for)."""
+    token = _TRACING_MESH.set(mesh)
+    try:
+        with mesh, nn.logical_axis_rules(list(rules)):
+            yield
+    finally:
+        _TRACING_MESH.reset(token)
+
+
+def tracing_mesh() -> Optional[Mesh]:
+    """The mesh of the innermost `mesh_context` (also inside `jit` traced in it), else the mesh
+    set with `jax.set_mesh` (as an `AbstractMesh`), else None."""
+    mesh = _TRACING_MESH.get()
+    if mesh is not None:
+        return mesh
+    abstract = jax.sharding.get_abstract_mesh()
+    return None if abstract.empty else abstract
 
 
 def global_batch(sharding: NamedSharding, rows: np.ndarray) -> jax.Array:

@@ -363,10 +363,10 @@ def _lowering_problem(mask, impl, bias, sharding=None, n=1024):
     return jax.jit(forward), jax.jit(backward), args
 
 
-def _tpu_sharding():
+def _tpu_sharding(topology_name: str = "v5e:1x1"):
     try:
         from jax.experimental import topologies
-        topology = topologies.get_topology_desc(topology_name="v5e:1x1", platform="tpu")
+        topology = topologies.get_topology_desc(topology_name=topology_name, platform="tpu")
     except (ImportError, RuntimeError) as e:  # RuntimeError: JaxRuntimeError without libtpu
         pytest.skip(f"libtpu is not installed (pip install 'lexjax[tpu]'): {e}")
     mesh = jax.sharding.Mesh(np.array(topology.devices[:1]), ("x",))
@@ -392,6 +392,30 @@ def test_tpu_kernels_compile_with_mosaic(mask, bias):
     bwd_hlo = backward.lower(*args).as_text()
     assert bwd_hlo.count("tpu_custom_call") >= 3  # forward + dq + dk/dv
     backward.lower(*args).compile()
+
+
+@pytest.mark.parametrize("topology", ["v4:1x1x1", "v5p:1x1x1", "v6e:1x1"])
+def test_tpu_kernels_compile_on_every_generation(topology):
+    """Forward and backward with segments, GQA and a learned head bias (its parameter gradients
+    reduced in the dq kernel): no relayout between lanes and sublanes, which v4 cannot do."""
+    forward, backward, args = _lowering_problem(MaskSpec(window=256), "pallas_tpu", "head",
+                                                _tpu_sharding(topology))
+    forward.lower(*args).compile()
+    backward.lower(*args).compile()
+
+
+def test_pallas_picks_the_lowering_of_the_platform_compiled_for():
+    """impl="pallas" under a TPU topology's mesh compiles the Mosaic kernels (not the
+    interpreter of the CPU host); without a mesh it follows the default backend."""
+    from lexjax import partitioning
+    from lexjax.attention.kernels.impl import target_platform
+    assert target_platform() == jax.default_backend() == "cpu"
+    sharding = _tpu_sharding()
+    with partitioning.mesh_context(sharding.mesh):
+        assert target_platform() == "tpu"
+        forward, _, args = _lowering_problem(MaskSpec(window=256), "pallas", None, sharding)
+        assert "tpu_custom_call" in forward.lower(*args).as_text()
+    assert target_platform() == "cpu"
 
 
 def _custom_calls(module_text):

@@ -1,4 +1,4 @@
-"""The kernels as `attend` implementations: "pallas" (kernels picked from the JAX backend) and
+"""The kernels as `attend` implementations: "pallas" (kernels picked for the target platform) and
 the forced lowerings "pallas_tpu" / "pallas_gpu" (for export, AOT compilation and tests)."""
 from __future__ import annotations
 
@@ -7,6 +7,9 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
+
+from lexjax import partitioning
 
 from lexjax.attention.kernels.pallas_attention import pallas_attention
 from lexjax.attention.masks import MaskSpec
@@ -20,18 +23,28 @@ def lowering_for_backend(backend: str) -> tuple[str, bool]:
     return "tpu", True
 
 
+def target_platform() -> str:
+    """The platform being compiled for: the tracing mesh's (`partitioning.tracing_mesh`; a TPU
+    topology compiled ahead of time on a CPU host is "tpu"), else JAX's default backend."""
+    mesh = partitioning.tracing_mesh()
+    platform = (jax.default_backend() if mesh is None else
+                mesh.devices.flat[0].platform if isinstance(mesh, Mesh) else
+                mesh.abstract_device.platform)
+    return "gpu" if platform in ("cuda", "rocm") else platform
+
+
 def attend_with_kernels(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, *, mask: MaskSpec,
                         bias=None, block_size: Optional[int] = None,
                         segment_ids: Optional[jnp.ndarray] = None,
                         lowering: Optional[str] = None) -> jnp.ndarray:
     """`attend`'s contract on the Pallas kernels; `block_size` sets both block lengths.
 
-    `lowering=None` follows `jax.default_backend()` (`lowering_for_backend`); "tpu" or "gpu"
-    forces that lowering without interpretation.
+    `lowering=None` follows the platform being compiled for (`target_platform`,
+    `lowering_for_backend`); "tpu" or "gpu" forces that lowering without interpretation.
     """
     interpret = False
     if lowering is None:
-        lowering, interpret = lowering_for_backend(jax.default_backend())
+        lowering, interpret = lowering_for_backend(target_platform())
     return pallas_attention(q, k, v, mask=mask, bias=bias, segment_ids=segment_ids,
                             block_q=block_size, block_kv=block_size, lowering=lowering,
                             interpret=interpret)

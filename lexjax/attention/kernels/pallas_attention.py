@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
+from lexjax import partitioning
 from lexjax.attention.kernels import gpu, tpu
 from lexjax.attention.kernels.bias import HeadBias, offset_table
 from lexjax.attention.kernels.geometry import BlockGrid
@@ -91,7 +92,9 @@ def _attention_bwd(plan, lowering, residuals, d_out):
     if isinstance(d_out, jax.custom_derivatives.SymbolicZero):
         d_out = jnp.zeros(out.shape, out.dtype)
     kernels = LOWERINGS[lowering]
-    delta = jnp.sum(out.astype(jnp.float32) * d_out.astype(jnp.float32), axis=-1)[:, :, None]
+    # delta = rowsum(dO * O), in the layout of the lowering's log-sum-exp (a row or a column)
+    delta = jnp.sum(out.astype(jnp.float32) * d_out.astype(jnp.float32), axis=-1).reshape(
+        lse.shape)
     d_out = d_out.astype(q.dtype)
     dq, dtheta = kernels.dq(plan, q, k, v, d_out, lse, delta, segment_ids, bias_input,
                              param_grads=grad_target is not None)
@@ -106,13 +109,14 @@ def _mesh_specs(q_shape, kv_heads: int):
     """(mesh, batch axes, head axes) to run the kernels per device, or None.
 
     Kernels are opaque to XLA's partitioner (it would gather every operand onto every device), so
-    under a mesh (`jax.set_mesh`) with flax logical-axis rules the kernels run inside `shard_map`
-    over the mesh axes of `activation_batch` and `activation_heads` (heads only when both query
-    and key/value heads divide, which keeps each shard's GQA groups whole). The sequence axis
-    stays whole: every query block needs its keys.
+    under a mesh (`partitioning.mesh_context`, as the trainer, the bench and evaluation trace,
+    or `jax.set_mesh`) with flax logical-axis rules the kernels run inside `shard_map` over the
+    mesh axes of `activation_batch` and `activation_heads` (heads only when both query and
+    key/value heads divide, which keeps each shard's GQA groups whole). The sequence axis stays
+    whole: every query block needs its keys.
     """
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty:
+    mesh = partitioning.tracing_mesh()
+    if mesh is None:
         return None
     batch_axes, heads_axes = (nn.logical_to_mesh_axes((name,))[0]
                               for name in ("activation_batch", "activation_heads"))

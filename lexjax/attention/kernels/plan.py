@@ -87,18 +87,20 @@ def head_bias(plan: KernelPlan, theta, rel: jnp.ndarray) -> jnp.ndarray:
     return plan.bias_fn(theta, rel).astype(jnp.float32)
 
 
-def head_param_grads(plan: KernelPlan, theta, rel: jnp.ndarray, ds: jnp.ndarray) -> tuple:
+def head_param_grads(plan: KernelPlan, theta, rel: jnp.ndarray, ds: jnp.ndarray,
+                     keepdims: bool = False) -> tuple:
     """Per-row parts of d(loss)/d(theta_p): `sum_k ds[r, k] * d fn(theta, rel)[r, k] / d theta_p`
-    for each parameter p, each `[rows]`. Forward mode, one parameter at a time, so the kernel
-    sees only single-axis reductions (and no tangent fan-in when fn uses each parameter once,
-    which Mosaic GPU needs)."""
+    for each parameter p, each `[rows]` (`[rows, 1]` with `keepdims`: a column, which TPU v4
+    cannot turn into a lane vector). Forward mode, one parameter at a time, so the kernel sees
+    only single-axis reductions (and no tangent fan-in when fn uses each parameter once, which
+    Mosaic GPU needs)."""
     theta = tuple(theta)
     grads = []
     for p in range(plan.num_params):
         def one(x, p=p):
             return head_bias(plan, theta[:p] + (x,) + theta[p + 1:], rel)
         _, slope = jax.jvp(one, (theta[p],), (jnp.float32(1.0),))
-        grads.append(jnp.sum(ds * slope, axis=1))
+        grads.append(jnp.sum(ds * slope, axis=1, keepdims=keepdims))
     return tuple(grads)
 
 

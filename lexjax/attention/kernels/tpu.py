@@ -1,7 +1,10 @@
 """Pallas TPU (Mosaic) kernels: forward, dq and dk/dv; they also run in interpret mode on CPU.
 
-Layout: q `[batch, heads, n_pad, d]`, k/v `[batch, kv_heads, n_pad, d]`, per-row statistics
-(log-sum-exp, delta) and segment ids as lane-dense rows `[batch, heads or 1, 1, n_pad]`.
+Layout: q `[batch, heads, n_pad, d]`, k/v `[batch, kv_heads, n_pad, d]`; what belongs to a query
+row (the log-sum-exp, delta, the query's segment id) as a column `[batch, heads or 1, n_pad, 1]`,
+the keys' segment ids as a row `[batch, 1, 1, n_pad]`, so each block reads them in the
+orientation of its scores (query blocks `(block_q, 1)`, key blocks `(1, block_kv)`) and no
+kernel moves data between lanes and sublanes (which TPU v4's Mosaic cannot: "sublane gather").
 
 Grids put the block-sparse walk last: the forward and dq kernels run
 `(batch, heads, query block i, step t)` and visit key block `grid.kv_block(i, t)`; the dk/dv
@@ -33,16 +36,6 @@ NUM_LANES = 128
 def padded_head_dim(d: int) -> int:
     """Mosaic blocks span the whole head dim, so any size tiles."""
     return d
-
-
-def _column(row: jnp.ndarray) -> jnp.ndarray:
-    """`(1, n)` -> `(n, 1)`."""
-    return jnp.expand_dims(row[0], -1)
-
-
-def _row(column: jnp.ndarray) -> jnp.ndarray:
-    """`(n, 1)` -> `(1, n)`."""
-    return jnp.expand_dims(column[:, 0], 0)
 
 
 def _theta(plan: KernelPlan, theta_ref, h) -> tuple:
@@ -89,13 +82,15 @@ def _segment_specs(plan: KernelPlan, pair_of) -> list:
     if not plan.segmented:
         return []
     g = plan.grid
-    return [pl.BlockSpec((None, 1, g.block_q), lambda b, *ids: (b, 0, pair_of(b, *ids)[0])),
+    return [pl.BlockSpec((None, g.block_q, 1), lambda b, *ids: (b, pair_of(b, *ids)[0], 0)),
             pl.BlockSpec((None, 1, g.block_kv), lambda b, *ids: (b, 0, pair_of(b, *ids)[1]))]
 
 
 def _inputs(segment_ids, bias_input) -> list:
-    return ([segment_ids, segment_ids] if segment_ids is not None else []) + (
-        [bias_input] if bias_input is not None else [])
+    """The kernels' extra inputs: the segment ids `[b, 1, n_pad]` as query columns
+    `[b, n_pad, 1]` and key rows, then the bias input."""
+    segments = [] if segment_ids is None else [jnp.swapaxes(segment_ids, 1, 2), segment_ids]
+    return segments + ([bias_input] if bias_input is not None else [])
 
 
 def _call(kernel, plan: KernelPlan, *, grid, in_specs, out_specs, out_shape, scratch, estimate,
@@ -136,7 +131,7 @@ def _forward_kernel(*refs, plan: KernelPlan):
         shape = (g.block_q, g.block_kv)
         q_pos, k_pos = positions(i, g.block_q, shape, 0), positions(j, g.block_kv, shape, 1)
         visible = visibility(plan, q_pos, k_pos,
-                             *((_column(seg_q[...]), seg_k[...]) if plan.segmented else ()))
+                             *((seg_q[...], seg_k[...]) if plan.segmented else ()))
         s = jax.lax.dot_general(q_ref[...], k_ref[...], (((1,), (1,)), ((), ())),
                                 preferred_element_type=jnp.float32)
         s = scores(plan, s, visible, _block_bias(plan, bias_ref, h, q_pos, k_pos))
@@ -155,11 +150,11 @@ def _forward_kernel(*refs, plan: KernelPlan):
         l = l_ref[...]
         seen = l > 0.0  # False only for padding rows that see no key
         o_ref[...] = (acc_ref[...] / jnp.where(seen, l, 1.0)).astype(o_ref.dtype)
-        lse_ref[...] = _row(jnp.where(seen, m_ref[...] + jnp.log(jnp.where(seen, l, 1.0)), 0.0))
+        lse_ref[...] = jnp.where(seen, m_ref[...] + jnp.log(jnp.where(seen, l, 1.0)), 0.0)
 
 
 def forward(plan: KernelPlan, q, k, v, segment_ids, bias_input):
-    """Returns `out [b, h, n_pad, d]` (q's dtype) and float32 `lse [b, h, 1, n_pad]`."""
+    """Returns `out [b, h, n_pad, d]` (q's dtype) and float32 `lse [b, h, n_pad, 1]`."""
     g = plan.grid
     b, h, n_pad, d = q.shape
     group = plan.group
@@ -171,9 +166,9 @@ def forward(plan: KernelPlan, q, k, v, segment_ids, bias_input):
     in_specs += _segment_specs(plan, pair) + _bias_spec(plan, lambda bb, hh, i, t: hh, pair)
     out_specs = [pl.BlockSpec((None, None, g.block_q, v.shape[-1]),
                               lambda bb, hh, i, t: (bb, hh, i, 0)),
-                 pl.BlockSpec((None, None, 1, g.block_q), lambda bb, hh, i, t: (bb, hh, 0, i))]
+                 pl.BlockSpec((None, None, g.block_q, 1), lambda bb, hh, i, t: (bb, hh, i, 0))]
     out_shape = [jax.ShapeDtypeStruct((b, h, n_pad, v.shape[-1]), q.dtype),
-                 jax.ShapeDtypeStruct((b, h, 1, n_pad), jnp.float32)]
+                 jax.ShapeDtypeStruct((b, h, n_pad, 1), jnp.float32)]
     scratch = [pltpu.VMEM((g.block_q, 1), jnp.float32), pltpu.VMEM((g.block_q, 1), jnp.float32),
                pltpu.VMEM((g.block_q, v.shape[-1]), jnp.float32)]
     call = _call(functools.partial(_forward_kernel, plan=plan), plan,
@@ -211,21 +206,22 @@ def _dq_kernel(*refs, plan: KernelPlan, param_grads: bool):
         shape = (g.block_q, g.block_kv)
         q_pos, k_pos = positions(i, g.block_q, shape, 0), positions(j, g.block_kv, shape, 1)
         visible = visibility(plan, q_pos, k_pos,
-                             *((_column(seg_q[...]), seg_k[...]) if plan.segmented else ()))
+                             *((seg_q[...], seg_k[...]) if plan.segmented else ()))
         k = k_ref[...]
         s = jax.lax.dot_general(q_ref[...], k, (((1,), (1,)), ((), ())),
                                 preferred_element_type=jnp.float32)
         s = scores(plan, s, visible, _block_bias(plan, bias_ref, h, q_pos, k_pos))
-        p = jnp.where(visible, jnp.exp(s - _column(lse_ref[...])), 0.0)
+        p = jnp.where(visible, jnp.exp(s - lse_ref[...]), 0.0)
         dp = jax.lax.dot_general(do_ref[...], v_ref[...], (((1,), (1,)), ((), ())),
                                  preferred_element_type=jnp.float32)
-        ds = p * (dp - _column(delta_ref[...]))
+        ds = p * (dp - delta_ref[...])
         acc_ref[...] += plan.scale * jax.lax.dot_general(
             ds.astype(k.dtype), k, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
         if param_grads:
             lane = jax.lax.broadcasted_iota(jnp.int32, dtheta_ref.shape, 1)
             update = jnp.zeros(dtheta_ref.shape, jnp.float32)
-            grads = head_param_grads(plan, _theta(plan, bias_ref, h), q_pos - k_pos, ds)
+            grads = head_param_grads(plan, _theta(plan, bias_ref, h), q_pos - k_pos, ds,
+                                     keepdims=True)
             for p_index, rows in enumerate(grads):
                 update = jnp.where(lane == p_index, jnp.sum(rows), update)
             dtheta_ref[...] += update
@@ -244,14 +240,13 @@ def dq(plan: KernelPlan, q, k, v, do, lse, delta, segment_ids, bias_input, param
     group = plan.group
     q_of = lambda bb, hh, i, t: (bb, hh, i, 0)  # noqa: E731
     kv_of = lambda bb, hh, i, t: (bb, div(hh, group), g.kv_block(i, t), 0)  # noqa: E731
-    row_of = lambda bb, hh, i, t: (bb, hh, 0, i)  # noqa: E731
     pair = lambda bb, hh, i, t: (i, g.kv_block(i, t))  # noqa: E731
     in_specs = [pl.BlockSpec((None, None, g.block_q, d), q_of),
                 pl.BlockSpec((None, None, g.block_kv, d), kv_of),
                 pl.BlockSpec((None, None, g.block_kv, dv_dim), kv_of),
                 pl.BlockSpec((None, None, g.block_q, dv_dim), q_of),
-                pl.BlockSpec((None, None, 1, g.block_q), row_of),
-                pl.BlockSpec((None, None, 1, g.block_q), row_of)]
+                pl.BlockSpec((None, None, g.block_q, 1), q_of),
+                pl.BlockSpec((None, None, g.block_q, 1), q_of)]
     in_specs += _segment_specs(plan, pair) + _bias_spec(plan, lambda bb, hh, i, t: hh, pair)
     out_specs = [pl.BlockSpec((None, None, g.block_q, d), q_of)]
     out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype)]
@@ -296,17 +291,17 @@ def _dkv_kernel(*refs, plan: KernelPlan):
         shape = (g.block_q, g.block_kv)
         q_pos, k_pos = positions(i, g.block_q, shape, 0), positions(j, g.block_kv, shape, 1)
         visible = visibility(plan, q_pos, k_pos,
-                             *((_column(seg_q[...]), seg_k[...]) if plan.segmented else ()))
+                             *((seg_q[...], seg_k[...]) if plan.segmented else ()))
         q, do = q_ref[...], do_ref[...]
         s = jax.lax.dot_general(q, k_ref[...], (((1,), (1,)), ((), ())),
                                 preferred_element_type=jnp.float32)
         s = scores(plan, s, visible, _block_bias(plan, bias_ref, h, q_pos, k_pos))
-        p = jnp.where(visible, jnp.exp(s - _column(lse_ref[...])), 0.0)
+        p = jnp.where(visible, jnp.exp(s - lse_ref[...]), 0.0)
         dv_acc[...] += jax.lax.dot_general(p.astype(do.dtype).T, do, (((1,), (0,)), ((), ())),
                                            preferred_element_type=jnp.float32)
         dp = jax.lax.dot_general(do, v_ref[...], (((1,), (1,)), ((), ())),
                                  preferred_element_type=jnp.float32)
-        ds = p * (dp - _column(delta_ref[...]))
+        ds = p * (dp - delta_ref[...])
         dk_acc[...] += plan.scale * jax.lax.dot_general(
             ds.astype(q.dtype).T, q, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
 
@@ -330,14 +325,13 @@ def dkv(plan: KernelPlan, q, k, v, do, lse, delta, segment_ids, bias_input):
         return g.q_block(j, rem(s, steps)), j
 
     q_of = lambda bb, hh, j, s: (bb, head(bb, hh, j, s), pair(bb, hh, j, s)[0], 0)  # noqa: E731
-    row_of = lambda bb, hh, j, s: (bb, head(bb, hh, j, s), 0, pair(bb, hh, j, s)[0])  # noqa: E731
     kv_of = lambda bb, hh, j, s: (bb, hh, j, 0)  # noqa: E731
     in_specs = [pl.BlockSpec((None, None, g.block_q, d), q_of),
                 pl.BlockSpec((None, None, g.block_kv, d), kv_of),
                 pl.BlockSpec((None, None, g.block_kv, dv_dim), kv_of),
                 pl.BlockSpec((None, None, g.block_q, dv_dim), q_of),
-                pl.BlockSpec((None, None, 1, g.block_q), row_of),
-                pl.BlockSpec((None, None, 1, g.block_q), row_of)]
+                pl.BlockSpec((None, None, g.block_q, 1), q_of),
+                pl.BlockSpec((None, None, g.block_q, 1), q_of)]
     in_specs += _segment_specs(plan, pair) + _bias_spec(plan, head, pair)
     out_specs = [pl.BlockSpec((None, None, g.block_kv, d), kv_of),
                  pl.BlockSpec((None, None, g.block_kv, dv_dim), kv_of)]
