@@ -370,3 +370,18 @@ def test_initialize_distributed_names_bad_flags(monkeypatch, enabled, flags, mes
     with pytest.raises(partitioning.MeshError, match=message):
         partitioning.initialize_distributed(enabled, **flags)
     assert not jax.distributed.is_initialized()
+
+
+def test_pallas_train_step_on_a_hybrid_mesh_matches_one_device():
+    """The Transformer with attention_impl="pallas" (the TPU kernels, interpreted on CPU): its
+    train step on data:2,fsdp:2,tensor:2, the kernels run per device in shard_map, equals the
+    one-device step of the XLA attention (loss and updated parameters)."""
+    transformer = os.path.join(REPO_ROOT, "configs/models/transformer.gin")
+    initial, ref_loss, ref_state = _one_device(transformer)
+    model = build_model([transformer], TINY_MODEL + [
+        "lexjax.models.Transformer.attention_impl = 'pallas'"])
+    step = _sharded_step(model, "data:2,fsdp:2,tensor:2", jax.devices())
+    assert "sdy.manual_computation" in step.lower().as_text()  # the lowered shard_map
+    loss, state = _run_step(step, jax.device_put(initial, step.state_shardings))
+    assert loss == pytest.approx(ref_loss, rel=1e-5)
+    _assert_trees_close(state, ref_state, rtol=1e-4, atol=1e-5)
