@@ -470,3 +470,20 @@ def test_gpu_kernel_gradients_in_the_gpu_interpreter_equal_reference(rng):
         out, pullback = jax.vjp(f, q, k, v, params)
         return out, pullback(cotangent)
     assert max(_relative_errors(out_and_grads(True), out_and_grads(False))) < 2e-2
+
+
+@pytest.mark.parametrize("capability, device_kind, refused", [
+    ("9.0", "NVIDIA H100 80GB HBM3", False), ("8.0", "NVIDIA A100-SXM4-80GB", True),
+    ("8.9", "NVIDIA L4", True), (None, "TPU v5 lite", False)])
+def test_gpu_kernels_are_refused_on_gpus_before_hopper(capability, device_kind, refused):
+    from types import SimpleNamespace
+
+    from lexjax.attention.kernels.impl import check_gpu_kernels_run_on
+    from lexjax.errors import ConfigError
+    device = SimpleNamespace(platform="gpu" if capability else "tpu",
+                             compute_capability=capability, device_kind=device_kind)
+    if refused:
+        with pytest.raises(ConfigError, match=f"Hopper.*{capability}.*attention_impl='xla'"):
+            check_gpu_kernels_run_on(device)
+    else:
+        check_gpu_kernels_run_on(device)

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from lexjax import partitioning
+from lexjax.errors import ConfigError
 
 from lexjax.attention.kernels.pallas_attention import pallas_attention
 from lexjax.attention.masks import MaskSpec
@@ -33,6 +34,31 @@ def target_platform() -> str:
     return "gpu" if platform in ("cuda", "rocm") else platform
 
 
+#: The Pallas GPU kernels use Hopper's warpgroup matrix instructions (WGMMA).
+GPU_COMPUTE_CAPABILITY = "9."
+
+
+def check_gpu_kernels_run_on(device) -> None:
+    """Raises `ConfigError` if `device` is a GPU the Pallas GPU kernels cannot run on (not
+    Hopper); a device that does not say (a compile-only one, a CPU) passes."""
+    capability = getattr(device, "compute_capability", None)
+    if getattr(device, "platform", None) != "gpu" or capability is None:
+        return
+    if not str(capability).startswith(GPU_COMPUTE_CAPABILITY):
+        raise ConfigError(
+            f"the Pallas GPU attention kernels need a Hopper GPU (compute capability 9.x); this "
+            f"{getattr(device, 'device_kind', 'GPU')} has {capability}: use "
+            "attention_impl='xla' (the blocked XLA attention skips the same blocks)")
+
+
+def _target_device():
+    """A device of the platform compiled for, where one is at hand (None for an abstract mesh)."""
+    mesh = partitioning.tracing_mesh()
+    if mesh is None:
+        return jax.devices()[0]
+    return mesh.devices.flat[0] if isinstance(mesh, Mesh) else None
+
+
 def attend_with_kernels(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, *, mask: MaskSpec,
                         bias=None, block_size: Optional[int] = None,
                         segment_ids: Optional[jnp.ndarray] = None,
@@ -45,6 +71,8 @@ def attend_with_kernels(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, *, mask:
     interpret = False
     if lowering is None:
         lowering, interpret = lowering_for_backend(target_platform())
+    if lowering == "gpu":
+        check_gpu_kernels_run_on(_target_device())
     return pallas_attention(q, k, v, mask=mask, bias=bias, segment_ids=segment_ids,
                             block_q=block_size, block_kv=block_size, lowering=lowering,
                             interpret=interpret)
