@@ -100,6 +100,16 @@ def test_while_loops_are_counted():
     assert topo.while_loops(hlo) == 1 and topo.while_loops("%x = f32[4] add(%a, %a)") == 0
 
 
+def test_an_estimate_is_never_faster_than_the_models_flops_at_peak():
+    chip = topo.CHIPS["v5e"]
+    one_second = chip.peak_flops  # model FLOPs per chip that take 1 s at peak
+    assert topo.no_faster_than_peak(2.0, "compiler optimal_seconds", one_second, chip, 0) == \
+        (2.0, "compiler optimal_seconds")
+    seconds, source = topo.no_faster_than_peak(0.25, "roofline of cost_analysis", one_second,
+                                               chip, 3)
+    assert seconds == 1.0 and "3 while loops" in source and "0.25 s" in source
+
+
 def test_pallas_kernels_are_named():
     text = ('%1 = stablehlo.custom_call @tpu_custom_call(%arg1) {backend_config = "{}", '
             'kernel_name = "flash_fwd", x = 1}\n%2 = stablehlo.custom_call @Sharding(%1)')

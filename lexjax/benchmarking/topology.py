@@ -120,6 +120,18 @@ def step_loops(compiled, lowered_text: str) -> int:
         return len(re.findall(r"stablehlo\.while", lowered_text))
 
 
+def no_faster_than_peak(seconds: float, source: str, model_flops_per_chip: float, chip: Chip,
+                        loops: int) -> tuple[float, str]:
+    """`(seconds, source)`, or the time the model's FLOPs take at the chip's peak where the
+    estimate is shorter than that (impossible: XLA counts a loop body once, so a step with while
+    loops, e.g. `scan_layers=True`, is under-counted), with the reason in the source."""
+    floor = model_flops_per_chip / chip.peak_flops
+    if seconds >= floor:
+        return seconds, source
+    why = f"{loops} while loops, each body counted once" if loops else "under-counted"
+    return floor, f"model FLOPs at peak (the {source}, {seconds:.3g} s, is shorter: {why})"
+
+
 def pallas_kernels(lowered_text: str) -> list[str]:
     """Names of the Pallas TPU kernels (Mosaic custom calls) in a lowered step."""
     names = re.findall(r'@tpu_custom_call\(.*?kernel_name = "([^"]+)"', lowered_text)
@@ -183,6 +195,10 @@ def estimate_mesh(model, config: TrainConfig, mesh_spec: str, topology: Topology
                                                     config.train_length)
     if not model_flops and cost.get("flops"):
         model_flops = cost["flops"] * mesh.size
+    loops = step_loops(compiled, lowered_text)
+    if seconds and model_flops:
+        seconds, source = no_faster_than_peak(seconds, source, model_flops / mesh.size, chip,
+                                              loops)
     est = {}
     if seconds:
         est = {"est_step_seconds": seconds, "est_source": source,
@@ -197,5 +213,5 @@ def estimate_mesh(model, config: TrainConfig, mesh_spec: str, topology: Topology
             "temp_bytes": int(memory.temp_size_in_bytes), "compile_seconds": compile_seconds,
             "flops_per_chip": cost.get("flops"), "bytes_accessed_per_chip":
             cost.get("bytes accessed"), **est,
-            "while_loops": step_loops(compiled, lowered_text),
+            "while_loops": loops,
             "kernels": ",".join(kernels) if kernels else "none (XLA only)"}
