@@ -98,12 +98,14 @@ _TRACING_MESH: contextvars.ContextVar[Optional[Mesh]] = contextvars.ContextVar(
 
 @contextlib.contextmanager
 def mesh_context(mesh: Mesh, rules: Rules = LOGICAL_AXIS_RULES):
-    """The mesh and the logical-axis rules, for tracing: the mesh as the resource environment
-    and as `tracing_mesh()` (what the Pallas kernels read to run per device in `shard_map`, and
-    to know the platform compiled for)."""
+    """The mesh and the logical-axis rules, for tracing: the mesh as the resource environment,
+    as JAX's abstract mesh (which flax reads: without it every activation constraint is
+    silently dropped) and as `tracing_mesh()` (what the Pallas kernels read to run per device
+    in `shard_map`, and to know the platform compiled for)."""
     token = _TRACING_MESH.set(mesh)
     try:
-        with mesh, nn.logical_axis_rules(list(rules)):
+        with mesh, jax.sharding.use_abstract_mesh(mesh.abstract_mesh), \
+                nn.logical_axis_rules(list(rules)):
             yield
     finally:
         _TRACING_MESH.reset(token)

@@ -385,3 +385,21 @@ def test_pallas_train_step_on_a_hybrid_mesh_matches_one_device():
     loss, state = _run_step(step, jax.device_put(initial, step.state_shardings))
     assert loss == pytest.approx(ref_loss, rel=1e-5)
     _assert_trees_close(state, ref_state, rtol=1e-4, atol=1e-5)
+
+
+def test_activation_constraints_apply_under_the_mesh_and_skip_axes_that_do_not_divide():
+    """Inside `mesh_context` every activation constraint reaches the program (flax reads only
+    JAX's abstract mesh: under the resource environment alone they were silently dropped); a
+    mesh axis that does not divide its dimension is left out (a batch of 1 on data:2)."""
+    from lexjax.layers import with_activation_axes
+    mesh = partitioning.make_mesh("data:2,fsdp:2,tensor:2")
+
+    def constrained(x):
+        return with_activation_axes(x * 2.0)
+
+    with partitioning.mesh_context(mesh):
+        even = str(jax.make_jaxpr(constrained)(jnp.ones((4, 8, 16))))
+        odd = str(jax.make_jaxpr(constrained)(jnp.ones((1, 8, 16))))
+    assert "spec=P(('data', 'fsdp')," in even
+    assert "spec=P(None," in odd
+    assert "sharding_constraint" not in str(jax.make_jaxpr(constrained)(jnp.ones((4, 8, 16))))

@@ -44,9 +44,10 @@ def step_flops(model, config: TrainConfig, compiled, num_devices: int) -> Option
 def measure_mesh(model, config: TrainConfig, mesh_spec: str, steps: int,
                  device_peak: tuple[float, str]) -> dict:
     """Compiles the train step on `mesh_spec` (see `partitioning.make_mesh`), runs `steps` steps
-    on the run's first batch from the same initial state, and returns its row: compile time, the median step
-    time (of steps after the first, when there are several), tokens/s, MFU, the first step's
-    loss, state bytes per device (from the shardings) and XLA's peak temporary bytes.
+    on the run's first batch from the same initial state, and returns its row: compile time, the
+    median step time (of steps after the first, when there are several), tokens/s, MFU, the
+    first step's loss, state bytes per device (from the shardings) and XLA's peak temporary
+    bytes.
     `device_peak`: `flops.device_peak_flops()`, measured once per process."""
     mesh = partitioning.make_mesh(mesh_spec)  # "" on CPU: one device, as in training
     step = ShardedTrainStep(model, config, mesh)

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 
 from lexjax.attention import MaskSpec, RelativeBias, Rotation, attend
 from lexjax.attention.reference import attend_at_positions
-from lexjax.layers.basic import ACTIVATION_HEADS, Dtype, dense
+from lexjax.layers.basic import ACTIVATION_HEADS, Dtype, dense, with_activation_axes
 from lexjax.layers.decoding import KeyValueCache
 from lexjax.positions import PositionScheme
 
@@ -65,7 +65,7 @@ class SelfAttention(nn.Module):
             if self.is_mutable_collection("intermediates"):
                 rotated = (q, k) if rotation is None else rotation(q, k, positions, positions)
                 self.sow_attention_inputs(*rotated, bias, x.shape[1])
-            q = nn.with_logical_constraint(q, ACTIVATION_HEADS)
+            q = with_activation_axes(q, ACTIVATION_HEADS)
             out = attend(q, k, v, mask=self.mask, bias=bias, impl=self.attention_impl,
                          block_size=self.block_size, segment_ids=segment_ids,
                          rotation=rotation)

@@ -11,7 +11,10 @@ from typing import Any, Sequence, Union
 
 import flax.linen as nn
 import gin
+import jax
 import jax.numpy as jnp
+
+from lexjax import partitioning
 
 ACTIVATION_EMBED = ("activation_batch", "activation_length", "activation_embed")
 ACTIVATION_HEADS = ("activation_batch", "activation_length", "activation_heads", "activation_kv")
@@ -31,8 +34,15 @@ def compute_dtype(name: str | Dtype) -> jnp.dtype:
 
 
 def with_activation_axes(x: jnp.ndarray, axes: Sequence[str] = ACTIVATION_EMBED) -> jnp.ndarray:
-    """Sharding hint for an activation; a no-op outside a mesh with logical-axis rules."""
-    return nn.with_logical_constraint(x, tuple(axes))
+    """Sharding constraint of an activation by its logical `axes` (one per dimension of `x`)
+    through the current logical-axis rules; a mesh axis that does not divide its dimension is
+    dropped there (a batch of one on a data-parallel mesh, two heads on four tensor devices). A
+    no-op outside a mesh (`partitioning.mesh_context`)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    spec, _ = partitioning.fit_spec(nn.logical_to_mesh_axes(tuple(axes)), x.shape, mesh)
+    return jax.lax.with_sharding_constraint(x, spec)
 
 
 class Dense(nn.DenseGeneral):
@@ -52,6 +62,20 @@ class Dense(nn.DenseGeneral):
         return y.reshape(leading + y.shape[1:])
 
 
+class _KernelAxes(nn.LogicallyPartitioned):
+    """`nn.LogicallyPartitioned` that constrains only a value of its full rank: DenseGeneral
+    builds a multi-axis kernel flat (2-D) and reshapes it, and flax checks each parameter's
+    shape by running the init, which would constrain the flat kernel with the kernel's names."""
+
+    def unbox(self, apply_constraint=True):
+        return super().unbox(apply_constraint and jnp.ndim(self.value) == len(self.names))
+
+
+def kernel_axes(init, axes: Sequence[str]):
+    """`nn.with_logical_partitioning(init, axes)` for DenseGeneral kernels (`_KernelAxes`)."""
+    return lambda *args, **kwargs: _KernelAxes(init(*args, **kwargs), tuple(axes))
+
+
 def dense(features: int | Sequence[int], axes: Sequence[str], *, dtype: Dtype,
           contract: int | Sequence[int] = -1, name: str,
           init: Any = nn.initializers.lecun_normal(), use_bias: bool = False) -> Dense:
@@ -60,7 +84,7 @@ def dense(features: int | Sequence[int], axes: Sequence[str], *, dtype: Dtype,
     out_axes = tuple(axes)[-(len(features) if isinstance(features, Sequence) else 1):]
     return Dense(features=features, axis=contract, use_bias=use_bias, dtype=dtype,
                  param_dtype=jnp.float32, name=name,
-                 kernel_init=nn.with_logical_partitioning(init, tuple(axes)),
+                 kernel_init=kernel_axes(init, axes),
                  bias_init=nn.with_logical_partitioning(nn.initializers.zeros, out_axes))
 
 

@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from lexjax.attention import MaskSpec
-from lexjax.layers.basic import ACTIVATION_HEADS
+from lexjax.layers.basic import ACTIVATION_HEADS, with_activation_axes
 
 
 class KeyValueCache(nn.Module):
@@ -59,7 +59,7 @@ class KeyValueCache(nn.Module):
         written = jnp.mod(positions[n - kept:], slots)
         for cached, new in ((keys, k), (values, v)):  # laid out like the attention's heads
             updated = cached.value.at[:, written].set(new[:, n - kept:].astype(cached.value.dtype))
-            cached.value = nn.with_logical_constraint(updated, ACTIVATION_HEADS)
+            cached.value = with_activation_axes(updated, ACTIVATION_HEADS)
         return all_keys, all_values, key_positions, key_valid
 
 

@@ -27,7 +27,7 @@ import numpy as np
 
 from lexjax.attention import MaskSpec, attend
 from lexjax.attention.common import ContentBias
-from lexjax.layers.basic import ACTIVATION_HEADS, dense, make_norm
+from lexjax.layers.basic import ACTIVATION_HEADS, dense, make_norm, with_activation_axes
 from lexjax.layers.decoder import DecoderLayer
 
 POSITION_TERMS = ("c2p", "p2c")
@@ -178,7 +178,7 @@ class DisentangledSelfAttention(nn.Module):
                               else projection("position_query"))
             p2c = jnp.einsum("bnhd,rhd->bnhr", k, position_query(rel),
                              preferred_element_type=jnp.float32) * scale
-        q = nn.with_logical_constraint(q, ACTIVATION_HEADS)
+        q = with_activation_axes(q, ACTIVATION_HEADS)
         # attend scales q.k by head_dim^-0.5; the extra factor makes it sqrt(d (1 + terms)).
         content_scale = (1 + len(self.terms)) ** -0.5
         out = attend(q * jnp.asarray(content_scale, q.dtype), k, v, mask=self.mask,

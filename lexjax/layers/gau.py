@@ -27,7 +27,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from lexjax.attention import MaskSpec, RelativeBias
-from lexjax.layers.basic import Dtype, dense
+from lexjax.layers.basic import Dtype, dense, with_activation_axes
 from lexjax.layers.decoding import KeyValueCache
 from lexjax.layers.mixed_chunk import (init_mixed_chunk_cache, mixed_chunk_attention,
                                        mixed_chunk_decode_step, quadratic_attention,
@@ -99,8 +99,8 @@ class GatedAttentionUnit(nn.Module):
         u = nn.silu(dense(self.expansion_dim, ("embed", "mlp"), dtype=self.dtype, name="wu")(x))
         v = nn.silu(dense(self.expansion_dim, ("embed", "mlp"), dtype=self.dtype, name="wv")(x))
         z = nn.silu(dense(self.qk_dim, ("embed", "kv"), dtype=self.dtype, name="wz")(x))
-        u = nn.with_logical_constraint(u, ACTIVATION_MLP)
-        v = nn.with_logical_constraint(v, ACTIVATION_MLP)
+        u = with_activation_axes(u, ACTIVATION_MLP)
+        v = with_activation_axes(v, ACTIVATION_MLP)
 
         # Transforms in the order (q, k) or (q_quad, k_quad, q_lin, k_lin); queries are the even
         # ones, keys the odd ones, rotated together as "heads" of one rotation call.
@@ -125,7 +125,7 @@ class GatedAttentionUnit(nn.Module):
                                                  queries[:, :, 1], keys[:, :, 1], v,
                                                  chunk_size=self.chunk_size, causal=self.causal,
                                                  bias=bias)
-        gated = nn.with_logical_constraint(u * attended, ACTIVATION_MLP)
+        gated = with_activation_axes(u * attended, ACTIVATION_MLP)
         return dense(x.shape[-1], ("mlp", "embed"), dtype=self.dtype, name="wo")(gated)
 
     def quadratic_decode(self, scheme: PositionScheme, queries: jnp.ndarray, keys: jnp.ndarray,

@@ -56,7 +56,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lexjax.layers.basic import ACTIVATION_HEADS, Dtype, dense
+from lexjax.layers.basic import ACTIVATION_HEADS, Dtype, dense, with_activation_axes
 from lexjax.layers.decoder import DecoderLayer
 from lexjax.layers.decoding import cached_recurrence
 from lexjax.layers.ssm import fft_length
@@ -448,7 +448,7 @@ class KernelizedRPEAttention(nn.Module):
             "relative_log_bias",
             nn.with_logical_partitioning(nn.initializers.zeros, ("heads", "relpos_buckets")),
             (self.num_heads, 2 * self.max_distance + 1), jnp.float32)
-        q = nn.with_logical_constraint(q, ACTIVATION_HEADS)
+        q = with_activation_axes(q, ACTIVATION_HEADS)
         projection = self.projection()
         if self.decode:
             out = self.decode_tokens(q, k, v, log_bias, projection)

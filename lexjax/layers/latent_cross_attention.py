@@ -25,7 +25,7 @@ import jax.numpy as jnp
 
 from lexjax.attention import MaskSpec, RelativeBias
 from lexjax.attention.common import NEG_INF, group_query_heads, grouped_bias
-from lexjax.layers.basic import Dtype, dense
+from lexjax.layers.basic import ACTIVATION_HEADS, Dtype, dense, with_activation_axes
 from lexjax.positions import PositionScheme
 
 DEFAULT_QUERY_BLOCK = 256
@@ -164,8 +164,7 @@ class LatentCrossAttention(nn.Module):
         q = self.query(latents)
         q, k = self.scheme.rotate(q, keys, latent_positions, key_positions)
         bias = self.scheme.relative_bias(self.num_heads, self.head_dim)
-        q = nn.with_logical_constraint(
-            q, ("activation_batch", "activation_length", "activation_heads", "activation_kv"))
+        q = with_activation_axes(q, ACTIVATION_HEADS)
         out = cross_attention(q, k, values, q_positions=latent_positions,
                               k_positions=key_positions, mask=self.mask, bias=bias,
                               key_valid=key_valid, block_size=self.block_size,

@@ -7,7 +7,7 @@ from typing import Callable
 import flax.linen as nn
 import jax.numpy as jnp
 
-from lexjax.layers.basic import Dtype, dense
+from lexjax.layers.basic import Dtype, dense, with_activation_axes
 
 def squared_relu(x: jnp.ndarray) -> jnp.ndarray:
     """relu(x)² (Perceiver AR's `sq_relu`, the gated attention unit's kernel)."""
@@ -54,7 +54,7 @@ class MLP(nn.Module):
             h = nn.silu(gate) * up
         else:
             h = ELEMENTWISE_ACTIVATIONS[self.activation](up)
-        h = nn.with_logical_constraint(
+        h = with_activation_axes(
             h, ("activation_batch", "activation_length", "activation_mlp"))
         h = nn.Dropout(self.dropout_rate)(h, deterministic=deterministic)
         return dense(x.shape[-1], ("mlp", "embed"), dtype=self.dtype, use_bias=self.use_bias,

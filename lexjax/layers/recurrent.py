@@ -31,7 +31,8 @@ import jax.numpy as jnp
 
 from lexjax.attention import MaskSpec
 from lexjax.attention.common import masked_softmax_attention
-from lexjax.layers.basic import Dtype, Layer, dense, make_norm, with_activation_axes
+from lexjax.layers.basic import (Dtype, Layer, dense, kernel_axes, make_norm,
+                                 with_activation_axes)
 from lexjax.layers.mlp import ELEMENTWISE_ACTIVATIONS, MLP
 from lexjax.positions import PositionScheme
 from lexjax.positions.base import per_head
@@ -216,7 +217,7 @@ class StateGate(nn.Module):
         init = nn.initializers.variance_scaling(0.1, "fan_in", "truncated_normal")
         return nn.DenseGeneral(
             features, axis=self.contract, dtype=self.dtype, param_dtype=jnp.float32, name=name,
-            kernel_init=nn.with_logical_partitioning(init, self.input_axes + ("embed",)),
+            kernel_init=kernel_axes(init, self.input_axes + ("embed",)),
             bias_init=nn.with_logical_partitioning(nn.initializers.normal(0.1), ("embed",)))
 
     @nn.compact

@@ -60,7 +60,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lexjax.layers.basic import ACTIVATION_HEADS, Dtype, dense
+from lexjax.layers.basic import ACTIVATION_HEADS, Dtype, dense, with_activation_axes
 from lexjax.layers.decoder import DecoderLayer
 from lexjax.positions import PositionScheme
 
@@ -347,7 +347,7 @@ class YosoAttention(nn.Module):
         if self.position is not None:
             scheme = self.position.clone(parent=self, name="position")
             q, k = scheme.rotate(q, k, positions, positions)
-        q = nn.with_logical_constraint(q, ACTIVATION_HEADS)
+        q = with_activation_axes(q, ACTIVATION_HEADS)
         out = yoso_sampled(q, k, v, self.hash_bits, self.num_hashes, self.hash_key(),
                            segment_ids=segment_ids)
         out = l2_normalize(out).astype(self.dtype)

@@ -58,8 +58,7 @@ class GSSLayer(Layer, kw_only=True):
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         h = make_norm(self.norm, dtype=self.dtype, name="norm")(x)
         u = nn.gelu(dense(self.expansion_dim, ("embed", "mlp"), dtype=self.dtype, name="wu")(h))
-        u = nn.with_logical_constraint(u, ("activation_batch", "activation_length",
-                                           "activation_mlp"))
+        u = with_activation_axes(u, ("activation_batch", "activation_length", "activation_mlp"))
         v = nn.gelu(dense(self.ssm_dim, ("embed", SSM_CHANNELS), dtype=self.dtype, name="wv")(h))
         v = channel_layernorm(dtype=self.dtype, name="ssm_norm")(v)
         ssm = DiagonalSSM(self.ssm_dim, self.state_dim, variant=self.ssm_variant, name="ssm")

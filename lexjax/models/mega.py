@@ -131,8 +131,8 @@ class MegaLayer(Layer, kw_only=True):
         else:
             q, k = scheme.rotate(q, k, positions, positions)
             out = attend(q, k, v, mask=self.mask, bias=bias, impl=self.attention_impl)
-        out = nn.with_logical_constraint(out[:, :, 0], ("activation_batch", "activation_length",
-                                                        "activation_mlp"))
+        out = with_activation_axes(out[:, :, 0], ("activation_batch", "activation_length",
+                                                  "activation_mlp"))
 
         reset = nn.silu(biased_dense(self.value_dim, ("embed", "mlp"), dtype=self.dtype,
                                      name="w_reset")(x_ema))

@@ -62,7 +62,8 @@ def initial_carry(model: nn.Module, batch_size: int) -> Any:
     carry = {"model": model.init_carry(batch_size),
              "last_token": jnp.zeros((batch_size,), jnp.int32)}
     axes = {"model": model.carry_axes(), "last_token": ("activation_batch",)}
-    return jax.tree_util.tree_map(lambda x, names: nn.Partitioned(x, names=names), carry, axes)
+    return jax.tree_util.tree_map(lambda x, names: nn.LogicallyPartitioned(x, names=names),
+                                  carry, axes)
 
 
 def params_fingerprint(params: Any) -> str:
