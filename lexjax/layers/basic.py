@@ -37,9 +37,10 @@ def with_activation_axes(x: jnp.ndarray, axes: Sequence[str] = ACTIVATION_EMBED)
     """Sharding constraint of an activation by its logical `axes` (one per dimension of `x`)
     through the current logical-axis rules; a mesh axis that does not divide its dimension is
     dropped there (a batch of one on a data-parallel mesh, two heads on four tensor devices). A
-    no-op outside a mesh (`partitioning.mesh_context`)."""
+    no-op outside a mesh (`partitioning.mesh_context`) and outside `jit` (an eager array is
+    already where it is)."""
     mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty:
+    if mesh.empty or not isinstance(x, jax.core.Tracer):
         return x
     spec, _ = partitioning.fit_spec(nn.logical_to_mesh_axes(tuple(axes)), x.shape, mesh)
     return jax.lax.with_sharding_constraint(x, spec)
