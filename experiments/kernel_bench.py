@@ -264,7 +264,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         "backend": args.topology or jax.default_backend(),
         "devices": str(jax.devices()), "when": datetime.datetime.now().isoformat(timespec="seconds"),
         "platform": platform.platform(), "load_average": os.getloadavg(), "notes": notes(args),
-        "args": {k: str(v) for k, v in vars(args).items()}}
+        "args": {k: os.path.relpath(v) if k == "out" else str(v)  # no machine paths
+                 for k, v in vars(args).items()}}
     print("wrote", write_results(rows, meta, args.out, tag))
 
 
