@@ -40,6 +40,22 @@ def test_the_bench_reads_the_trainers_model_and_config():
         gin.clear_config()
 
 
+def test_measured_mfu_stays_below_one_when_the_peak_was_measured_busy():
+    """A measured CPU peak that a step beats (the host was busier when the peak was taken, or
+    one device used the cores worse than the mesh does) rises to the step's rate, and the row
+    says so; a CPU mesh's peak is the better of one device's and all its devices' at once."""
+    import jax
+    from lexjax import partitioning
+    from lexjax.benchmarking.measure import mesh_peak_flops, mesh_utilization
+    source = "measured cpu f32 matmul rate"
+    mfu, peak, why = mesh_utilization(300.0, 1.0, (100.0, source))
+    assert (mfu, peak) == (1.0, 300.0) and "raised" in why
+    assert mesh_utilization(50.0, 1.0, (100.0, source)) == (0.5, 100.0, source)
+    mesh = partitioning.make_mesh("data:2", jax.devices()[:2])
+    peak, why = mesh_peak_flops(mesh, (1.0, source))
+    assert peak > 1.0 and "2 CPU devices at once" in why
+
+
 def test_measured_bench_writes_rows_that_agree(tmp_path):
     meshes = ["data:8", "fsdp:8"]
     argv = ["--gin_file=configs/runs/quickstart.gin", *TINY, "--gin.BATCH_SIZE=8",

@@ -5,6 +5,7 @@ meshes are clear errors."""
 import dataclasses
 import functools
 import glob
+import importlib.util
 import os
 import re
 
@@ -17,7 +18,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
 from lexjax import partitioning
-from lexjax.config import REPO_ROOT, build_model, parse_gin
+from lexjax.config import REPO_ROOT, ConfigError, build_model, parse_gin
 from lexjax.data import DataConfig
 from lexjax.objectives import MaskedLM
 from lexjax.partitioning import MeshError
@@ -31,6 +32,7 @@ BATCH, LENGTH = 8, 32
 # vocabulary divide by every tensor axis size, the embedding by every FSDP size.
 TINY_MODEL = TINY + ["CHUNK_SIZE=16", "NUM_LATENTS=16", "NUM_STATES=8"]
 MODEL_GINS = sorted(glob.glob(os.path.join(REPO_ROOT, "configs/models/*.gin")))
+MODEL_GINS_BY_NAME = {os.path.basename(p)[:-4]: p for p in MODEL_GINS}
 MESH_GINS = sorted(glob.glob(os.path.join(REPO_ROOT, "configs/meshes/*.gin")))
 # YOSO samples attention by hashing: a sharded reduction's rounding can flip the SimHash code of
 # a vector within rounding of a hyperplane, and each flip moves its outputs by O(1/hashes): the
@@ -62,18 +64,19 @@ def test_mesh_presets_exist_and_fit_eight_devices():
 
 
 @pytest.mark.parametrize("spec, expected", [
-    ("data:8", {"data": 8, "fsdp": 1, "tensor": 1}),
-    ("data:2,tensor:-1", {"data": 2, "fsdp": 1, "tensor": 4}),
-    (" fsdp : -1 ", {"data": 1, "fsdp": 8, "tensor": 1}),
-    ("", {"data": 8, "fsdp": 1, "tensor": 1}),
-    ("data:2,fsdp:2,tensor:2", {"data": 2, "fsdp": 2, "tensor": 2}),
+    ("data:8", {"data": 8, "fsdp": 1, "sequence": 1, "tensor": 1}),
+    ("data:2,tensor:-1", {"data": 2, "fsdp": 1, "sequence": 1, "tensor": 4}),
+    (" fsdp : -1 ", {"data": 1, "fsdp": 8, "sequence": 1, "tensor": 1}),
+    ("", {"data": 8, "fsdp": 1, "sequence": 1, "tensor": 1}),
+    ("data:2,fsdp:2,tensor:2", {"data": 2, "fsdp": 2, "sequence": 1, "tensor": 2}),
+    ("sequence:2,data:-1", {"data": 4, "fsdp": 1, "sequence": 2, "tensor": 1}),
 ])
 def test_parse_mesh(spec, expected):
     assert partitioning.parse_mesh(spec, 8) == expected
 
 
 @pytest.mark.parametrize("spec, words", [
-    ("model:8", ["bad mesh item", "data', 'fsdp', 'tensor"]),
+    ("model:8", ["bad mesh item", "data', 'fsdp', 'sequence', 'tensor"]),
     ("data:4", ["4 devices", "8 are available"]),
     ("data:3,tensor:-1", ["do not divide by 3"]),
     ("data:-1,fsdp:-1", ["two axes of size -1"]),
@@ -89,8 +92,8 @@ def test_bad_mesh_strings_are_clear_errors(spec, words):
 
 def test_make_mesh_axes_and_cpu_default():
     mesh = partitioning.make_mesh("data:2,tensor:4")
-    assert mesh.axis_names == ("data", "fsdp", "tensor")
-    assert dict(mesh.shape) == {"data": 2, "fsdp": 1, "tensor": 4}
+    assert mesh.axis_names == ("data", "fsdp", "sequence", "tensor")
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 1, "sequence": 1, "tensor": 4}
     assert sorted(d.id for d in mesh.devices.flat) == list(range(8))
     assert partitioning.make_mesh("").size == 1  # CPU: "" is one device
 
@@ -100,7 +103,7 @@ def test_presets_combine_into_the_rule_set():
     assert rules["activation_batch"] == ("data", "fsdp")
     assert {k: rules[k] for k in EXPECTED_AXIS} == EXPECTED_AXIS
     assert rules["activation_heads"] == rules["activation_mlp"] == "tensor"
-    assert rules["activation_length"] is None and rules["activation_embed"] is None
+    assert rules["activation_length"] == "sequence" and rules["activation_embed"] is None
     data_only = dict(partitioning.combine_rules(partitioning.DATA_PARALLEL))
     assert data_only["activation_batch"] == "data" and data_only["embed"] is None
     fsdp_tp = dict(partitioning.combine_rules(partitioning.FSDP, partitioning.TENSOR_PARALLEL))
@@ -109,6 +112,53 @@ def test_presets_combine_into_the_rule_set():
         partitioning.combine_rules((("hidden", "tensor"),))
     with pytest.raises(ValueError, match="unknown mesh axis"):
         partitioning.combine_rules((("embed", "model"),))
+
+
+def test_axis_rules_from_gin_pick_presets_and_override_names():
+    parse_gin([], ["TrainConfig.logical_axis_rules = @lexjax.partitioning.axis_rules()",
+                   "lexjax.partitioning.axis_rules.presets = ['data', 'fsdp']",
+                   "lexjax.partitioning.axis_rules.overrides = {'vocab': 'fsdp', "
+                   "'mlp': ['fsdp', 'tensor']}"])
+    try:
+        rules = dict(gin.get_bindings("lexjax.training.TrainConfig")["logical_axis_rules"])
+    finally:
+        gin.clear_config()
+    assert rules["activation_batch"] == ("data", "fsdp") and rules["embed"] == "fsdp"
+    assert rules["heads"] is None and rules["activation_length"] is None  # presets left out
+    assert rules["vocab"] == "fsdp" and rules["mlp"] == ("fsdp", "tensor")
+    assert dict(partitioning.axis_rules()) == dict(partitioning.LOGICAL_AXIS_RULES)
+    with pytest.raises(MeshError, match="unknown rule presets"):
+        partitioning.axis_rules(presets=["pipeline"])
+    with pytest.raises(MeshError, match="which no model uses"):
+        partitioning.axis_rules(overrides={"hidden": "tensor"})
+    with pytest.raises(MeshError, match="names mesh axis"):
+        partitioning.axis_rules(overrides={"vocab": "model"})
+
+
+def test_sequence_axis_splits_activations_and_matches_one_device():
+    """Context parallelism: on sequence:2,data:2,tensor:2 the blocked XLA attention's train step
+    (keys and values gathered by XLA) gives the one-device loss and parameters; the Pallas
+    kernels, which need whole sequences per device, refuse the mesh in one line."""
+    model = build_model([MODEL_GINS_BY_NAME["transformer"]],
+                        TINY_MODEL + ["lexjax.models.Transformer.attention_impl='xla'"])
+    one = ShardedTrainStep(model, _run(optimizer=SMOOTH), partitioning.make_mesh("data:1",
+                                                                                jax.devices()[:1]))
+    split = ShardedTrainStep(model, _run(optimizer=SMOOTH),
+                             partitioning.make_mesh("sequence:2,data:2,tensor:2"))
+    with split.context():
+        lowered = split.lower().as_text()
+    assert '"sequence"' in lowered  # the activation constraints name the axis
+    loss_one, state_one = _run_step(one, one.init(0))
+    loss_split, state_split = _run_step(split, split.init(0))
+    np.testing.assert_allclose(loss_split, loss_one, rtol=1e-5)
+    for a, b in zip(jax.tree_util.tree_leaves(state_split.params),
+                    jax.tree_util.tree_leaves(state_one.params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5)
+    pallas = build_model([MODEL_GINS_BY_NAME["transformer"]],
+                         TINY_MODEL + ["lexjax.models.Transformer.attention_impl='pallas'"])
+    with pytest.raises(ConfigError, match="whole sequences.*attention_impl='xla'"):
+        ShardedTrainStep(pallas, _run(), partitioning.make_mesh(
+            "sequence:2,data:2,tensor:2")).lower()
 
 
 def test_state_shardings_replicate_dimensions_the_mesh_does_not_divide():
@@ -264,6 +314,32 @@ def test_batch_must_split_over_the_batch_axes():
     with pytest.raises(MeshError, match="multiple of 4"):
         ShardedTrainStep(model, _run(batch_size=6),
                          partitioning.make_mesh("data:2,fsdp:2,tensor:2"))
+
+
+def test_compiler_options_reach_the_train_step():
+    """TPU steps get `TPU_COMPILER_OPTIONS` (windowed einsums off), CPU steps none; the run's
+    `compiler_options` go over either and reach XLA (an unknown option is refused there)."""
+    cpu = partitioning.make_mesh("data:2", jax.devices()[:2])
+    assert partitioning.compiler_options(cpu) == {}
+    assert partitioning.compiler_options(cpu, {"xla_cpu_enable_fast_math": False}) == {
+        "xla_cpu_enable_fast_math": False}
+    model = _tiny_model(MODEL_GINS[0])
+    step = ShardedTrainStep(model, dataclasses.replace(
+        _run(), compiler_options={"xla_no_such_option": True}), cpu)
+    with pytest.raises(Exception, match="xla_no_such_option"):
+        step.lower().compile()
+    with pytest.raises(ConfigError, match="compiler_options"):
+        dataclasses.replace(_run(), compiler_options=["xla_no_such_option"])
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="needs libtpu")
+def test_tpu_steps_compile_without_windowed_einsums():
+    from lexjax.benchmarking.topology import load_topology
+    mesh = partitioning.make_mesh("fsdp:4", load_topology("v5e:2x2").devices)
+    options = partitioning.compiler_options(mesh, {
+        "xla_tpu_enable_windowed_einsum_for_all_gather": True})
+    assert options == {"xla_tpu_enable_windowed_einsum_for_all_gather": True,
+                       "xla_tpu_enable_windowed_einsum_for_reduce_scatter": False}
 
 
 def test_checkpoint_saved_on_one_mesh_evaluates_on_another(tmp_path):

@@ -668,6 +668,9 @@ def test_matmul_peak_compiles_its_chain_once():
     assert flops.matmul_chain(32, 3)[0] is run
     assert chain_flops == 2 * 32 ** 3 * 3
     assert flops.measured_matmul_peak(32, 3) > 0
+    devices = tuple(jax.devices()[:2])
+    assert flops.matmul_chain(32, 3, devices)[1] == 2 * 2 * 32 ** 3 * 3  # a matrix per device
+    assert flops.measured_matmul_peak(32, 3, devices) > 0
 
 
 def test_mfu_never_exceeds_one_against_a_measured_peak():

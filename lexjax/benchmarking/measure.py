@@ -24,12 +24,30 @@ def first_batch(model, config: TrainConfig, mesh_spec: str) -> dict[str, np.ndar
 
 
 def mesh_peak_flops(mesh, device_peak: tuple[float, str]) -> tuple[float, str]:
-    """Peak FLOP/s of the whole mesh from one device's `(peak, source)`. Faked CPU devices share
-    the host's cores, so on CPU the peak is the host's measured matmul rate, whatever the mesh."""
+    """Peak FLOP/s of the whole mesh from one device's `(peak, source)`. CPU devices (real or
+    faked) share the host's cores, so on CPU the peak is the host's measured matmul rate: the
+    better of one device's and all the mesh's devices' running at once (a step on several
+    devices may use the cores better than one device's matmuls do)."""
     peak, source = device_peak
-    if mesh.devices.flat[0].platform == "cpu":
-        return peak, source + " (the host, shared by its CPU devices)"
-    return peak * mesh.size, f"{source} x {mesh.size}"
+    if mesh.devices.flat[0].platform != "cpu":
+        return peak * mesh.size, f"{source} x {mesh.size}"
+    if mesh.size > 1:
+        together = flops_lib.measured_matmul_peak(devices=tuple(mesh.devices.flat))
+        if together > peak:
+            return together, (f"{source} of its {mesh.size} CPU devices at once (the host, "
+                              "shared by them)")
+    return peak, source + " (the host, shared by its CPU devices)"
+
+
+def mesh_utilization(flops: float, seconds: float, peak: tuple[float, str]
+                     ) -> tuple[float, float, str]:
+    """`(MFU, peak, source)` of a step of `flops` model FLOPs in `seconds`; a measured peak that
+    the step beat (the host was busier when the peak was measured) rises to the step's rate,
+    and the source says so (`flops.utilization`)."""
+    mfu, raised = flops_lib.utilization(flops / seconds, *peak)
+    source = peak[1] if raised == peak[0] else (
+        f"{peak[1]}, raised to this step's rate (the peak was measured on a busier host)")
+    return mfu, raised, source
 
 
 def step_flops(model, config: TrainConfig, compiled, num_devices: int) -> Optional[float]:
@@ -64,8 +82,10 @@ def measure_mesh(model, config: TrainConfig, mesh_spec: str, steps: int,
         if i == 0:
             first_loss = float(metrics["loss"])
     median = statistics.median(times[1:] if len(times) > 1 else times)
-    peak_flops, peak_source = mesh_peak_flops(mesh, device_peak)
     flops = step_flops(model, config, compiled, mesh.size)
+    peak = mesh_peak_flops(mesh, device_peak)
+    mfu, peak_flops, peak_source = (mesh_utilization(flops, median, peak) if flops
+                                    else (None, *peak))
     memory = compiled.memory_analysis()
     return {
         "mesh": mesh_spec,
@@ -74,7 +94,7 @@ def measure_mesh(model, config: TrainConfig, mesh_spec: str, steps: int,
         "compile_seconds": compile_seconds,
         "step_seconds": median,
         "tokens_per_sec": config.tokens_per_step / median,
-        "mfu": flops / median / peak_flops if flops else None,
+        "mfu": mfu,
         "loss": first_loss,
         "state_bytes_per_device": partitioning.bytes_per_device(step.abstract_state),
         "param_bytes_per_device": partitioning.bytes_per_device(step.abstract_state.params),

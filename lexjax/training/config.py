@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Optional
 
 import gin
 
@@ -110,6 +110,9 @@ class TrainConfig:
       seed: parameters, data order, dropout.
       mesh: device mesh string (see `lexjax.partitioning`), "" = data parallel.
       logical_axis_rules: logical axis name -> mesh axes (`partitioning.LOGICAL_AXIS_RULES`).
+      compiler_options: XLA options for the train step, over the platform's defaults
+        (`partitioning.TPU_COMPILER_OPTIONS` on TPU), e.g.
+        `{"xla_tpu_enable_windowed_einsum_for_all_gather": True}`.
       keep_checkpoints: the newest checkpoints kept on disk.
       optimizer: the `OptimizerConfig`.
       objective: what the model learns (`lexjax.objectives`: `CausalLM()` by default,
@@ -127,6 +130,7 @@ class TrainConfig:
     seed: int = 0
     mesh: str = ""
     logical_axis_rules: partitioning.Rules = partitioning.LOGICAL_AXIS_RULES
+    compiler_options: Optional[dict] = None
     keep_checkpoints: int = 3
     optimizer: OptimizerConfig = OptimizerConfig()
     objective: Objective = CausalLM()
@@ -149,6 +153,12 @@ class TrainConfig:
         if not isinstance(self.objective, Objective):
             raise ConfigError(f"TrainConfig.objective must be a lexjax.objectives objective "
                               f"(CausalLM, MaskedLM, Classification), got {self.objective!r}")
+        if self.compiler_options is not None and not (
+                isinstance(self.compiler_options, dict)
+                and all(isinstance(k, str) for k in self.compiler_options)):
+            raise ConfigError(f"TrainConfig.compiler_options must map XLA option names to "
+                              f"values, e.g. {{'xla_tpu_enable_windowed_einsum_for_all_gather': "
+                              f"True}}; got {self.compiler_options!r}")
         object.__setattr__(self, "logical_axis_rules",
                            partitioning.check_rules(self.logical_axis_rules))
 

@@ -15,6 +15,7 @@ from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 # Dense bf16 peak FLOP/s per chip, by (a substring of) jax's device_kind.
 ACCELERATOR_PEAKS = {
@@ -25,24 +26,34 @@ ACCELERATOR_PEAKS = {
 
 
 @functools.lru_cache(maxsize=None)
-def matmul_chain(size: int = 1024, repeats: int = 8) -> tuple[Callable[[], None], float]:
+def matmul_chain(size: int = 1024, repeats: int = 8,
+                 devices: Optional[tuple[jax.Device, ...]] = None
+                 ) -> tuple[Callable[[], None], float]:
     """`(run, flops)`: `run()` multiplies a float32 `size x size` matrix `repeats` times on the
-    default device and blocks until done; `flops` is its FLOP count. Compiled and warmed up once
-    per process, so repeated peak measurements time the matmuls only."""
-    a = jnp.ones((size, size), jnp.float32) / size
-    chain = jax.jit(lambda x: jax.lax.fori_loop(0, repeats, lambda _, y: y @ a, x))
+    default device (or on each of `devices` at once, one matrix per device) and blocks until
+    done; `flops` is the FLOP count of all of it. Compiled and warmed up once per process, so
+    repeated peak measurements time the matmuls only."""
+    count = len(devices) if devices else 1
+    a = jnp.ones((count, size, size), jnp.float32) / size
+    if devices:
+        mesh = jax.sharding.Mesh(np.asarray(devices), ("devices",))
+        a = jax.device_put(a, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(
+            "devices")))
+    chain = jax.jit(lambda x: jax.lax.fori_loop(
+        0, repeats, lambda _, y: jnp.einsum("nij,njk->nik", y, a), x))
 
     def run() -> None:
         jax.block_until_ready(chain(a))
 
     run()
-    return run, 2.0 * size ** 3 * repeats
+    return run, 2.0 * size ** 3 * repeats * count
 
 
-def measured_matmul_peak(size: int = 1024, repeats: int = 8) -> float:
-    """The f32 matmul rate (FLOP/s) of the default device: best of a few timed runs of
-    `matmul_chain`."""
-    run, flops = matmul_chain(size, repeats)
+def measured_matmul_peak(size: int = 1024, repeats: int = 8,
+                         devices: Optional[tuple[jax.Device, ...]] = None) -> float:
+    """The f32 matmul rate (FLOP/s) of the default device, or of `devices` working at once: best
+    of a few timed runs of `matmul_chain`."""
+    run, flops = matmul_chain(size, repeats, devices)
     best = float("inf")
     for _ in range(3):
         start = time.perf_counter()

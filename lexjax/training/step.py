@@ -113,7 +113,8 @@ class ShardedTrainStep:
                 make_train_step(model, self.optimizer, self.schedule, segments_per_stream,
                                 self.objective),
                 in_shardings=(self.state_shardings, self.batch_shardings, self.replicated),
-                out_shardings=(self.state_shardings, self.replicated), donate_argnums=(0,))
+                out_shardings=(self.state_shardings, self.replicated), donate_argnums=(0,),
+                compiler_options=partitioning.compiler_options(mesh, config.compiler_options))
 
     def context(self):
         """The mesh and the logical-axis rules, for tracing (activation constraints)."""

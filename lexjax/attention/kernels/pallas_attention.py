@@ -28,6 +28,7 @@ from lexjax.attention.kernels.bias import HeadBias, offset_table
 from lexjax.attention.kernels.geometry import BlockGrid
 from lexjax.attention.kernels.plan import KernelPlan
 from lexjax.attention.masks import MaskSpec
+from lexjax.errors import ConfigError
 
 LOWERINGS = {"tpu": tpu, "gpu": gpu}
 
@@ -118,8 +119,16 @@ def _mesh_specs(q_shape, kv_heads: int):
     mesh = partitioning.tracing_mesh()
     if mesh is None:
         return None
-    batch_axes, heads_axes = (nn.logical_to_mesh_axes((name,))[0]
-                              for name in ("activation_batch", "activation_heads"))
+    batch_axes, heads_axes, length_axes = (
+        nn.logical_to_mesh_axes((name,))[0]
+        for name in ("activation_batch", "activation_heads", "activation_length"))
+    split = [a for a in ((length_axes,) if isinstance(length_axes, str) else length_axes or ())
+             if a in mesh.shape and mesh.shape[a] > 1]
+    if split:
+        raise ConfigError(
+            f"the Pallas attention kernels run on whole sequences, but the mesh splits the "
+            f"sequence over {split}: use attention_impl='xla' with a sequence mesh axis "
+            f"(XLA gathers keys and values), or a mesh without one")
 
     def usable(axes, sizes):
         axes = tuple(a for a in ((axes,) if isinstance(axes, str) else (axes or ()))
