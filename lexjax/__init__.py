@@ -37,9 +37,10 @@ def __getattr__(name: str):
 
 
 def load(model_dir: str, step: int | None = None, bindings: tuple[str, ...] = ()):
-    """`(model, variables)` of a trained run in `model_dir` (latest checkpoint unless `step`);
-    `bindings` adjust the rebuilt model, e.g. `("BCA_BLOCK=64",)` with a BCA config. See
-    `lexjax.runs.load_run` for the run's config and checkpoint record as well."""
+    """`(model, variables)` of a trained run in `model_dir`, a local path or a URI
+    (`gs://bucket/run`), at its latest checkpoint unless `step`; `bindings` adjust the rebuilt
+    model, e.g. `("BCA_BLOCK=64",)` with a BCA config. See `lexjax.runs.load_run` for the run's
+    config and checkpoint record as well."""
     from lexjax.runs import load_run
     run = load_run(model_dir, step, bindings=bindings)
     return run.model, run.variables

@@ -62,13 +62,12 @@ def main(argv=None) -> int:
     check_settings(args)
     cli.join_distributed(args)
 
-    import os
-
     from lexjax import partitioning
     from lexjax.evaluation import evaluate_lengths, markdown_table, write_report
     from lexjax.evaluation.classify import evaluate_classifier
     from lexjax.evaluation.masked import evaluate_masked_lengths
     from lexjax.evaluation.report import CLASSIFICATION_COLUMNS, COLUMNS, MASKED_COLUMNS
+    from lexjax.paths import run_path
     from lexjax.runs import configured_run, load_run
 
     gin_files = list(args.gin_file)
@@ -125,12 +124,12 @@ def main(argv=None) -> int:
         extra["per_position_loss"] = {r.length: r.per_position_loss for r in results}
     if not primary:
         return 0
-    title = f"{os.path.basename(os.path.abspath(args.model_dir))}: {name}"
+    directory = run_path(args.model_dir) / "eval"  # model_dir: a local path or a URI
+    title = f"{directory.parent.name}: {name}"
     print(markdown_table(rows, columns), flush=True)  # before any file is written
-    write_report(os.path.join(args.model_dir, "eval"), name, rows, title=title,
+    write_report(directory, name, rows, title=title,
                  train_length=run.train_length, extra=extra, columns=columns, plotted=plotted)
-    print(f"wrote {os.path.join(args.model_dir, 'eval', name)}.{{md,csv,json,png}}",
-          file=sys.stderr)
+    print(f"wrote {directory / name}.{{md,csv,json,png}}", file=sys.stderr)
     return 0
 
 

@@ -22,6 +22,7 @@ import sys
 from typing import Optional
 
 from lexjax.errors import UserError
+from lexjax.paths import is_remote, run_path
 
 LOCK_FILE = ".lock"
 _held: dict[str, list] = {}  # lock path -> [open lock file, number of holders in this process]
@@ -32,7 +33,8 @@ class RunDirectoryError(UserError, OSError):
 
 
 def is_local(path: str) -> bool:
-    return "://" not in path
+    """Whether `path` is on a local (or mounted) file system: not a URI such as `gs://...`."""
+    return not is_remote(path)
 
 
 def check_writable(model_dir: str) -> None:
@@ -64,7 +66,7 @@ class RunLock:
 
     def __init__(self, model_dir: str):
         self.model_dir = model_dir
-        self.path = os.path.join(os.path.abspath(model_dir), LOCK_FILE)
+        self.path = str(run_path(model_dir) / LOCK_FILE)  # never opened for a URI
         self._holding = False
 
     def acquire(self) -> "RunLock":

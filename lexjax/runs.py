@@ -5,12 +5,11 @@ parameters of a checkpoint onto a mesh, and returns them together (`Run`). Run d
 written before `TrainConfig` existed (their config.gin binds `train.task`, `make_optimizer.*` and
 `configured_model.model`) are read through `upgrade_legacy_config`; their parameter layout is
 unchanged, so their checkpoints load. Gin's global config is cleared afterwards, as
-`lexjax.build_model` does.
+`lexjax.build_model` does. D may be a URI (`gs://bucket/run`, through `etils.epath`).
 """
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
 from typing import Optional, Sequence
 
@@ -21,6 +20,7 @@ import jax.numpy as jnp
 
 from lexjax import partitioning
 from lexjax.config import configured_value, parse_gin
+from lexjax.paths import run_path
 from lexjax.training.checkpoints import CheckpointError, Checkpointer
 from lexjax.training.config import TrainConfig
 from lexjax.training.state import params_fingerprint
@@ -95,12 +95,11 @@ def upgrade_legacy_config(text: str) -> str:
 
 def read_config(model_dir: str) -> str:
     """The text of `model_dir/config.gin` (upgraded if it predates TrainConfig)."""
-    path = os.path.join(model_dir, CONFIG_FILE)
-    if not os.path.isfile(path):
+    path = run_path(model_dir) / CONFIG_FILE
+    if not path.is_file():
         raise CheckpointError(f"{model_dir!r} has no {CONFIG_FILE}: not a lexjax run directory "
                               "(train one with python -m lexjax.train --model_dir=...)")
-    with open(path) as f:
-        text = f.read()
+    text = path.read_text()
     return upgrade_legacy_config(text) if is_legacy_config(text) else text
 
 

@@ -1,12 +1,13 @@
-"""The bench's outputs: `DIR/bench.{json,csv,md,png}` (one row per mesh) and the printed table."""
+"""The bench's outputs: `DIR/bench.{json,csv,md,png}` (one row per mesh) and the printed table.
+DIR (`--out`) may be a URI (`gs://bucket/bench`): the files are written through `etils.epath`."""
 from __future__ import annotations
 
-import csv
 import json
 import os
 from typing import Sequence
 
-from lexjax.evaluation.report import markdown_table
+from lexjax.evaluation.report import csv_text, markdown_table, save_figure
+from lexjax.paths import run_path
 
 MEASURED_COLUMNS = ("mesh", "mesh_shape", "devices", "compile_seconds", "step_seconds",
                     "tokens_per_sec", "mfu", "loss", "state_bytes_per_device",
@@ -33,7 +34,7 @@ def _with_mib(rows: Sequence[dict]) -> list[dict]:
     return out
 
 
-def plot_throughput(path: str, rows: Sequence[dict], title: str) -> None:
+def plot_throughput(path: str | os.PathLike, rows: Sequence[dict], title: str) -> None:
     """Bar chart of tokens/s per mesh (estimated tokens/s for topology rows; meshes that do not
     fit are shown at 0 and labelled)."""
     import matplotlib
@@ -55,23 +56,21 @@ def plot_throughput(path: str, rows: Sequence[dict], title: str) -> None:
     ax.set_title(title, fontsize=9)
     ax.grid(True, axis="y", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
     plt.close(fig)
 
 
-def write_bench(directory: str, rows: Sequence[dict], *, title: str, extra: dict) -> str:
-    """Writes `directory/bench.{json,csv,md,png}`; returns the Markdown table."""
-    os.makedirs(directory, exist_ok=True)
-    columns = columns_of(rows)
-    table = markdown_table(_with_mib(rows), columns)
-    with open(os.path.join(directory, "bench.md"), "w") as f:
-        f.write(f"# {title}\n\n{table}")
-    with open(os.path.join(directory, "bench.csv"), "w", newline="") as f:
-        names = list(dict.fromkeys(k for r in rows for k in r))
-        writer = csv.DictWriter(f, fieldnames=names)
-        writer.writeheader()
-        writer.writerows(rows)
-    with open(os.path.join(directory, "bench.json"), "w") as f:
-        json.dump({"title": title, **extra, "rows": list(rows)}, f, indent=1)
-    plot_throughput(os.path.join(directory, "bench.png"), rows, title)
+def write_bench(directory: str | os.PathLike, rows: Sequence[dict], *, title: str,
+                extra: dict) -> str:
+    """Writes `directory/bench.{json,csv,md,png}` (`directory`: a local path or a URI); returns
+    the Markdown table."""
+    directory = run_path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    table = markdown_table(_with_mib(rows), columns_of(rows))
+    (directory / "bench.md").write_text(f"# {title}\n\n{table}")
+    names = list(dict.fromkeys(k for r in rows for k in r))
+    (directory / "bench.csv").write_bytes(csv_text(rows, names).encode())
+    (directory / "bench.json").write_text(
+        json.dumps({"title": title, **extra, "rows": list(rows)}, indent=1))
+    plot_throughput(directory / "bench.png", rows, title)
     return table

@@ -1,11 +1,17 @@
 """Tables and plots of evaluation results: Markdown, CSV, JSON, and a PNG of a metric
-(perplexity by default) against evaluation length (log-x, the training length marked)."""
+(perplexity by default) against evaluation length (log-x, the training length marked).
+Written through `etils.epath`, so the directory may be a URI (`gs://bucket/run/eval`)."""
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 from typing import Optional, Sequence
+
+from etils import epath
+
+from lexjax.paths import run_path
 
 COLUMNS = ("length", "x_train", "loss", "perplexity", "bits_per_byte", "resolution", "windows",
            "scored_tokens")
@@ -32,15 +38,33 @@ def markdown_table(rows: Sequence[dict], columns: Sequence[str] = COLUMNS) -> st
     return "\n".join(lines) + "\n"
 
 
-def write_csv(path: str, rows: Sequence[dict], columns: Sequence[str] = COLUMNS) -> None:
+def csv_text(rows: Sequence[dict], columns: Sequence[str], **options) -> str:
+    """`rows` as CSV text with a header of `columns` (`options`: `csv.DictWriter`'s)."""
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=columns, **options)
+    writer.writeheader()
+    writer.writerows(rows)
+    return text.getvalue()
+
+
+def write_csv(path: str | os.PathLike, rows: Sequence[dict],
+              columns: Sequence[str] = COLUMNS) -> None:
+    """`rows` as CSV at `path`, a local path or a URI (written as bytes: line ends as csv
+    makes them)."""
     columns = [c for c in columns if any(c in r for r in rows)]
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
+    epath.Path(path).write_bytes(csv_text(rows, columns, extrasaction="ignore").encode())
 
 
-def plot_curves(path: str, curves: dict[str, tuple[Sequence[int], Sequence[float]]], *,
+def save_figure(fig, path: str | os.PathLike) -> None:
+    """Saves a matplotlib figure at `path`, a local path or a URI, in the format its suffix
+    names (PNG without one)."""
+    path = epath.Path(path)
+    with path.open("wb") as f:
+        fig.savefig(f, format=path.suffix.lstrip(".") or "png", dpi=120)
+
+
+def plot_curves(path: str | os.PathLike,
+                curves: dict[str, tuple[Sequence[int], Sequence[float]]], *,
                 train_length: Optional[int], ylabel: str = "perplexity", title: str = "",
                 xlabel: str = "evaluation length (tokens)",
                 log_y: Optional[bool] = None) -> None:
@@ -65,24 +89,24 @@ def plot_curves(path: str, curves: dict[str, tuple[Sequence[int], Sequence[float
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
     plt.close(fig)
 
 
-def write_report(directory: str, name: str, rows: Sequence[dict], *, title: str,
+def write_report(directory: str | os.PathLike, name: str, rows: Sequence[dict], *, title: str,
                  train_length: Optional[int], extra: Optional[dict] = None,
                  columns: Sequence[str] = COLUMNS, plotted: str = "perplexity") -> str:
     """Writes `directory/name.{md,csv,json,png}` (the plot: `plotted` against length);
-    returns the Markdown table."""
-    os.makedirs(directory, exist_ok=True)
+    returns the Markdown table. `directory`: a local path or a URI."""
+    directory = run_path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
     table = markdown_table(rows, columns)
-    with open(os.path.join(directory, f"{name}.md"), "w") as f:
-        f.write(f"# {title}\n\n{table}")
-    write_csv(os.path.join(directory, f"{name}.csv"), rows, columns)
-    with open(os.path.join(directory, f"{name}.json"), "w") as f:
-        json.dump({"title": title, "train_length": train_length, "rows": list(rows),
-                   **(extra or {})}, f, indent=1)
-    plot_curves(os.path.join(directory, f"{name}.png"),
+    (directory / f"{name}.md").write_text(f"# {title}\n\n{table}")
+    write_csv(directory / f"{name}.csv", rows, columns)
+    (directory / f"{name}.json").write_text(json.dumps(
+        {"title": title, "train_length": train_length, "rows": list(rows), **(extra or {})},
+        indent=1))
+    plot_curves(directory / f"{name}.png",
                 {title: ([r["length"] for r in rows], [r[plotted] for r in rows])},
                 train_length=train_length, title=title, ylabel=plotted.replace("_", " "))
     return table

@@ -5,19 +5,19 @@ killed at any moment leaves the previous complete checkpoint as the latest one. 
 separate item, so `lexjax.load` and fine-tuning (`--init_from`) read them without the optimizer.
 A step whose files were damaged afterwards (a truncated file, a full disk) can be `set_aside`:
 renamed `<step>.unreadable` for inspection, so the step before it becomes the latest.
+`model_dir` may be a URI (`gs://bucket/run`): orbax and the paths here go through `etils.epath`.
 """
 from __future__ import annotations
 
-import glob
-import os
-import shutil
 import time
 from typing import Any, Optional
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 from lexjax.errors import UserError
+from lexjax.paths import run_path
 
 
 TEMPORARY_MARK = ".orbax-checkpoint-tmp"
@@ -28,14 +28,18 @@ class CheckpointError(UserError, RuntimeError):
 
 
 def checkpoint_dir(model_dir: str) -> str:
-    return os.path.join(os.path.abspath(model_dir), "checkpoints")
+    """`model_dir/checkpoints`: absolute for a local `model_dir`, a URI (`gs://...`) as given."""
+    return str(run_path(model_dir) / "checkpoints")
 
 
 def remove_unfinished_saves(directory: str) -> None:
     """Deletes the temporary directories of saves a killed process left unfinished (orbax names
     them `<step>.orbax-checkpoint-tmp-*`; they are never read as checkpoints)."""
-    for path in glob.glob(os.path.join(directory, f"*{TEMPORARY_MARK}*")):
-        shutil.rmtree(path, ignore_errors=True)
+    for path in epath.Path(directory).glob(f"*{TEMPORARY_MARK}*"):
+        try:
+            path.rmtree()
+        except OSError:
+            pass  # gone already, or not ours to delete: never read as a checkpoint either way
 
 
 def _one_device() -> jax.sharding.Sharding:
@@ -48,7 +52,7 @@ class Checkpointer:
 
     def __init__(self, model_dir: str, *, max_to_keep: int = 3, read_only: bool = False):
         self.directory = checkpoint_dir(model_dir)
-        if read_only and not os.path.isdir(self.directory):
+        if read_only and not epath.Path(self.directory).is_dir():
             raise CheckpointError(f"no checkpoints in {model_dir!r} (expected "
                                   f"{self.directory}); train there first with python -m lexjax.train")
         self.manager = ocp.CheckpointManager(
@@ -66,13 +70,13 @@ class Checkpointer:
     def set_aside(self, step: int) -> str:
         """Renames step `step`'s directory to `<step>.unreadable` (kept for inspection, no longer
         a checkpoint) and returns the new path."""
-        source = os.path.join(self.directory, str(step))
-        target = source + ".unreadable"
-        if os.path.exists(target):
-            target += f".{int(time.time())}"
-        os.replace(source, target)
+        source = epath.Path(self.directory) / str(step)
+        target = source.with_name(f"{step}.unreadable")
+        if target.exists():
+            target = target.with_name(f"{target.name}.{int(time.time())}")
+        source.replace(target)
         self.manager.reload()
-        return target
+        return str(target)
 
     def save(self, step: int, params: Any, opt_state: Any, meta: dict,
              carry: Any = None) -> None:
@@ -103,7 +107,7 @@ class Checkpointer:
         except Exception as e:  # orbax raises many types for damaged or foreign data
             first_line = (str(e).splitlines() or [""])[0][:300]
             raise CheckpointError(
-                f"cannot read checkpoint {os.path.join(self.directory, str(step))}: "
+                f"cannot read checkpoint {epath.Path(self.directory) / str(step)}: "
                 f"{type(e).__name__}: {first_line} (its files are damaged, or hold another "
                 "model's parameters)") from None
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import sys
 import time
 from typing import Any, Optional
@@ -37,6 +36,7 @@ import jax.numpy as jnp
 
 from lexjax import partitioning
 from lexjax.errors import UserError
+from lexjax.paths import run_path, write_text_atomic
 from lexjax.training import checkpoints as ckpt_lib
 from lexjax.training import flops as flops_lib
 from lexjax.training import inputs
@@ -56,12 +56,11 @@ class TrainingError(UserError, RuntimeError):
 
 
 def _save_configs(model_dir: str) -> str:
-    os.makedirs(model_dir, exist_ok=True)
+    directory = run_path(model_dir)
+    directory.mkdir(parents=True, exist_ok=True)
     operative = gin.operative_config_str()
     for name, text in ((CONFIG_FILE, gin.config_str()), (OPERATIVE_CONFIG_FILE, operative)):
-        with open(os.path.join(model_dir, name + ".tmp"), "w") as f:
-            f.write(text)
-        os.replace(os.path.join(model_dir, name + ".tmp"), os.path.join(model_dir, name))
+        write_text_atomic(directory / name, text)
     return operative
 
 

@@ -1,18 +1,23 @@
 """Where a run reports: `model_dir/metrics.jsonl` (one JSON object per logged step), TensorBoard
 event files (`model_dir/tensorboard/`), and the console: a progress bar (step, loss, tokens/s,
 ETA) on a terminal, else one plain line per logged step on stderr (how jobs run under nohup or on
-a pod), and a closing summary either way."""
+a pod), and a closing summary either way.
+
+`model_dir` may be a URI (`gs://bucket/run`): every file goes through `etils.epath`, TensorBoard's
+event files too (`tensorboard_writer`)."""
 from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
-from typing import Optional
+from typing import IO, Optional
 
 import tqdm
-from tensorboardX import SummaryWriter
+from etils import epath
+from tensorboardX import SummaryWriter, record_writer
+
+from lexjax.paths import is_remote, run_path, write_text_atomic
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -20,11 +25,11 @@ METRICS_FILE = "metrics.jsonl"
 def read_metrics(model_dir: str) -> list[dict]:
     """The records of `metrics.jsonl`; a line that is not JSON (torn by a crash mid-write) is
     skipped."""
-    path = os.path.join(model_dir, METRICS_FILE)
-    if not os.path.exists(path):
+    path = run_path(model_dir) / METRICS_FILE
+    if not path.exists():
         return []
     records = []
-    with open(path) as f:
+    with path.open() as f:
         for line in f:
             try:
                 records.append(json.loads(line))
@@ -36,13 +41,32 @@ def read_metrics(model_dir: str) -> list[dict]:
 def truncate_metrics(model_dir: str, last_step: int) -> None:
     """Drops records after `last_step` (logged after the checkpoint a resumed run restarts from),
     so the file reads as one uninterrupted curve."""
-    path = os.path.join(model_dir, METRICS_FILE)
-    if not os.path.exists(path):
+    path = run_path(model_dir) / METRICS_FILE
+    if not path.exists():
         return
     kept = [r for r in read_metrics(model_dir) if r.get("step", 0) <= last_step]
-    with open(path + ".tmp", "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in kept)
-    os.replace(path + ".tmp", path)
+    write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
+
+
+class _EpathEventFiles:
+    """A tensorboardX writer factory that writes event files through `etils.epath`, where the
+    run's other files go (tensorboardX's own `gs://` writer needs `google-cloud-storage`, and it
+    has none for `az://`)."""
+
+    def open(self, path: str) -> IO[bytes]:
+        return epath.Path(path).open("wb")
+
+    def directory_check(self, path: str) -> None:
+        epath.Path(path).mkdir(parents=True, exist_ok=True)
+
+
+def tensorboard_writer(directory: str) -> SummaryWriter:
+    """A `SummaryWriter` into `directory`, a local path or a URI (whose scheme's event files
+    tensorboardX then writes through epath, for this process)."""
+    if is_remote(directory):
+        scheme = directory.split("://", 1)[0]
+        record_writer.register_writer_factory(scheme, _EpathEventFiles())
+    return SummaryWriter(directory)
 
 
 class MetricsLogger:
@@ -53,9 +77,10 @@ class MetricsLogger:
                  progress: Optional[bool] = None, enabled: bool = True):
         self._enabled = enabled
         if enabled:
-            os.makedirs(model_dir, exist_ok=True)
-            self._jsonl = open(os.path.join(model_dir, METRICS_FILE), "a")
-            self._tensorboard = SummaryWriter(os.path.join(model_dir, "tensorboard"))
+            directory = run_path(model_dir)
+            directory.mkdir(parents=True, exist_ok=True)
+            self._jsonl = (directory / METRICS_FILE).open("a")
+            self._tensorboard = tensorboard_writer(str(directory / "tensorboard"))
         show = enabled and (sys.stderr.isatty() if progress is None else progress)
         self._bar = tqdm.tqdm(total=total_steps, initial=start_step, unit="step",
                               dynamic_ncols=True, disable=not show)
