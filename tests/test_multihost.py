@@ -9,9 +9,12 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -91,3 +94,37 @@ def test_one_process_evaluates_the_checkpoint_two_processes_saved(runs):
     with open(os.path.join(runs["two"], "eval", "extrapolation.json")) as f:
         report = json.load(f)
     assert report["step"] == STEPS
+
+
+def test_a_signal_to_one_host_stops_both_after_the_same_step(tmp_path):
+    """SIGTERM to process 1 alone: both processes stop after the same step (exit 143, the same
+    step named) and save that step's checkpoint, the only one (before the fix, process 0 went
+    on alone and waited forever in the next step's collectives)."""
+    model_dir, cache, port = str(tmp_path / "run"), str(tmp_path / "cache"), free_port()
+    long_run = [a for a in RUN if not a.startswith(("--gin.TRAIN_STEPS", "--gin.CHECKPOINT"))]
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", LEXJAX_DATA_CACHE=cache,
+               XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    processes = [subprocess.Popen(
+        [sys.executable, "-m", "lexjax.train", *long_run, "--gin.TRAIN_STEPS=100000",
+         "--gin.CHECKPOINT_EVERY=100000", f"--model_dir={model_dir}", "--distributed",
+         f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for i in range(2)]
+    try:
+        metrics = os.path.join(model_dir, "metrics.jsonl")
+        deadline = time.time() + 300
+        while not (os.path.exists(metrics) and len(losses(model_dir)) >= 3):
+            assert time.time() < deadline and processes[0].poll() is None, "no training steps"
+            time.sleep(0.5)
+        processes[1].send_signal(signal.SIGTERM)
+        outputs = [p.communicate(timeout=300)[1] for p in processes]
+    finally:
+        for p in processes:
+            p.kill()
+    assert [p.returncode for p in processes] == [143, 143], outputs
+    steps = [re.search(r"stopped by SIGTERM at step (\d+)", out) for out in outputs]
+    assert all(steps), outputs
+    assert steps[0].group(1) == steps[1].group(1)
+    saved = sorted(int(name) for name in os.listdir(os.path.join(model_dir, "checkpoints"))
+                   if name.isdigit())
+    assert saved == [int(steps[0].group(1))]

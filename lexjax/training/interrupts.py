@@ -6,12 +6,21 @@ raises `Interrupted`, which the CLIs print as one line with the conventional exi
 the signal number: 143 for SIGTERM, 130 for SIGINT). A second signal while that save runs raises
 KeyboardInterrupt: the run stops without finishing its logs (the save in flight completes, or
 is left as a temporary directory that the next start removes; exit status 130).
+
+In a multi-host run a signal reaches only the host it is sent to (a preemption notice, a `kill`),
+and a host that stopped alone would leave the others waiting in the step's collectives: the
+loop reads `agreed()`, which after every step gathers what each process received, so every host
+stops after the same step and saves the same checkpoint.
 """
 from __future__ import annotations
 
 import signal
 import threading
 from typing import Optional
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
 
 from lexjax.errors import UserError
 
@@ -33,9 +42,15 @@ class StopRequests:
         self.requested: Optional[int] = None  # the signal received, if any
         self._previous: dict = {}
 
-    @property
-    def name(self) -> str:
-        return signal.Signals(self.requested).name if self.requested else ""
+    def agreed(self) -> Optional[int]:
+        """The signal to stop on, the same on every process: this process's own in a one-process
+        run; in a multi-host run, the first signal any process received (the processes exchange
+        what they received, a small all-gather every call), or None."""
+        if jax.process_count() == 1:
+            return self.requested
+        received = np.asarray(multihost_utils.process_allgather(
+            np.int32(self.requested or 0))).ravel()
+        return next((int(signum) for signum in received if signum), None)
 
     def _handle(self, signum, frame) -> None:
         if self.requested is not None:  # the second signal: stop now

@@ -12,8 +12,8 @@ model that cannot (an FFT convolution, a recurrence over the row) on padded rows
 piece each; a state-carrying model on row streams (`lexjax.training.inputs`).
 
 Safety: the run directory is checked and locked before anything is written (`lexjax.run_dir`);
-SIGTERM and SIGINT end the run after the current step with a checkpoint of it (`interrupts`; on
-one host: a multi-host run does not yet agree across hosts on the step to stop at); resume skips
+SIGTERM and SIGINT end the run after the current step with a checkpoint of it (`interrupts`; in
+a multi-host run a signal to any host stops every host after the same step); resume skips
 a damaged latest checkpoint (set aside, the previous one restored) and a torn metrics line; a
 resumed run rewrites `config.gin` only once it has saved a checkpoint under the new config.
 
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import signal
 import sys
 import time
 from typing import Any, Optional
@@ -307,7 +308,7 @@ def _train(model: nn.Module, config: TrainConfig, model_dir: str, init_from: Opt
                 if record:
                     logger.write(step, record)
                     last = {"step": step, **record}
-                stopping = stop.requested  # read once: a signal may land at any line
+                stopping = stop.agreed()  # read once: a signal may land at any line
                 if config.saves_at(step) or stopping:
                     if "loss" not in record:
                         trainer.check_finite({k: float(v) for k, v in metrics.items()}, step)
@@ -318,9 +319,9 @@ def _train(model: nn.Module, config: TrainConfig, model_dir: str, init_from: Opt
                         operative = save_configs(model_dir)
                 if stopping:
                     trainer.checkpointer.wait()
-                    message = (f"stopped by {stop.name} at step {step}; checkpoint saved in "
-                               f"{trainer.checkpointer.directory}; run the same command to "
-                               "resume")
+                    message = (f"stopped by {signal.Signals(stopping).name} at step {step}; "
+                               f"checkpoint saved in {trainer.checkpointer.directory}; run the "
+                               "same command to resume")
                     logger.message(logger.summary())
                     raise Interrupted(message, stopping)
         logger.message(logger.summary(f"last checkpoint: step {saved_step}"))
