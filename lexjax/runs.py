@@ -16,14 +16,13 @@ from typing import Optional, Sequence
 import flax.linen as nn
 import gin
 import jax
-import jax.numpy as jnp
 
 from lexjax import partitioning
 from lexjax.config import configured_value, parse_gin
 from lexjax.paths import run_path
 from lexjax.training.checkpoints import CheckpointError, Checkpointer
 from lexjax.training.config import TrainConfig
-from lexjax.training.state import params_fingerprint
+from lexjax.training.state import example_inputs, params_fingerprint
 
 CONFIG_FILE = "config.gin"
 
@@ -138,7 +137,7 @@ def load_run(model_dir: str, step: Optional[int] = None, *, gin_files: Sequence[
     model, config = configured_run(model_dir, gin_files, bindings)
     mesh = mesh or partitioning.make_mesh("", jax.devices()[:1])
     boxed = jax.eval_shape(model.init, jax.random.PRNGKey(0),
-                           jax.ShapeDtypeStruct((1, 8), jnp.int32))["params"]
+                           example_inputs(model, 1, 8))["params"]
     abstract = partitioning.sharded_abstract(boxed, mesh, config.logical_axis_rules)
     expected = params_fingerprint(abstract)
     if meta.get("fingerprint") not in (None, expected):

@@ -18,7 +18,6 @@ import sys
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GOLDEN_DIR = os.path.join(REPO, "tests", "testdata", "param_layouts")
@@ -42,8 +41,9 @@ def causal_model_configs() -> list[str]:
 
 def layout(model: nn.Module) -> dict:
     """`{"model": class name, "params": {path: {"shape", "axes"}}}` of a model's parameters."""
-    tokens = jax.ShapeDtypeStruct((2, INIT_LENGTH), jnp.int32)
-    boxed = jax.eval_shape(model.init, jax.random.PRNGKey(0), tokens)["params"]
+    from lexjax.training.state import example_inputs  # a ViT's images, else int32 tokens
+    inputs = example_inputs(model, 2, INIT_LENGTH)
+    boxed = jax.eval_shape(model.init, jax.random.PRNGKey(0), inputs)["params"]
     leaves = jax.tree_util.tree_flatten_with_path(
         boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))[0]
     params = {}

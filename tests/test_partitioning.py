@@ -20,10 +20,10 @@ from jax.sharding import NamedSharding, PartitionSpec
 from lexjax import partitioning
 from lexjax.config import REPO_ROOT, ConfigError, build_model, parse_gin
 from lexjax.data import DataConfig
-from lexjax.objectives import MaskedLM
+from lexjax.objectives import ImageClassification, MaskedLM
 from lexjax.partitioning import MeshError
 from lexjax.training import OptimizerConfig, ShardedTrainStep, TrainConfig
-from lexjax.training.state import TrainState
+from lexjax.training.state import TrainState, example_inputs
 
 TINY = ["NUM_LAYERS=2", "EMBED_DIM=64", "NUM_HEADS=8", "MLP_DIM=128"]
 BATCH, LENGTH = 8, 32
@@ -205,7 +205,11 @@ def _sharded_step(model, mesh_spec: str, devices) -> ShardedTrainStep:
     encoder's: masked-LM pre-training)."""
     mesh = partitioning.make_mesh(mesh_spec, devices)
     run = _run(optimizer=SMOOTH)
-    if model.bidirectional:
+    if hasattr(model, "input_spec"):  # a ViT: the digits, one token per patch
+        run = dataclasses.replace(run, data=DataConfig(task="lexjax.digits"),
+                                  train_length=model.num_patches,
+                                  objective=ImageClassification())
+    elif model.bidirectional:
         # late-[MASK] models size their encoder for their own rate
         rate = getattr(model, "mask_rate", MaskedLM.mask_rate)
         run = dataclasses.replace(run, objective=MaskedLM(mask_rate=rate))
@@ -217,7 +221,9 @@ def _run_step(step: ShardedTrainStep, state: TrainState) -> tuple[float, TrainSt
     tokens of `_tokens` (the first step has learning rate 0: the warmup starts there)."""
     compiled = step.lower().compile(FAST_COMPILE)
     tokens = _tokens()
-    rows = {"targets": tokens, "segment_ids": np.ones_like(tokens)}
+    images = np.random.default_rng(0).uniform(size=(BATCH, 8, 8, 1)).astype(np.float32)
+    rows = {"targets": tokens, "segment_ids": np.ones_like(tokens), "image": images,
+            "label": np.arange(BATCH, dtype=np.int32) % 10}
     batch = step.device_batch({name: rows[name] for name in step.example})
     for _ in range(2):
         state, metrics = compiled(state, batch, jax.random.PRNGKey(0))
@@ -279,7 +285,7 @@ def _check_rules(model, step, params):
     axis that does not divide the dimension leaves it replicated), and every weight-sharding mesh
     axis (fsdp, tensor) of size > 1 splits at least one parameter."""
     boxed = jax.eval_shape(model.init, jax.random.PRNGKey(0),
-                           jax.ShapeDtypeStruct((BATCH, LENGTH), jnp.int32))["params"]
+                           example_inputs(model, BATCH, LENGTH))["params"]
     names = jax.tree_util.tree_leaves(
         jax.tree_util.tree_map(lambda p: p.names, boxed,
                                is_leaf=lambda x: isinstance(x, nn.Partitioned)),

@@ -23,7 +23,7 @@ from typing import Iterator, Optional
 
 import numpy as np
 
-from lexjax.data import packing, streams, tasks
+from lexjax.data import images, packing, streams, tasks
 from lexjax.data.config import DataConfig, as_data_config
 from lexjax.data.errors import DataError
 
@@ -57,6 +57,7 @@ CLASSIFICATION_TASKS: dict[str, ClassificationTask] = {
     "lexjax.glue_mnli": ClassificationTask(("entailment", "neutral", "contradiction")),
     "lexjax.glue_qnli": ClassificationTask(("entailment", "not_entailment")),
     "lexjax.glue_rte": ClassificationTask(("entailment", "not_entailment")),
+    **{name: ClassificationTask(task.labels) for name, task in images.IMAGE_TASKS.items()},
 }
 
 

@@ -1,5 +1,6 @@
 """Classifier evaluation: accuracy (and F1 / Matthews where the task defines them) on a split,
-at one or several input lengths, beside the split's majority baseline."""
+at one or several input lengths (images: the whole image), beside the split's majority
+baseline."""
 from __future__ import annotations
 
 from typing import Any, Callable, Optional, Sequence
@@ -28,8 +29,8 @@ def evaluate_classifier(model: nn.Module, variables: Any, objective: Classificat
                                rules=rules)
     rows = []
     for length in lengths:
-        examples = data_lib.classification_examples(data, length=length, split=split,
-                                                    max_examples=max_examples)
+        examples = objective.examples(data, length=length, split=split,
+                                      max_examples=max_examples)
         sums = evaluator(variables, examples)
         scores = confusion_metrics(sums["confusion"])
         counts = np.bincount(examples["label"], minlength=info.num_classes)

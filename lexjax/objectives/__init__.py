@@ -9,11 +9,13 @@ jitted step), and how validation and `evaluate` score a run. `TrainConfig.object
     lexjax.objectives.MaskedLM.mask_rate = %MASK_RATE
 
 Modules: `base` (`Objective`, `CausalLM`), `masking` (BERT-style masking on device),
-`masked_lm` (`MaskedLM`), `classification` (`Classification`).
+`masked_lm` (`MaskedLM`), `classification` (`Classification`, and `ImageClassification` for
+images).
 """
 from lexjax.objectives.base import CausalLM, Objective
-from lexjax.objectives.classification import Classification
+from lexjax.objectives.classification import Classification, ImageClassification
 from lexjax.objectives.masked_lm import MaskedLM
 from lexjax.objectives.masking import mask_tokens, unit_starts
 
-__all__ = ["Objective", "CausalLM", "MaskedLM", "Classification", "mask_tokens", "unit_starts"]
+__all__ = ["Objective", "CausalLM", "MaskedLM", "Classification", "ImageClassification",
+           "mask_tokens", "unit_starts"]

@@ -1,9 +1,12 @@
-"""Sequence classification: fine-tune an encoder (or any model with a classification head) on a
-labelled task (`lexjax.data.classification`)."""
+"""Classification: fine-tune an encoder (or any model with a classification head) on a labelled
+text task (`lexjax.data.classification`), or train an image classifier (a ViT) on an image task
+(`lexjax.data.images`). The two objectives share the loss, the statistics and validation; they
+differ in the batches they read."""
 from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Optional
 
 import gin
 import jax
@@ -44,6 +47,15 @@ class Classification(Objective):
     name = "classification"
 
     def prepare(self, model, data):
+        from lexjax.data import is_image_task
+        if is_image_task(data.task):
+            raise ConfigError(f"{data.task} holds images: train a ViT on it with "
+                              "lexjax.objectives.ImageClassification "
+                              "(configs/runs/vision_quickstart.gin)")
+        return self.check_classes(model, data)
+
+    def check_classes(self, model, data) -> "Classification":
+        """This objective, once the model's class count is the task's (else a ConfigError)."""
         from lexjax.data import task_info
         info = task_info(data.task)
         if not hasattr(model, "num_classes"):
@@ -104,12 +116,18 @@ class Classification(Objective):
             seed=config.seed, start_step=start_step, shard_index=shard_index,
             num_shards=num_shards)
 
+    def examples(self, data, *, length: int, split: str,
+                 max_examples: Optional[int] = None) -> dict[str, np.ndarray]:
+        """Every example of a split (the first `max_examples`, spread evenly over it), as the
+        batches hold them: rows of `length` tokens with their segment ids and labels."""
+        from lexjax.data import classification_examples
+        return classification_examples(data, length=length, split=split,
+                                       max_examples=max_examples)
+
     def validator(self, model, config, mesh, rules):
-        from lexjax import data
         from lexjax.evaluation.batches import BatchEvaluator
-        rows = data.classification_examples(config.data, length=config.train_length,
-                                            split="validation",
-                                            max_examples=config.eval_windows)
+        rows = self.examples(config.data, length=config.train_length, split="validation",
+                             max_examples=config.eval_windows)
         evaluator = BatchEvaluator(self.statistics(model), batch_size=config.batch_size,
                                    mesh=mesh, rules=rules)
 
@@ -119,3 +137,54 @@ class Classification(Objective):
             return {"validation_loss": float(sums["loss"]) / max(float(sums["count"]), 1.0),
                     "validation_accuracy": scores["accuracy"]}
         return validate
+
+
+@gin.register(module="lexjax.objectives")
+@dataclasses.dataclass(frozen=True)
+class ImageClassification(Classification):
+    """`Classification` of images: batches `{"image": float32 [batch, H, W, C], "label"}` of an
+    image task (`lexjax.data.images`: MIXTURE_OR_TASK_NAME "lexjax.digits", "lexjax.cifar10")
+    read by a model with an `input_spec` (a `lexjax.models.ViT`). TRAIN_LENGTH must be the
+    model's patches per image: throughput and MFU count patches as tokens."""
+
+    def prepare(self, model, data):
+        from lexjax.data import IMAGE_TASKS, image_task, is_image_task
+        if not is_image_task(data.task):
+            raise ConfigError(f"{data.task} is not an image task: ImageClassification reads "
+                              f"one of {sorted(IMAGE_TASKS)} (MIXTURE_OR_TASK_NAME)")
+        if not callable(getattr(model, "input_spec", None)):
+            raise ConfigError(f"{type(model).__name__} does not read images: train "
+                              "lexjax.models.ViT (configs/models/vit.gin)")
+        expected = image_task(data.task).image_shape
+        got = tuple(model.input_spec(1).shape[1:])
+        if got != expected:
+            raise ConfigError(f"{data.task} images are {list(expected)} (height, width, "
+                              f"channels), the model reads {list(got)}: set "
+                              f"{type(model).__name__}.image_size and .channels to match")
+        return self.check_classes(model, data)
+
+    def batch_spec(self, model, batch_size, length):
+        patches = getattr(model, "num_patches", length)
+        if length != patches:
+            raise ConfigError(f"TRAIN_LENGTH = {length}, but {type(model).__name__} cuts each "
+                              f"image into {patches} patches: set TRAIN_LENGTH = {patches}")
+        return {"image": model.input_spec(batch_size),
+                "label": jax.ShapeDtypeStruct((batch_size,), jnp.int32)}
+
+    @staticmethod
+    def logits(model, variables, batch, **kwargs) -> jnp.ndarray:
+        """float32 class logits `[batch, classes]` of `batch["image"]`."""
+        return model.apply(variables, batch["image"], **kwargs).astype(jnp.float32)
+
+    def training_batches(self, model, config, start_step=0):
+        from lexjax import data
+        from lexjax.training.inputs import host_shard
+        shard_index, num_shards = host_shard(config)
+        return data.image_batches(config.data.task, batch_size=config.batch_size,
+                                  seed=config.seed, start_step=start_step,
+                                  shard_index=shard_index, num_shards=num_shards)
+
+    def examples(self, data, *, length, split, max_examples=None):
+        """Every image of a split (`length` unused: an image is always whole)."""
+        from lexjax.data import image_examples
+        return image_examples(data.task, split, max_examples)

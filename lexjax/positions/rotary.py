@@ -1,4 +1,5 @@
-"""Rotary schemes: RoPE (Su et al. 2021) and xPos (Sun et al. 2023).
+"""Rotary schemes: RoPE (Su et al. 2021), its axial 2-D form for image patches (RoPE2D),
+and xPos (Sun et al. 2023).
 
 Pairing convention: **interleaved** pairs (x[2i], x[2i+1]) are rotated by angle p * theta_i,
 theta_i = base^(-2i/d), as in RoFormer, GPT-J and the xPos reference code (torchscale). This is not
@@ -154,6 +155,56 @@ class RoPE(PositionScheme):
                                     x[..., rotated:]], axis=-1)
 
         return apply(q, q_positions), apply(k, k_positions)
+
+
+def grid_coordinates(positions: jnp.ndarray, grid_width: int
+                     ) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """(rows, columns) of flattened row-major grid positions `[..., length]`: p // W and
+    p % W; numpy in, numpy out."""
+    return positions // grid_width, positions % grid_width
+
+
+@gin.register(module="lexjax.positions")
+class RoPE2D(PositionScheme):
+    """Axial 2-D RoPE for patches on a grid (Heo et al. 2024, "RoPE-Axial"): the flattened
+    position p of a patch is the cell (p // grid_width, p % grid_width); the first half of each
+    head's channels (interleaved pairs, as `RoPE`) turn with the column, the second half with
+    the row, each half with RoPE's frequencies over its d/2 channels. q . k then depends on
+    the 2-D offset (row_q - row_k, col_q - col_k) only; on a 1 x W grid it is
+    `RoPE(base, fraction=0.5)`.
+
+    Attributes:
+      base: theta_i = base^(-2i/(d/2)) on each axis (100: the paper's, for grids of tens).
+      grid_width: patches per row; the ViT sets it from its grid (`ViT.position_template`).
+    """
+
+    base: float = 100.0
+    grid_width: Optional[int] = None
+
+    @property
+    def rotates_keys_alone(self) -> bool:
+        return True
+
+    def angles(self, positions: jnp.ndarray, head_dim: int) -> jnp.ndarray:
+        """float32 angles `[..., length, 1, head_dim // 2]`: the columns' pairs, then the
+        rows'."""
+        if not isinstance(self.grid_width, (int, np.integer)) or self.grid_width < 1:
+            raise ValueError(f"RoPE2D.grid_width must be the grid's patches per row, got "
+                             f"{self.grid_width!r}; use it in a lexjax.models.ViT, which sets it")
+        if head_dim % 4:
+            raise ValueError(f"RoPE2D splits each head into two rotary halves: head_dim must be "
+                             f"a multiple of 4, got {head_dim}")
+        half = head_dim // 2
+        inv_freq = inverse_frequencies(half, self.base)
+        rows, columns = grid_coordinates(positions, int(self.grid_width))
+        xp = _array_module(positions)
+        return xp.concatenate([rotary_angles(columns, half, self.base, inv_freq),
+                               rotary_angles(rows, half, self.base, inv_freq)], axis=-1)
+
+    def rotate(self, q, k, q_positions, k_positions):
+        d = q.shape[-1]
+        return (rotate_pairs(q, self.angles(q_positions, d)),
+                rotate_pairs(k, self.angles(k_positions, d)))
 
 
 def xpos_decay_base(head_dim: int, gamma: float) -> np.ndarray:

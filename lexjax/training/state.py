@@ -30,6 +30,15 @@ class UnannotatedParameterError(ValueError):
     """A parameter without logical axis names."""
 
 
+def example_inputs(model: nn.Module, batch_size: int, length: int) -> jax.ShapeDtypeStruct:
+    """What `model.init` and the train step feed the model: its own `input_spec(batch_size)`
+    where it has one (a ViT's images), else int32 tokens `[batch_size, length]`."""
+    spec = getattr(model, "input_spec", None)
+    if callable(spec):
+        return spec(batch_size)
+    return jax.ShapeDtypeStruct((batch_size, length), jnp.int32)
+
+
 def boxed_params(model: nn.Module, example_tokens: jax.ShapeDtypeStruct) -> Any:
     """Abstract (shape-only) boxed parameters, with their `nn.Partitioned` axis metadata."""
     variables = jax.eval_shape(model.init, jax.random.PRNGKey(0), example_tokens)

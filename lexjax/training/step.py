@@ -2,9 +2,10 @@
 by default), jitted with in/out shardings on a mesh and the state donated; shared by training and
 the bench (`lexjax.benchmarking`).
 
-A batch is a dict of int32 arrays whose names and shapes the objective gives (`batch_spec`): for
+A batch is a dict of arrays whose names, shapes and dtypes the objective gives (`batch_spec`): for
 the causal LM, `"targets"` (the tokens, `[batch, length]`) and, for models without carried state,
-`"segment_ids"` (`lexjax.data.segment_ids`: 1, 2, ... per document piece, 0 for padding).
+`"segment_ids"` (`lexjax.data.segment_ids`: 1, 2, ... per document piece, 0 for padding); for
+images, float32 `"image"` and int32 `"label"` (`ImageClassification`).
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from lexjax.training import state as state_lib
 from lexjax.training.config import TrainConfig
 from lexjax.training.optimizer import make_optimizer
 
-Batch = dict  # name -> int32 array, as the objective's `batch_spec` says
+Batch = dict  # name -> array, as the objective's `batch_spec` says
 
 
 def batch_spec(model: nn.Module, batch_size: int, length: int,
@@ -90,12 +91,11 @@ class ShardedTrainStep:
         self.optimizer, self.schedule = make_optimizer(config.optimizer, config.train_steps)
         partitioning.check_batch_divides(mesh, config.batch_size)
         self.example = batch_spec(model, config.batch_size, config.train_length, self.objective)
-        token_shape = jax.ShapeDtypeStruct((config.batch_size, config.train_length), jnp.int32)
-        state_lib.check_logical_axes(state_lib.boxed_params(model, token_shape))
+        inputs = state_lib.example_inputs(model, config.batch_size, config.train_length)
+        state_lib.check_logical_axes(state_lib.boxed_params(model, inputs))
 
         def boxed_state(rng):
-            tokens = jnp.zeros(token_shape.shape, jnp.int32)
-            params = model.init(rng, tokens)["params"]
+            params = model.init(rng, jnp.zeros(inputs.shape, inputs.dtype))["params"]
             return state_lib.TrainState(step=jnp.asarray(0, jnp.int32), params=params,
                                         opt_state=self.optimizer.init(params),
                                         carry=state_lib.initial_carry(model, config.batch_size))
@@ -140,6 +140,7 @@ class ShardedTrainStep:
     def device_batch(self, local: dict[str, np.ndarray]) -> Batch:
         """The global batch from this process's rows (`[batch / processes, ...]` each)."""
         return {name: jax.make_array_from_process_local_data(
-                    self.batch_shardings[name], np.asarray(local[name], np.int32),
+                    self.batch_shardings[name],
+                    np.asarray(local[name], self.example[name].dtype),
                     self.example[name].shape)
                 for name in self.example}
