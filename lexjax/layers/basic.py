@@ -7,7 +7,8 @@ rules can treat weights and activations differently (MaxText's convention).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence, Union
+import functools
+from typing import Any, Optional, Sequence, Union
 
 import flax.linen as nn
 import gin
@@ -130,6 +131,22 @@ class Norm:
             raise ValueError(f"unknown norm {self.kind!r}; use one of {NORM_KINDS}")
         if not self.epsilon > 0:
             raise ValueError(f"Norm.epsilon must be positive, got {self.epsilon!r}")
+
+
+def projected_qkv(module: nn.Module, x: jnp.ndarray, positions: Optional[jnp.ndarray], *,
+                  num_heads: int, head_dim: int, dtype: Dtype, use_bias: bool,
+                  position: Optional[nn.Module] = None
+                  ) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
+    """q, k, v `[batch, length, num_heads, head_dim]` of `x [batch, length, embed]` through
+    `module`'s `query`, `key` and `value` projections (call it from `module`'s compact method),
+    q and k turned at `positions [length]` by a rotary `position` scheme (cloned into `module`
+    as `position`; other schemes leave them as they are): the kernel-attention layers' start."""
+    projection = functools.partial(dense, (num_heads, head_dim), ("embed", "heads", "kv"),
+                                   dtype=dtype, use_bias=use_bias)
+    q, k, v = (projection(name=name)(x) for name in ("query", "key", "value"))
+    if position is not None:
+        q, k = position.clone(parent=module, name="position").rotate(q, k, positions, positions)
+    return q, k, v
 
 
 def make_norm(norm: Union[str, Norm], *, dtype: Dtype, name: str) -> nn.Module:

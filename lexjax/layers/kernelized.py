@@ -56,7 +56,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lexjax.layers.basic import ACTIVATION_HEADS, Dtype, dense, with_activation_axes
+from lexjax.layers.basic import (ACTIVATION_HEADS, Dtype, dense, projected_qkv,
+                                 with_activation_axes)
 from lexjax.layers.decoder import DecoderLayer
 from lexjax.layers.decoding import cached_recurrence
 from lexjax.layers.ssm import fft_length
@@ -434,16 +435,9 @@ class KernelizedRPEAttention(nn.Module):
         only by a rotary `position` scheme (the learned bias is relative); `segment_ids` must be
         None (see `kernelized_rpe_attention`)."""
         _refuse_segments(segment_ids)
-        heads = (self.num_heads, self.head_dim)
-        q = dense(heads, ("embed", "heads", "kv"), dtype=self.dtype, use_bias=self.use_bias,
-                  name="query")(x)
-        k = dense(heads, ("embed", "heads", "kv"), dtype=self.dtype, use_bias=self.use_bias,
-                  name="key")(x)
-        v = dense(heads, ("embed", "heads", "kv"), dtype=self.dtype, use_bias=self.use_bias,
-                  name="value")(x)
-        if self.position is not None:
-            scheme = self.position.clone(parent=self, name="position")
-            q, k = scheme.rotate(q, k, positions, positions)
+        q, k, v = projected_qkv(self, x, positions, num_heads=self.num_heads,
+                                head_dim=self.head_dim, dtype=self.dtype,
+                                use_bias=self.use_bias, position=self.position)
         log_bias = self.param(
             "relative_log_bias",
             nn.with_logical_partitioning(nn.initializers.zeros, ("heads", "relpos_buckets")),

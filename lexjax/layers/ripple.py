@@ -49,7 +49,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from lexjax.attention import MaskSpec
-from lexjax.layers.basic import ACTIVATION_HEADS, Dtype, dense, with_activation_axes
+from lexjax.layers.basic import (ACTIVATION_HEADS, Dtype, dense, projected_qkv,
+                                 with_activation_axes)
 from lexjax.layers.decoder import DecoderLayer
 from lexjax.positions import PositionScheme
 
@@ -286,15 +287,9 @@ class RippleAttention(nn.Module):
         if x.shape[1] != grid:
             raise ValueError(f"RippleAttention: length {x.shape[1]} != grid_height * grid_width "
                              f"= {self.grid_height} * {self.grid_width} = {grid}")
-        projection = functools.partial(dense, (self.num_heads, self.head_dim),
-                                       ("embed", "heads", "kv"), dtype=self.dtype,
-                                       use_bias=self.use_bias)
-        q = projection(name="query")(x)
-        k = projection(name="key")(x)
-        v = projection(name="value")(x)
-        if self.position is not None:
-            scheme = self.position.clone(parent=self, name="position")
-            q, k = scheme.rotate(q, k, positions, positions)
+        q, k, v = projected_qkv(self, x, positions, num_heads=self.num_heads,
+                                head_dim=self.head_dim, dtype=self.dtype,
+                                use_bias=self.use_bias, position=self.position)
         q = with_activation_axes(q, ACTIVATION_HEADS)
         phi = FEATURE_MAPS[self.feature_map]
         key_mask = None if segment_ids is None else jnp.asarray(segment_ids) > 0

@@ -60,7 +60,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lexjax.layers.basic import ACTIVATION_HEADS, Dtype, dense, with_activation_axes
+from lexjax.layers.basic import (ACTIVATION_HEADS, Dtype, dense, projected_qkv,
+                                 with_activation_axes)
 from lexjax.layers.decoder import DecoderLayer
 from lexjax.positions import PositionScheme
 
@@ -338,15 +339,9 @@ class YosoAttention(nn.Module):
         scheme: the hashes then see rotated q and k, whose angle depends on their distance),
         optional int32 `segment_ids [batch, length]` (0 = padding) -> `[batch, length,
         embed]`."""
-        heads = (self.num_heads, self.head_dim)
-        projection = functools.partial(dense, heads, ("embed", "heads", "kv"), dtype=self.dtype,
-                                       use_bias=self.use_bias)
-        q = projection(name="query")(x)
-        k = projection(name="key")(x)
-        v = projection(name="value")(x)
-        if self.position is not None:
-            scheme = self.position.clone(parent=self, name="position")
-            q, k = scheme.rotate(q, k, positions, positions)
+        q, k, v = projected_qkv(self, x, positions, num_heads=self.num_heads,
+                                head_dim=self.head_dim, dtype=self.dtype,
+                                use_bias=self.use_bias, position=self.position)
         q = with_activation_axes(q, ACTIVATION_HEADS)
         out = yoso_sampled(q, k, v, self.hash_bits, self.num_hashes, self.hash_key(),
                            segment_ids=segment_ids)
